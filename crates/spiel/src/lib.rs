@@ -1,0 +1,20 @@
+//! spiel: sparse fine-tuning (SpIEL) of LLaMA-family language models on candle.
+//!
+//! The modules follow the data flow: files in ([`assets`], [`gguf`], [`quant`], [`config`],
+//! [`tokenizer`], [`loader`]) feed the transformer ([`model`]), which scores ([`score`]) and
+//! generates ([`generate`]); [`bench`] measures it.
+
+pub mod assets;
+pub mod bench;
+pub mod config;
+mod error;
+pub mod fsutil;
+pub mod generate;
+pub mod gguf;
+pub mod loader;
+pub mod model;
+pub mod quant;
+pub mod score;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

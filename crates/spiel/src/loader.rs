@@ -1,0 +1,207 @@
+//! Loading a model and its tokenizer from either real format, and exporting a loaded model as a
+//! Hugging Face directory.
+//!
+//! - GGUF: tensors are dequantised to f32 and renamed to canonical Hugging Face names; q/k rows
+//!   are un-permuted from GGUF's adjacent-pair RoPE layout back to rotate-half, so the model code
+//!   has one layout whatever the source.
+//! - Hugging Face directory: `config.json`, `model.safetensors` or a sharded
+//!   `model.safetensors.index.json`, `tokenizer.json`, optional `tokenizer_config.json`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::fsutil;
+use crate::gguf::Gguf;
+use crate::model::{Llama, Weights};
+use crate::quant::Format;
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+
+/// A model ready to use: weights, tokenizer, and where it came from.
+pub struct LoadedModel {
+    /// The transformer.
+    pub model: Llama,
+    /// Its tokenizer and chat template.
+    pub tokenizer: Tokenizer,
+    /// The file or directory it was loaded from.
+    pub source: PathBuf,
+}
+
+/// Load a model from a GGUF file or a Hugging Face directory.
+pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
+    if path.is_dir() {
+        load_hf_dir(path, device)
+    } else if path.exists() {
+        load_gguf(path, device)
+    } else {
+        Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or directory")))
+    }
+}
+
+/// Map a GGUF tensor name to its canonical Hugging Face name.
+pub fn gguf_to_hf_name(name: &str) -> Option<String> {
+    let simple = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(s) = simple {
+        return Some(s.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Undo llama.cpp's q/k row permutation for one head-major matrix (or bias) of `n_heads` heads:
+/// GGUF row `2*i + j` of a head holds rotate-half row `j * D/2 + i`.
+pub fn unpermute_rope_rows(data: &[f32], n_heads: usize, row_len: usize) -> Vec<f32> {
+    let rows = data.len() / row_len;
+    let d = rows / n_heads;
+    let half = d / 2;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..n_heads {
+        for j in 0..2 {
+            for i in 0..half {
+                let src = (h * d + 2 * i + j) * row_len;
+                let dst = (h * d + j * half + i) * row_len;
+                out[dst..dst + row_len].copy_from_slice(&data[src..src + row_len]);
+            }
+        }
+    }
+    out
+}
+
+/// Load a GGUF file: config, tokenizer and f32 weights.
+pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
+    let g = Gguf::open(path)?;
+    let cfg = ModelConfig::from_gguf(&g)?;
+    let tokenizer = Tokenizer::from_gguf(&g)?;
+    let mut weights = Weights::new();
+    for info in &g.tensors {
+        let Some(name) = gguf_to_hf_name(&info.name) else {
+            tracing::debug!("ignoring GGUF tensor {}", info.name);
+            continue;
+        };
+        let mut data = g.dequantize(info);
+        // Rows are the slowest dimension; a 1-D tensor (a bias) has one element per row.
+        let row_len = if info.shape.len() == 1 { 1 } else { info.shape[info.shape.len() - 1] };
+        if name.contains("self_attn.q_proj") {
+            data = unpermute_rope_rows(&data, cfg.num_heads, row_len);
+        } else if name.contains("self_attn.k_proj") {
+            data = unpermute_rope_rows(&data, cfg.num_kv_heads, row_len);
+        }
+        weights.insert(name, Tensor::from_vec(data, info.shape.clone(), device)?);
+    }
+    let model = Llama::from_weights(cfg, weights, device).map_err(|e| Error::format(path, e.to_string()))?;
+    Ok(LoadedModel { model, tokenizer, source: path.to_path_buf() })
+}
+
+/// Read every needed tensor from the safetensors files of a Hugging Face directory.
+fn read_safetensors(dir: &Path, device: &Device) -> Result<Weights> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if single.exists() {
+        vec![single]
+    } else if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(&index, e.to_string()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::format(&index, "field `weight_map` is missing or not an object"))?;
+        let mut shards = BTreeSet::new();
+        for (tensor, file) in map {
+            let f = file
+                .as_str()
+                .filter(|f| !f.contains('/') && !f.contains('\\') && *f != ".." && !f.is_empty())
+                .ok_or_else(|| Error::format(&index, format!("weight_map entry `{tensor}` is not a plain file name")))?;
+            shards.insert(f.to_string());
+        }
+        shards.into_iter().map(|f| dir.join(f)).collect()
+    } else {
+        return Err(Error::format(dir, "no model.safetensors or model.safetensors.index.json in this directory"));
+    };
+    let mut weights = Weights::new();
+    for file in files {
+        let f = std::fs::File::open(&file).map_err(|e| Error::io(&file, e))?;
+        // SAFETY: read-only map of a file spiel does not modify while it is open.
+        let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(&file, e))?;
+        let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| Error::format(&file, format!("safetensors: {e}")))?;
+        for (name, view) in st.tensors() {
+            let format = match view.dtype() {
+                safetensors::Dtype::F32 => Format::F32,
+                safetensors::Dtype::F16 => Format::F16,
+                safetensors::Dtype::BF16 => Format::BF16,
+                other => {
+                    return Err(Error::format(&file, format!("tensor `{name}` has dtype {other:?}; spiel reads F32, F16, BF16")))
+                }
+            };
+            let n: usize = view.shape().iter().product();
+            let mut data = vec![0f32; n];
+            crate::quant::dequantize(format, view.data(), &mut data);
+            weights.insert(name, Tensor::from_vec(data, view.shape(), device)?);
+        }
+    }
+    Ok(weights)
+}
+
+/// Load a Hugging Face model directory.
+pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
+    let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
+    let tokenizer = Tokenizer::from_hf_dir(dir)?;
+    let weights = read_safetensors(dir, device)?;
+    let model = Llama::from_weights(cfg, weights, device).map_err(|e| Error::format(dir, e.to_string()))?;
+    Ok(LoadedModel { model, tokenizer, source: dir.to_path_buf() })
+}
+
+/// Write `model` and `tokenizer` as a Hugging Face directory (f32 safetensors, rotate-half q/k),
+/// atomically: `out` appears complete or not at all.
+pub fn export_hf(model: &Llama, tokenizer: &Tokenizer, out: &Path) -> Result<()> {
+    fsutil::write_dir_atomic(out, |dir| {
+        let config = serde_json::to_string_pretty(&model.cfg.to_hf_json()).map_err(|e| Error::Invalid(e.to_string()))?;
+        fsutil::write_atomic(&dir.join("config.json"), config.as_bytes())?;
+        fsutil::write_atomic(&dir.join("tokenizer.json"), tokenizer.to_json()?.as_bytes())?;
+        let tc = serde_json::to_string_pretty(&tokenizer.config_json()).map_err(|e| Error::Invalid(e.to_string()))?;
+        fsutil::write_atomic(&dir.join("tokenizer_config.json"), tc.as_bytes())?;
+        write_safetensors(&dir.join("model.safetensors"), &model.named_weights())
+    })
+}
+
+/// Write named f32 tensors as one safetensors file.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let mut bufs = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        bufs.push((name.clone(), t.dims().to_vec(), bytes));
+    }
+    let views = bufs
+        .iter()
+        .map(|(n, shape, b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::Invalid(format!("safetensors view `{n}`: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(views, None).map_err(|e| Error::Invalid(format!("safetensors: {e}")))?;
+    fsutil::write_atomic(path, &bytes)
+}

@@ -1,0 +1,488 @@
+//! A LLaMA-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM): GQA attention with RoPE
+//! (rotate-half layout, theta from the config), RMSNorm, SwiGLU MLP, tied or untied head,
+//! optional q/k/v bias. Reference: Touvron et al. 2023 and Hugging Face `modeling_llama.py`.
+//!
+//! Two paths share the weights:
+//! - [`Llama::forward`]: batched, right-padded sequences with an attention mask, built from
+//!   differentiable candle ops so autograd reaches the adapters (training, scoring, eval);
+//! - [`Llama::forward_cached`]: incremental decoding with a [`KvCache`], using candle's fused
+//!   inference kernels (no backward needed).
+//!
+//! Shapes: B batch, T new tokens, S attended positions, H hidden, NH query heads, KV key/value
+//! heads, D head dim, V vocab.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::config::ModelConfig;
+use crate::{Error, Result};
+
+/// Named weight tensors, keyed by canonical Hugging Face names (`model.layers.0.mlp.up_proj.weight`).
+pub type Weights = HashMap<String, Tensor>;
+
+/// Additive mask value for positions a query may not attend to. Finite, so a row with no
+/// visible key (never produced by right padding) gives a uniform distribution rather than NaN.
+const MASKED: f32 = -1e30;
+
+/// Whether a forward pass must be differentiable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grad {
+    /// Build the graph from ops that record a backward.
+    Yes,
+    /// Use fused inference kernels; gradients are not needed.
+    No,
+}
+
+/// A linear layer `y = x W^T (+ b)` over a frozen base weight `W: [out, in]`. Every targeted
+/// projection in the model is one of these, named by its canonical module path; adapters are
+/// attached to layers by that name.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Canonical module path, e.g. `model.layers.3.self_attn.q_proj`.
+    pub name: String,
+    /// Frozen base weight, `[out, in]`.
+    pub weight: Tensor,
+    /// Optional frozen bias, `[out]`.
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(w: &mut Weights, name: &str, bias: bool, shape: (usize, usize)) -> Result<Linear> {
+        let weight = take(w, &format!("{name}.weight"), &[shape.0, shape.1])?;
+        let bias = if bias { Some(take(w, &format!("{name}.bias"), &[shape.0])?) } else { None };
+        Ok(Linear { name: name.to_string(), weight, bias })
+    }
+
+    /// `(out, in)` of the weight.
+    pub fn shape(&self) -> (usize, usize) {
+        let d = self.weight.dims();
+        (d[0], d[1])
+    }
+
+    /// Apply to `x: [..., in]`, giving `[..., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (out, inp) = self.shape();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, inp))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank >= 1") = out;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+fn take(w: &mut Weights, name: &str, shape: &[usize]) -> Result<Tensor> {
+    let t = w.remove(name).ok_or_else(|| Error::Invalid(format!("model weights: tensor `{name}` is missing")))?;
+    if t.dims() != shape {
+        return Err(Error::Invalid(format!(
+            "model weights: tensor `{name}` has shape {:?}, expected {shape:?}",
+            t.dims()
+        )));
+    }
+    Ok(t)
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, grad: Grad) -> Result<Tensor> {
+    Ok(match grad {
+        Grad::Yes => candle_nn::ops::rms_norm_slow(x, w, eps as f32)?,
+        Grad::No => candle_nn::ops::rms_norm(x, w, eps as f32)?,
+    })
+}
+
+fn softmax(x: &Tensor, grad: Grad) -> Result<Tensor> {
+    Ok(match grad {
+        Grad::Yes => candle_nn::ops::softmax(x, D::Minus1)?,
+        Grad::No => candle_nn::ops::softmax_last_dim(x)?,
+    })
+}
+
+/// Rotate-half RoPE on `x: [B, NH, T, D]` with `cos`, `sin: [T, D/2]`.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, grad: Grad) -> Result<Tensor> {
+    Ok(match grad {
+        Grad::Yes => candle_nn::rotary_emb::rope_slow(x, cos, sin)?,
+        Grad::No => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?,
+    })
+}
+
+/// cos and sin tables `[T, D/2]` for positions `offset .. offset + t`.
+fn rope_tables(cfg: &ModelConfig, offset: usize, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let mut cos = Vec::with_capacity(t * half);
+    let mut sin = Vec::with_capacity(t * half);
+    for p in offset..offset + t {
+        for i in 0..half {
+            let inv_freq = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64);
+            let angle = p as f64 * inv_freq;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    Ok((Tensor::from_vec(cos, (t, half), device)?, Tensor::from_vec(sin, (t, half), device)?))
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// Per-layer cached keys and values for incremental decoding: `[B, KV, S, D]` each.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> KvCache {
+        KvCache::default()
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[2]).unwrap_or(0)
+    }
+
+    /// Whether nothing has been cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Everything a block's attention needs besides its weights.
+struct AttnInputs<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    /// Additive mask `[B, 1, T, S]`, or `None` when every position may see every cached one.
+    mask: Option<&'a Tensor>,
+    grad: Grad,
+}
+
+impl Block {
+    fn attention(
+        &self,
+        cfg: &ModelConfig,
+        x: &Tensor,
+        inp: &AttnInputs,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let a = &self.self_attn;
+        let q = a.q_proj.forward(x)?.reshape((b, t, nh, d))?.transpose(1, 2)?;
+        let k = a.k_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?;
+        let v = a.v_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
+        let q = rope(&q, inp.cos, inp.sin, inp.grad)?;
+        let k = rope(&k, inp.cos, inp.sin, inp.grad)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+            None => (k, v),
+        };
+        let s = k.dims()[2];
+        // GQA without copying K/V: fold each KV head's group of query heads into its rows.
+        let rep = nh / kvh;
+        let q = (q.contiguous()? * (1.0 / (d as f64).sqrt()))?.reshape((b, kvh, rep * t, d))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
+        let scores = match inp.mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = softmax(&scores, inp.grad)?.reshape((b, kvh, rep * t, s))?;
+        let ctx = probs.matmul(&v)?.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))?;
+        a.o_proj.forward(&ctx)
+    }
+
+    fn forward(
+        &self,
+        cfg: &ModelConfig,
+        x: &Tensor,
+        inp: &AttnInputs,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let h = rms_norm(x, &self.input_layernorm, cfg.rms_norm_eps, inp.grad)?;
+        let x = (x + self.attention(cfg, &h, inp, cache)?)?;
+        let h = rms_norm(&x, &self.post_attention_layernorm, cfg.rms_norm_eps, inp.grad)?;
+        let m = &self.mlp;
+        let act = (candle_nn::Activation::Silu.forward(&m.gate_proj.forward(&h)?)? * m.up_proj.forward(&h)?)?;
+        Ok((x + m.down_proj.forward(&act)?)?)
+    }
+}
+
+/// The transformer: embeddings, blocks, final norm and head.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    /// Shape of the model.
+    pub cfg: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    /// Separate head weight `[V, H]`; `None` when tied to the embeddings.
+    lm_head: Option<Tensor>,
+    device: Device,
+}
+
+impl Llama {
+    /// Build from canonical-named f32 weights. Every tensor the config implies must be present
+    /// with the right shape; leftover tensors (e.g. rotary caches) are ignored.
+    pub fn from_weights(cfg: ModelConfig, mut w: Weights, device: &Device) -> Result<Llama> {
+        cfg.validate().map_err(Error::Invalid)?;
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let embed_tokens = take(&mut w, "model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let bias = cfg.attention_bias;
+            layers.push(Block {
+                input_layernorm: take(&mut w, &format!("{p}.input_layernorm.weight"), &[h])?,
+                self_attn: Attention {
+                    q_proj: Linear::load(&mut w, &format!("{p}.self_attn.q_proj"), bias, (q, h))?,
+                    k_proj: Linear::load(&mut w, &format!("{p}.self_attn.k_proj"), bias, (kv, h))?,
+                    v_proj: Linear::load(&mut w, &format!("{p}.self_attn.v_proj"), bias, (kv, h))?,
+                    o_proj: Linear::load(&mut w, &format!("{p}.self_attn.o_proj"), false, (h, q))?,
+                },
+                post_attention_layernorm: take(&mut w, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp: Mlp {
+                    gate_proj: Linear::load(&mut w, &format!("{p}.mlp.gate_proj"), false, (i, h))?,
+                    up_proj: Linear::load(&mut w, &format!("{p}.mlp.up_proj"), false, (i, h))?,
+                    down_proj: Linear::load(&mut w, &format!("{p}.mlp.down_proj"), false, (h, i))?,
+                },
+            });
+        }
+        let norm = take(&mut w, "model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(take(&mut w, "lm_head.weight", &[cfg.vocab_size, h])?)
+        };
+        Ok(Llama { cfg, embed_tokens, layers, norm, lm_head, device: device.clone() })
+    }
+
+    /// A model with random weights (normal, std 0.02; norms at 1), for tests and benchmarks.
+    pub fn random(cfg: ModelConfig, seed: u64, device: &Device) -> Result<Llama> {
+        let w = random_weights(&cfg, seed, device)?;
+        Llama::from_weights(cfg, w, device)
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// All weights under canonical names (for export and merging).
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        for (l, b) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            out.push((format!("{p}.input_layernorm.weight"), b.input_layernorm.clone()));
+            out.push((format!("{p}.post_attention_layernorm.weight"), b.post_attention_layernorm.clone()));
+        }
+        for lin in self.linears() {
+            out.push((format!("{}.weight", lin.name), lin.weight.clone()));
+            if let Some(bias) = &lin.bias {
+                out.push((format!("{}.bias", lin.name), bias.clone()));
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), head.clone()));
+        }
+        out
+    }
+
+    /// Every projection inside the blocks, in layer order (q, k, v, o, gate, up, down).
+    pub fn linears(&self) -> Vec<&Linear> {
+        self.layers
+            .iter()
+            .flat_map(|b| {
+                let (a, m) = (&b.self_attn, &b.mlp);
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+            })
+            .collect()
+    }
+
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let (b, t, hid) = h.dims3()?;
+        Ok(h.reshape((b * t, hid))?.matmul(&w.t()?)?.reshape((b, t, self.cfg.vocab_size))?)
+    }
+
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        Ok(self.embed_tokens.index_select(&flat, 0)?.reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// Final hidden states `[B, T, H]` (after the last norm) for right-padded `ids: [B, T]` (u32),
+    /// with `mask: [B, T]` (u32, 1 = real token, 0 = padding) or `None` for no padding.
+    pub fn forward_hidden(&self, ids: &Tensor, mask: Option<&Tensor>, grad: Grad) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let (cos, sin) = rope_tables(&self.cfg, 0, t, &self.device)?;
+        let additive = self.additive_mask(b, t, mask)?;
+        let inp = AttnInputs { cos: &cos, sin: &sin, mask: Some(&additive), grad };
+        let mut x = self.embed(ids)?;
+        for block in &self.layers {
+            x = block.forward(&self.cfg, &x, &inp, None)?;
+        }
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, grad)
+    }
+
+    /// Logits `[B, T, V]` for every position; see [`Llama::forward_hidden`].
+    pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>, grad: Grad) -> Result<Tensor> {
+        self.head(&self.forward_hidden(ids, mask, grad)?)
+    }
+
+    /// Causal + key-padding additive mask `[B, 1, T, T]`.
+    fn additive_mask(&self, b: usize, t: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+        let keys: Vec<u32> = match mask {
+            Some(m) => {
+                if m.dims() != [b, t] {
+                    return Err(Error::Invalid(format!("attention mask shape {:?}, expected [{b}, {t}]", m.dims())));
+                }
+                m.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?
+            }
+            None => vec![1; b * t],
+        };
+        let mut out = vec![0f32; b * t * t];
+        for bi in 0..b {
+            for qi in 0..t {
+                for ki in 0..t {
+                    if ki > qi || keys[bi * t + ki] == 0 {
+                        out[(bi * t + qi) * t + ki] = MASKED;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (b, 1, t, t), &self.device)?)
+    }
+
+    /// Incremental forward for generation: `ids: [B, T]` continue the sequences in `cache`
+    /// (all of the same length); returns the logits `[B, V]` of the last new position.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let offset = cache.len();
+        if offset + t > self.cfg.max_position_embeddings {
+            return Err(Error::Invalid(format!(
+                "sequence of {} tokens exceeds the model's context of {}",
+                offset + t,
+                self.cfg.max_position_embeddings
+            )));
+        }
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        let (cos, sin) = rope_tables(&self.cfg, offset, t, &self.device)?;
+        let mask = if t > 1 {
+            let s = offset + t;
+            let m: Vec<f32> = (0..t)
+                .flat_map(|qi| (0..s).map(move |ki| if ki > offset + qi { MASKED } else { 0.0 }))
+                .collect();
+            Some(Tensor::from_vec(m, (1, 1, t, s), &self.device)?)
+        } else {
+            None
+        };
+        let inp = AttnInputs { cos: &cos, sin: &sin, mask: mask.as_ref(), grad: Grad::No };
+        let mut x = self.embed(ids)?;
+        for (block, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = block.forward(&self.cfg, &x, &inp, Some(slot))?;
+        }
+        let last = x.narrow(1, t - 1, 1)?;
+        let h = rms_norm(&last, &self.norm, self.cfg.rms_norm_eps, Grad::No)?;
+        Ok(self.head(&h)?.reshape((b, self.cfg.vocab_size))?)
+    }
+}
+
+/// Random canonical-named weights for `cfg` (normal, std 0.02; norm weights 1).
+pub fn random_weights(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Weights> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut normal = |shape: &[usize]| -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        // Box-Muller from two uniforms: plain and dependency-free.
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                let (u1, u2): (f64, f64) = (rng.gen_range(1e-12..1.0), rng.gen());
+                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * 0.02) as f32
+            })
+            .collect();
+        Ok(Tensor::from_vec(v, shape, device)?)
+    };
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    let mut w = Weights::new();
+    w.insert("model.embed_tokens.weight".into(), normal(&[cfg.vocab_size, h])?);
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("self_attn.q_proj", [q, h]),
+            ("self_attn.k_proj", [kv, h]),
+            ("self_attn.v_proj", [kv, h]),
+            ("self_attn.o_proj", [h, q]),
+            ("mlp.gate_proj", [i, h]),
+            ("mlp.up_proj", [i, h]),
+            ("mlp.down_proj", [h, i]),
+        ] {
+            w.insert(format!("{p}.{name}.weight"), normal(&shape)?);
+        }
+        if cfg.attention_bias {
+            for (name, n) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+                w.insert(format!("{p}.self_attn.{name}.bias"), normal(&[n])?);
+            }
+        }
+        w.insert(format!("{p}.input_layernorm.weight"), Tensor::ones(h, DType::F32, device)?);
+        w.insert(format!("{p}.post_attention_layernorm.weight"), Tensor::ones(h, DType::F32, device)?);
+    }
+    w.insert("model.norm.weight".into(), Tensor::ones(h, DType::F32, device)?);
+    if !cfg.tie_word_embeddings {
+        w.insert("lm_head.weight".into(), normal(&[cfg.vocab_size, h])?);
+    }
+    Ok(w)
+}
+
+/// A small config for tests: 2 layers, hidden 64, GQA 4/2 heads of 16, vocab 97.
+pub fn tiny_config() -> ModelConfig {
+    ModelConfig {
+        architecture: "LlamaForCausalLM".into(),
+        hidden_size: 64,
+        intermediate_size: 96,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        vocab_size: 97,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-5,
+        max_position_embeddings: 256,
+        tie_word_embeddings: true,
+        attention_bias: false,
+    }
+}
