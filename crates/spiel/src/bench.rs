@@ -38,20 +38,33 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Measure prefill of `prompt_tokens` tokens and greedy decode of `decode_tokens` tokens
 /// (never stopping early), `rounds` times after one warm-up round.
-pub fn bench_generate(model: &Llama, prompt_tokens: usize, decode_tokens: usize, rounds: usize) -> Result<GenerateBench> {
+pub fn bench_generate(
+    model: &Llama,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    rounds: usize,
+) -> Result<GenerateBench> {
     let vocab = model.cfg.vocab_size as u32;
     // A fixed, deterministic prompt of ordinary token ids.
-    let prompt: Vec<u32> = (0..prompt_tokens as u32).map(|i| 300 + (i * 7919) % (vocab - 300).max(1)).collect();
+    let prompt: Vec<u32> = (0..prompt_tokens as u32)
+        .map(|i| 300 + (i * 7919) % (vocab - 300).max(1))
+        .collect();
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     for round in 0..=rounds {
         let mut cache = KvCache::new();
         let t0 = Instant::now();
-        let logits = model.forward_cached(&Tensor::new(prompt.as_slice(), model.device())?.unsqueeze(0)?, &mut cache)?;
+        let logits = model.forward_cached(
+            &Tensor::new(prompt.as_slice(), model.device())?.unsqueeze(0)?,
+            &mut cache,
+        )?;
         let mut next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?) as u32;
         let t1 = Instant::now();
         for _ in 0..decode_tokens {
-            let logits = model.forward_cached(&Tensor::new(&[next], model.device())?.unsqueeze(0)?, &mut cache)?;
+            let logits = model.forward_cached(
+                &Tensor::new(&[next], model.device())?.unsqueeze(0)?,
+                &mut cache,
+            )?;
             next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?) as u32;
         }
         let t2 = Instant::now();

@@ -66,7 +66,8 @@ impl ModelConfig {
     /// Read a Hugging Face `config.json`.
     pub fn from_hf_file(path: &Path) -> Result<ModelConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let raw: HfConfig = serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        let raw: HfConfig =
+            serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
         let arch = raw
             .architectures
             .first()
@@ -75,11 +76,17 @@ impl ModelConfig {
         if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
             return Err(Error::format(
                 path,
-                format!("unsupported architecture `{arch}` (supported: {})", SUPPORTED_ARCHITECTURES.join(", ")),
+                format!(
+                    "unsupported architecture `{arch}` (supported: {})",
+                    SUPPORTED_ARCHITECTURES.join(", ")
+                ),
             ));
         }
         if let Some(s) = raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
-            return Err(Error::format(path, format!("field `rope_scaling` ({s}) is not supported yet")));
+            return Err(Error::format(
+                path,
+                format!("field `rope_scaling` ({s}) is not supported yet"),
+            ));
         }
         let cfg = ModelConfig {
             hidden_size: raw.hidden_size,
@@ -87,7 +94,9 @@ impl ModelConfig {
             num_layers: raw.num_hidden_layers,
             num_heads: raw.num_attention_heads,
             num_kv_heads: raw.num_key_value_heads.unwrap_or(raw.num_attention_heads),
-            head_dim: raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1)),
+            head_dim: raw
+                .head_dim
+                .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1)),
             vocab_size: raw.vocab_size,
             rope_theta: raw.rope_theta.unwrap_or(10_000.0),
             rms_norm_eps: raw.rms_norm_eps,
@@ -110,7 +119,9 @@ impl ModelConfig {
             other => {
                 return Err(Error::format(
                     g.path(),
-                    format!("unsupported GGUF architecture `{other}` (supported: llama, mistral, qwen2)"),
+                    format!(
+                    "unsupported GGUF architecture `{other}` (supported: llama, mistral, qwen2)"
+                ),
                 ))
             }
         };
@@ -166,16 +177,18 @@ impl ModelConfig {
                 return Err(format!("field `{name}` must be positive"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_heads {} is not a multiple of num_kv_heads {}",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {} must be even for RoPE", self.head_dim));
         }
-        if !(self.rope_theta > 0.0) || !(self.rms_norm_eps > 0.0) {
+        if self.rope_theta.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+            || self.rms_norm_eps.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+        {
             return Err("rope_theta and rms_norm_eps must be positive".into());
         }
         Ok(())
@@ -216,7 +229,11 @@ impl ModelConfig {
         let attn = h * q + 2 * h * kv + q * h + if self.attention_bias { q + 2 * kv } else { 0 };
         let mlp = 3 * h * self.intermediate_size;
         let block = attn + mlp + 2 * h;
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
         self.vocab_size * h + self.num_layers * block + h + head
     }
 

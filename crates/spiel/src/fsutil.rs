@@ -30,14 +30,18 @@ pub fn write_dir_atomic(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> 
     for entry in std::fs::read_dir(tmp.path()).map_err(|e| Error::io(tmp.path(), e))? {
         let p = entry.map_err(|e| Error::io(tmp.path(), e))?.path();
         if p.is_file() {
-            std::fs::File::open(&p).and_then(|f| f.sync_all()).map_err(|e| Error::io(&p, e))?;
+            std::fs::File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(&p, e))?;
         }
     }
     let staged = tmp.keep();
     let old = if dest.exists() {
         let old = parent.join(format!(
             ".spiel-old-{}",
-            dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            dest.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
         ));
         let _ = std::fs::remove_dir_all(&old);
         std::fs::rename(dest, &old).map_err(|e| Error::io(dest, e))?;

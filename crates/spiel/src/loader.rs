@@ -37,7 +37,13 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     } else if path.exists() {
         load_gguf(path, device)
     } else {
-        Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or directory")))
+        Err(Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such model file or directory",
+            ),
+        ))
     }
 }
 
@@ -103,16 +109,28 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
         };
         let mut data = g.dequantize(info);
         // Rows are the slowest dimension; a 1-D tensor (a bias) has one element per row.
-        let row_len = if info.shape.len() == 1 { 1 } else { info.shape[info.shape.len() - 1] };
-        if name.contains("self_attn.q_proj") {
+        let row_len = if info.shape.len() == 1 {
+            1
+        } else {
+            info.shape[info.shape.len() - 1]
+        };
+        // llama.cpp's converter permutes q/k only for LLaMA-style models (llama, mistral);
+        // Qwen2 GGUFs keep the rotate-half layout.
+        let permuted = cfg.architecture != "Qwen2ForCausalLM";
+        if permuted && name.contains("self_attn.q_proj") {
             data = unpermute_rope_rows(&data, cfg.num_heads, row_len);
-        } else if name.contains("self_attn.k_proj") {
+        } else if permuted && name.contains("self_attn.k_proj") {
             data = unpermute_rope_rows(&data, cfg.num_kv_heads, row_len);
         }
         weights.insert(name, Tensor::from_vec(data, info.shape.clone(), device)?);
     }
-    let model = Llama::from_weights(cfg, weights, device).map_err(|e| Error::format(path, e.to_string()))?;
-    Ok(LoadedModel { model, tokenizer, source: path.to_path_buf() })
+    let model = Llama::from_weights(cfg, weights, device)
+        .map_err(|e| Error::format(path, e.to_string()))?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        source: path.to_path_buf(),
+    })
 }
 
 /// Read every needed tensor from the safetensors files of a Hugging Face directory.
@@ -123,36 +141,51 @@ fn read_safetensors(dir: &Path, device: &Device) -> Result<Weights> {
         vec![single]
     } else if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(&index, e.to_string()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(&index, e.to_string()))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::format(&index, "field `weight_map` is missing or not an object"))?;
+            .ok_or_else(|| {
+                Error::format(&index, "field `weight_map` is missing or not an object")
+            })?;
         let mut shards = BTreeSet::new();
         for (tensor, file) in map {
             let f = file
                 .as_str()
                 .filter(|f| !f.contains('/') && !f.contains('\\') && *f != ".." && !f.is_empty())
-                .ok_or_else(|| Error::format(&index, format!("weight_map entry `{tensor}` is not a plain file name")))?;
+                .ok_or_else(|| {
+                    Error::format(
+                        &index,
+                        format!("weight_map entry `{tensor}` is not a plain file name"),
+                    )
+                })?;
             shards.insert(f.to_string());
         }
         shards.into_iter().map(|f| dir.join(f)).collect()
     } else {
-        return Err(Error::format(dir, "no model.safetensors or model.safetensors.index.json in this directory"));
+        return Err(Error::format(
+            dir,
+            "no model.safetensors or model.safetensors.index.json in this directory",
+        ));
     };
     let mut weights = Weights::new();
     for file in files {
         let f = std::fs::File::open(&file).map_err(|e| Error::io(&file, e))?;
         // SAFETY: read-only map of a file spiel does not modify while it is open.
         let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(&file, e))?;
-        let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| Error::format(&file, format!("safetensors: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(&mmap)
+            .map_err(|e| Error::format(&file, format!("safetensors: {e}")))?;
         for (name, view) in st.tensors() {
             let format = match view.dtype() {
                 safetensors::Dtype::F32 => Format::F32,
                 safetensors::Dtype::F16 => Format::F16,
                 safetensors::Dtype::BF16 => Format::BF16,
                 other => {
-                    return Err(Error::format(&file, format!("tensor `{name}` has dtype {other:?}; spiel reads F32, F16, BF16")))
+                    return Err(Error::format(
+                        &file,
+                        format!("tensor `{name}` has dtype {other:?}; spiel reads F32, F16, BF16"),
+                    ))
                 }
             };
             let n: usize = view.shape().iter().product();
@@ -169,18 +202,25 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
     let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
     let tokenizer = Tokenizer::from_hf_dir(dir)?;
     let weights = read_safetensors(dir, device)?;
-    let model = Llama::from_weights(cfg, weights, device).map_err(|e| Error::format(dir, e.to_string()))?;
-    Ok(LoadedModel { model, tokenizer, source: dir.to_path_buf() })
+    let model =
+        Llama::from_weights(cfg, weights, device).map_err(|e| Error::format(dir, e.to_string()))?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        source: dir.to_path_buf(),
+    })
 }
 
 /// Write `model` and `tokenizer` as a Hugging Face directory (f32 safetensors, rotate-half q/k),
 /// atomically: `out` appears complete or not at all.
 pub fn export_hf(model: &Llama, tokenizer: &Tokenizer, out: &Path) -> Result<()> {
     fsutil::write_dir_atomic(out, |dir| {
-        let config = serde_json::to_string_pretty(&model.cfg.to_hf_json()).map_err(|e| Error::Invalid(e.to_string()))?;
+        let config = serde_json::to_string_pretty(&model.cfg.to_hf_json())
+            .map_err(|e| Error::Invalid(e.to_string()))?;
         fsutil::write_atomic(&dir.join("config.json"), config.as_bytes())?;
         fsutil::write_atomic(&dir.join("tokenizer.json"), tokenizer.to_json()?.as_bytes())?;
-        let tc = serde_json::to_string_pretty(&tokenizer.config_json()).map_err(|e| Error::Invalid(e.to_string()))?;
+        let tc = serde_json::to_string_pretty(&tokenizer.config_json())
+            .map_err(|e| Error::Invalid(e.to_string()))?;
         fsutil::write_atomic(&dir.join("tokenizer_config.json"), tc.as_bytes())?;
         write_safetensors(&dir.join("model.safetensors"), &model.named_weights())
     })
@@ -202,6 +242,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
                 .map_err(|e| Error::Invalid(format!("safetensors view `{n}`: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, None).map_err(|e| Error::Invalid(format!("safetensors: {e}")))?;
+    let bytes = safetensors::serialize(views, None)
+        .map_err(|e| Error::Invalid(format!("safetensors: {e}")))?;
     fsutil::write_atomic(path, &bytes)
 }

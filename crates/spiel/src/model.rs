@@ -50,8 +50,16 @@ pub struct Linear {
 impl Linear {
     fn load(w: &mut Weights, name: &str, bias: bool, shape: (usize, usize)) -> Result<Linear> {
         let weight = take(w, &format!("{name}.weight"), &[shape.0, shape.1])?;
-        let bias = if bias { Some(take(w, &format!("{name}.bias"), &[shape.0])?) } else { None };
-        Ok(Linear { name: name.to_string(), weight, bias })
+        let bias = if bias {
+            Some(take(w, &format!("{name}.bias"), &[shape.0])?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            name: name.to_string(),
+            weight,
+            bias,
+        })
     }
 
     /// `(out, in)` of the weight.
@@ -77,7 +85,9 @@ impl Linear {
 }
 
 fn take(w: &mut Weights, name: &str, shape: &[usize]) -> Result<Tensor> {
-    let t = w.remove(name).ok_or_else(|| Error::Invalid(format!("model weights: tensor `{name}` is missing")))?;
+    let t = w
+        .remove(name)
+        .ok_or_else(|| Error::Invalid(format!("model weights: tensor `{name}` is missing")))?;
     if t.dims() != shape {
         return Err(Error::Invalid(format!(
             "model weights: tensor `{name}` has shape {:?}, expected {shape:?}",
@@ -110,7 +120,12 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, grad: Grad) -> Result<Tensor> {
 }
 
 /// cos and sin tables `[T, D/2]` for positions `offset .. offset + t`.
-fn rope_tables(cfg: &ModelConfig, offset: usize, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+fn rope_tables(
+    cfg: &ModelConfig,
+    offset: usize,
+    t: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = cfg.head_dim / 2;
     let mut cos = Vec::with_capacity(t * half);
     let mut sin = Vec::with_capacity(t * half);
@@ -122,7 +137,10 @@ fn rope_tables(cfg: &ModelConfig, offset: usize, t: usize, device: &Device) -> R
             sin.push(angle.sin() as f32);
         }
     }
-    Ok((Tensor::from_vec(cos, (t, half), device)?, Tensor::from_vec(sin, (t, half), device)?))
+    Ok((
+        Tensor::from_vec(cos, (t, half), device)?,
+        Tensor::from_vec(sin, (t, half), device)?,
+    ))
 }
 
 #[derive(Debug, Clone)]
@@ -162,7 +180,11 @@ impl KvCache {
 
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[2]).unwrap_or(0)
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dims()[2])
+            .unwrap_or(0)
     }
 
     /// Whether nothing has been cached yet.
@@ -191,9 +213,22 @@ impl Block {
         let (b, t, _) = x.dims3()?;
         let (nh, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let a = &self.self_attn;
-        let q = a.q_proj.forward(x)?.reshape((b, t, nh, d))?.transpose(1, 2)?;
-        let k = a.k_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?;
-        let v = a.v_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
+        let q = a
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, nh, d))?
+            .transpose(1, 2)?;
+        let k = a
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, kvh, d))?
+            .transpose(1, 2)?;
+        let v = a
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, kvh, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let q = rope(&q, inp.cos, inp.sin, inp.grad)?;
         let k = rope(&k, inp.cos, inp.sin, inp.grad)?;
         let (k, v) = match cache {
@@ -217,7 +252,11 @@ impl Block {
             None => scores,
         };
         let probs = softmax(&scores, inp.grad)?.reshape((b, kvh, rep * t, s))?;
-        let ctx = probs.matmul(&v)?.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))?;
+        let ctx = probs
+            .matmul(&v)?
+            .reshape((b, nh, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * d))?;
         a.o_proj.forward(&ctx)
     }
 
@@ -230,9 +269,15 @@ impl Block {
     ) -> Result<Tensor> {
         let h = rms_norm(x, &self.input_layernorm, cfg.rms_norm_eps, inp.grad)?;
         let x = (x + self.attention(cfg, &h, inp, cache)?)?;
-        let h = rms_norm(&x, &self.post_attention_layernorm, cfg.rms_norm_eps, inp.grad)?;
+        let h = rms_norm(
+            &x,
+            &self.post_attention_layernorm,
+            cfg.rms_norm_eps,
+            inp.grad,
+        )?;
         let m = &self.mlp;
-        let act = (candle_nn::Activation::Silu.forward(&m.gate_proj.forward(&h)?)? * m.up_proj.forward(&h)?)?;
+        let act = (candle_nn::Activation::Silu.forward(&m.gate_proj.forward(&h)?)?
+            * m.up_proj.forward(&h)?)?;
         Ok((x + m.down_proj.forward(&act)?)?)
     }
 }
@@ -256,7 +301,10 @@ impl Llama {
     pub fn from_weights(cfg: ModelConfig, mut w: Weights, device: &Device) -> Result<Llama> {
         cfg.validate().map_err(Error::Invalid)?;
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let (q, kv) = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
         let embed_tokens = take(&mut w, "model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
@@ -270,7 +318,11 @@ impl Llama {
                     v_proj: Linear::load(&mut w, &format!("{p}.self_attn.v_proj"), bias, (kv, h))?,
                     o_proj: Linear::load(&mut w, &format!("{p}.self_attn.o_proj"), false, (h, q))?,
                 },
-                post_attention_layernorm: take(&mut w, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                post_attention_layernorm: take(
+                    &mut w,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[h],
+                )?,
                 mlp: Mlp {
                     gate_proj: Linear::load(&mut w, &format!("{p}.mlp.gate_proj"), false, (i, h))?,
                     up_proj: Linear::load(&mut w, &format!("{p}.mlp.up_proj"), false, (i, h))?,
@@ -284,7 +336,14 @@ impl Llama {
         } else {
             Some(take(&mut w, "lm_head.weight", &[cfg.vocab_size, h])?)
         };
-        Ok(Llama { cfg, embed_tokens, layers, norm, lm_head, device: device.clone() })
+        Ok(Llama {
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            device: device.clone(),
+        })
     }
 
     /// A model with random weights (normal, std 0.02; norms at 1), for tests and benchmarks.
@@ -300,11 +359,20 @@ impl Llama {
 
     /// All weights under canonical names (for export and merging).
     pub fn named_weights(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
         for (l, b) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
-            out.push((format!("{p}.input_layernorm.weight"), b.input_layernorm.clone()));
-            out.push((format!("{p}.post_attention_layernorm.weight"), b.post_attention_layernorm.clone()));
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                b.input_layernorm.clone(),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                b.post_attention_layernorm.clone(),
+            ));
         }
         for lin in self.linears() {
             out.push((format!("{}.weight", lin.name), lin.weight.clone()));
@@ -325,7 +393,15 @@ impl Llama {
             .iter()
             .flat_map(|b| {
                 let (a, m) = (&b.self_attn, &b.mlp);
-                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
             })
             .collect()
     }
@@ -333,22 +409,37 @@ impl Llama {
     fn head(&self, h: &Tensor) -> Result<Tensor> {
         let w = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let (b, t, hid) = h.dims3()?;
-        Ok(h.reshape((b * t, hid))?.matmul(&w.t()?)?.reshape((b, t, self.cfg.vocab_size))?)
+        Ok(h.reshape((b * t, hid))?
+            .matmul(&w.t()?)?
+            .reshape((b, t, self.cfg.vocab_size))?)
     }
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let flat = ids.flatten_all()?;
-        Ok(self.embed_tokens.index_select(&flat, 0)?.reshape((b, t, self.cfg.hidden_size))?)
+        Ok(self
+            .embed_tokens
+            .index_select(&flat, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?)
     }
 
     /// Final hidden states `[B, T, H]` (after the last norm) for right-padded `ids: [B, T]` (u32),
     /// with `mask: [B, T]` (u32, 1 = real token, 0 = padding) or `None` for no padding.
-    pub fn forward_hidden(&self, ids: &Tensor, mask: Option<&Tensor>, grad: Grad) -> Result<Tensor> {
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        grad: Grad,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let (cos, sin) = rope_tables(&self.cfg, 0, t, &self.device)?;
         let additive = self.additive_mask(b, t, mask)?;
-        let inp = AttnInputs { cos: &cos, sin: &sin, mask: Some(&additive), grad };
+        let inp = AttnInputs {
+            cos: &cos,
+            sin: &sin,
+            mask: Some(&additive),
+            grad,
+        };
         let mut x = self.embed(ids)?;
         for block in &self.layers {
             x = block.forward(&self.cfg, &x, &inp, None)?;
@@ -366,7 +457,10 @@ impl Llama {
         let keys: Vec<u32> = match mask {
             Some(m) => {
                 if m.dims() != [b, t] {
-                    return Err(Error::Invalid(format!("attention mask shape {:?}, expected [{b}, {t}]", m.dims())));
+                    return Err(Error::Invalid(format!(
+                        "attention mask shape {:?}, expected [{b}, {t}]",
+                        m.dims()
+                    )));
                 }
                 m.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?
             }
@@ -410,7 +504,12 @@ impl Llama {
         } else {
             None
         };
-        let inp = AttnInputs { cos: &cos, sin: &sin, mask: mask.as_ref(), grad: Grad::No };
+        let inp = AttnInputs {
+            cos: &cos,
+            sin: &sin,
+            mask: mask.as_ref(),
+            grad: Grad::No,
+        };
         let mut x = self.embed(ids)?;
         for (block, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = block.forward(&self.cfg, &x, &inp, Some(slot))?;
@@ -437,9 +536,15 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<W
         Ok(Tensor::from_vec(v, shape, device)?)
     };
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    let (q, kv) = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    );
     let mut w = Weights::new();
-    w.insert("model.embed_tokens.weight".into(), normal(&[cfg.vocab_size, h])?);
+    w.insert(
+        "model.embed_tokens.weight".into(),
+        normal(&[cfg.vocab_size, h])?,
+    );
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
         for (name, shape) in [
@@ -458,10 +563,19 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<W
                 w.insert(format!("{p}.self_attn.{name}.bias"), normal(&[n])?);
             }
         }
-        w.insert(format!("{p}.input_layernorm.weight"), Tensor::ones(h, DType::F32, device)?);
-        w.insert(format!("{p}.post_attention_layernorm.weight"), Tensor::ones(h, DType::F32, device)?);
+        w.insert(
+            format!("{p}.input_layernorm.weight"),
+            Tensor::ones(h, DType::F32, device)?,
+        );
+        w.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            Tensor::ones(h, DType::F32, device)?,
+        );
     }
-    w.insert("model.norm.weight".into(), Tensor::ones(h, DType::F32, device)?);
+    w.insert(
+        "model.norm.weight".into(),
+        Tensor::ones(h, DType::F32, device)?,
+    );
     if !cfg.tie_word_embeddings {
         w.insert("lm_head.weight".into(), normal(&[cfg.vocab_size, h])?);
     }

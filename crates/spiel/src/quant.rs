@@ -68,7 +68,7 @@ impl Format {
     /// Bytes needed for `n` elements, or `None` if `n` is not a whole number of blocks or overflows.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
         let (per, bytes) = self.block();
-        if n % per != 0 {
+        if !n.is_multiple_of(per) {
             return None;
         }
         (n / per).checked_mul(bytes)
@@ -235,10 +235,18 @@ mod tests {
     #[test]
     fn dequantize_matches_reference_bit_exact() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for format in [Format::F32, Format::F16, Format::BF16, Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+        for format in [
+            Format::F32,
+            Format::F16,
+            Format::BF16,
+            Format::Q4_0,
+            Format::Q4_1,
+            Format::Q8_0,
+        ] {
             // Awkward sizes: one block, a few, and more than one parallel chunk with a ragged tail.
             for blocks in [1usize, 3, 129, 4096 / 32 * 3 + 5] {
-                let n = blocks * format.block().0.max(1) * if format.block().0 == 1 { 37 } else { 1 };
+                let n =
+                    blocks * format.block().0.max(1) * if format.block().0 == 1 { 37 } else { 1 };
                 let src = random_bytes(format, n, &mut rng);
                 let mut dst = vec![0f32; n];
                 dequantize(format, &src, &mut dst);

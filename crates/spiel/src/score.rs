@@ -33,7 +33,12 @@ pub struct Score {
 /// Log-softmax of one row in f64, at `target`.
 pub fn log_prob(row: &[f32], target: usize) -> f64 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+    let lse = row
+        .iter()
+        .map(|&x| (x as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
     row[target] as f64 - lse
 }
 
@@ -47,9 +52,14 @@ pub fn score(model: &Llama, tokenizer: &Tokenizer, text: &str, top_k: usize) -> 
         return Err(Error::Invalid("the text encodes to no tokens".into()));
     }
     let input = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
-    let logits: Vec<Vec<f32>> = model.forward(&input, None, Grad::No)?.squeeze(0)?.to_vec2()?;
+    let logits: Vec<Vec<f32>> = model
+        .forward(&input, None, Grad::No)?
+        .squeeze(0)?
+        .to_vec2()?;
     let nll = if ids.len() > 1 {
-        let total: f64 = (0..ids.len() - 1).map(|t| -log_prob(&logits[t], ids[t + 1] as usize)).sum();
+        let total: f64 = (0..ids.len() - 1)
+            .map(|t| -log_prob(&logits[t], ids[t + 1] as usize))
+            .sum();
         Some(total / (ids.len() - 1) as f64)
     } else {
         None
@@ -60,7 +70,11 @@ pub fn score(model: &Llama, tokenizer: &Tokenizer, text: &str, top_k: usize) -> 
     let top = order
         .into_iter()
         .take(top_k)
-        .map(|i| TopToken { id: i as u32, token: tokenizer.token_text(i as u32), logit: last[i] })
+        .map(|i| TopToken {
+            id: i as u32,
+            token: tokenizer.token_text(i as u32),
+            logit: last[i],
+        })
         .collect();
     Ok(Score { ids, nll, top })
 }

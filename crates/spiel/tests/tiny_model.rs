@@ -1,0 +1,212 @@
+//! Fast exhaustive checks of the transformer and both file formats on tiny random models.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use spiel::model::{random_weights, Grad, KvCache, Llama};
+use spiel::quant::Format;
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn ids(v: &[u32]) -> Tensor {
+    Tensor::new(v, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+}
+
+#[test]
+fn gguf_file_loads_to_the_same_model() {
+    let dev = Device::Cpu;
+    for bias in [false, true] {
+        let cfg = spiel::config::ModelConfig {
+            attention_bias: bias,
+            ..common::tiny_cfg()
+        };
+        let w = random_weights(&cfg, 3, &dev).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        common::write_tiny_gguf(&path, &cfg, &w, Format::F32);
+        let loaded = spiel::loader::load(&path, &dev).unwrap();
+        assert_eq!(loaded.model.cfg, cfg);
+        let reference = Llama::from_weights(cfg.clone(), w, &dev).unwrap();
+        let x = ids(&[5, 17, 200, 3, 99, 261, 42]);
+        let a = reference.forward(&x, None, Grad::No).unwrap();
+        let b = loaded.model.forward(&x, None, Grad::No).unwrap();
+        // Same f32 weights, same ops: differences are summation-order only.
+        assert!(
+            max_abs_diff(&a, &b) < 1e-5,
+            "bias={bias}: {}",
+            max_abs_diff(&a, &b)
+        );
+        // The BPE merges from the metadata are used: " the" is one token.
+        assert_eq!(
+            loaded.tokenizer.encode("the the").unwrap(),
+            vec![b't' as u32 + 3, 260, 261]
+        );
+    }
+}
+
+#[test]
+fn quantized_gguf_stays_close_to_f32() {
+    let dev = Device::Cpu;
+    let cfg = common::tiny_cfg();
+    let w = random_weights(&cfg, 4, &dev).unwrap();
+    let reference = Llama::from_weights(cfg.clone(), w.clone(), &dev).unwrap();
+    let x = ids(&[5, 17, 200, 3, 99]);
+    let a = reference.forward(&x, None, Grad::No).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // f16 keeps ~3 decimal digits, Q8_0 ~2: logits of size ~0.1 move by far less than 1e-2.
+    for (format, tol) in [(Format::F16, 1e-3), (Format::Q8_0, 1e-2)] {
+        let path = dir.path().join(format!("{format:?}.gguf"));
+        common::write_tiny_gguf(&path, &cfg, &w, format);
+        let b = spiel::loader::load(&path, &dev)
+            .unwrap()
+            .model
+            .forward(&x, None, Grad::No)
+            .unwrap();
+        let d = max_abs_diff(&a, &b);
+        assert!(d < tol && d > 0.0, "{format:?}: {d}");
+    }
+}
+
+#[test]
+fn hf_export_round_trips() {
+    let dev = Device::Cpu;
+    let cfg = spiel::config::ModelConfig {
+        tie_word_embeddings: false,
+        attention_bias: true,
+        ..common::tiny_cfg()
+    };
+    let w = random_weights(&cfg, 5, &dev).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    common::write_tiny_gguf(&gguf, &cfg, &w, Format::F32);
+    let m = spiel::loader::load(&gguf, &dev).unwrap();
+    let out = dir.path().join("hf");
+    spiel::loader::export_hf(&m.model, &m.tokenizer, &out).unwrap();
+    // Exporting again over an existing directory replaces it whole.
+    spiel::loader::export_hf(&m.model, &m.tokenizer, &out).unwrap();
+    let hf = spiel::loader::load(&out, &dev).unwrap();
+    assert_eq!(hf.model.cfg, cfg);
+    let x = ids(&[1, 2, 3, 250, 7]);
+    let a = m.model.forward(&x, None, Grad::No).unwrap();
+    let b = hf.model.forward(&x, None, Grad::No).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    assert_eq!(
+        hf.tokenizer.encode("the the").unwrap(),
+        m.tokenizer.encode("the the").unwrap()
+    );
+}
+
+#[test]
+fn training_and_inference_paths_agree() {
+    let dev = Device::Cpu;
+    let m = Llama::random(common::tiny_cfg(), 6, &dev).unwrap();
+    let x = ids(&[9, 8, 7, 6, 5, 4, 3, 2, 1]);
+    let a = m.forward(&x, None, Grad::Yes).unwrap();
+    let b = m.forward(&x, None, Grad::No).unwrap();
+    assert!(max_abs_diff(&a, &b) < 1e-5);
+}
+
+#[test]
+fn right_padding_does_not_change_real_positions() {
+    let dev = Device::Cpu;
+    let m = Llama::random(common::tiny_cfg(), 7, &dev).unwrap();
+    let long = [11u32, 22, 33, 44, 55, 66];
+    let short = [77u32, 88, 99];
+    let batch = Tensor::new(&[long, [77, 88, 99, 2, 2, 2]], &dev).unwrap();
+    let mask = Tensor::new(&[[1u32; 6], [1, 1, 1, 0, 0, 0]], &dev).unwrap();
+    let both = m.forward(&batch, Some(&mask), Grad::Yes).unwrap();
+    let alone_long = m.forward(&ids(&long), None, Grad::Yes).unwrap();
+    let alone_short = m.forward(&ids(&short), None, Grad::Yes).unwrap();
+    assert!(max_abs_diff(&both.get(0).unwrap(), &alone_long.get(0).unwrap()) < 1e-5);
+    assert!(
+        max_abs_diff(
+            &both.get(1).unwrap().narrow(0, 0, 3).unwrap(),
+            &alone_short.get(0).unwrap()
+        ) < 1e-5
+    );
+}
+
+#[test]
+fn kv_cache_in_chunks_matches_full_forward() {
+    let dev = Device::Cpu;
+    let m = Llama::random(common::tiny_cfg(), 8, &dev).unwrap();
+    let seq: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 262).collect();
+    let full = m
+        .forward(&ids(&seq), None, Grad::No)
+        .unwrap()
+        .get(0)
+        .unwrap();
+    let mut cache = KvCache::new();
+    let mut pos = 0;
+    for chunk in [5usize, 3, 1, 1, 2] {
+        let last = m
+            .forward_cached(&ids(&seq[pos..pos + chunk]), &mut cache)
+            .unwrap();
+        pos += chunk;
+        assert_eq!(cache.len(), pos);
+        let want = full.get(pos - 1).unwrap().unsqueeze(0).unwrap();
+        assert!(max_abs_diff(&last, &want) < 1e-5, "after {pos} tokens");
+    }
+}
+
+#[test]
+fn gradients_reach_the_weights_and_match_finite_differences() {
+    let dev = Device::Cpu;
+    let cfg = common::tiny_cfg();
+    let mut w = random_weights(&cfg, 9, &dev).unwrap();
+    let name = "model.layers.1.self_attn.q_proj.weight";
+    let base: Vec<f32> = w[name].flatten_all().unwrap().to_vec1().unwrap();
+    let var = Var::from_tensor(&w[name]).unwrap();
+    w.insert(name.into(), var.as_tensor().clone());
+    let m = Llama::from_weights(cfg.clone(), w.clone(), &dev).unwrap();
+    let x = ids(&[3, 1, 4, 1, 5, 9, 2, 6]);
+    let probe = Tensor::randn(0f32, 1.0, (1, 8, cfg.vocab_size), &dev).unwrap();
+    let loss = |m: &Llama| {
+        (m.forward(&x, None, Grad::Yes).unwrap() * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let grads = loss(&m).backward().unwrap();
+    let g: Vec<f32> = grads
+        .get(var.as_tensor())
+        .expect("no gradient")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    // Central differences in f64 arithmetic over f32 forwards: h = 1e-2 keeps rounding noise small.
+    let h = 1e-2f32;
+    for idx in [0usize, 17, 640, 1023, 4000] {
+        let eval = |delta: f32| {
+            let mut v = base.clone();
+            v[idx] += delta;
+            let mut w2 = w.clone();
+            w2.insert(name.into(), Tensor::from_vec(v, (64, 64), &dev).unwrap());
+            let m2 = Llama::from_weights(cfg.clone(), w2, &dev).unwrap();
+            loss(&m2)
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let fd = (eval(h) - eval(-h)) / (2.0 * h as f64);
+        let err = (fd - g[idx] as f64).abs();
+        assert!(
+            err < 2e-2 * fd.abs().max(1e-2),
+            "entry {idx}: autograd {} vs finite difference {fd}",
+            g[idx]
+        );
+    }
+}
