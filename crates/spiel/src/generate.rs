@@ -6,6 +6,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 
+use crate::adapter::AdapterSet;
 use crate::model::{KvCache, Llama};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -51,22 +52,20 @@ pub fn argmax(v: &[f32]) -> usize {
 /// decoded text as soon as it forms complete characters.
 pub fn generate(
     model: &Llama,
+    adapters: &AdapterSet,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     opts: &GenerateOptions,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
     if prompt.is_empty() {
-        return Err(Error::Invalid(
-            "the prompt is empty: give some text to continue".into(),
-        ));
+        return Err(Error::Invalid("the prompt is empty: give some text to continue".into()));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
     let mut cache = KvCache::new();
     let device = model.device();
     let start = Instant::now();
-    let mut logits =
-        model.forward_cached(&Tensor::new(prompt, device)?.unsqueeze(0)?, &mut cache)?;
+    let mut logits = model.forward_cached(&Tensor::new(prompt, device)?.unsqueeze(0)?, &mut cache, adapters)?;
     let prefill_secs = start.elapsed().as_secs_f64();
     let decode_start = Instant::now();
     let mut ids = Vec::new();
@@ -84,8 +83,7 @@ pub fn generate(
             printed = text.len();
         }
         if step + 1 < opts.max_new_tokens {
-            logits =
-                model.forward_cached(&Tensor::new(&[next], device)?.unsqueeze(0)?, &mut cache)?;
+            logits = model.forward_cached(&Tensor::new(&[next], device)?.unsqueeze(0)?, &mut cache, adapters)?;
         }
     }
     let text = tokenizer.decode(&ids)?;
@@ -107,10 +105,7 @@ fn pick(logits: &[f32], temperature: f64, rng: &mut impl Rng) -> usize {
         return argmax(logits);
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let weights: Vec<f64> = logits
-        .iter()
-        .map(|&l| ((l as f64 - max) / temperature).exp())
-        .collect();
+    let weights: Vec<f64> = logits.iter().map(|&l| ((l as f64 - max) / temperature).exp()).collect();
     let total: f64 = weights.iter().sum();
     let mut u = rng.gen::<f64>() * total;
     for (i, w) in weights.iter().enumerate() {
@@ -134,9 +129,7 @@ mod tests {
         assert_eq!(pick(&[0.0, 100.0, 0.0], 1.0, &mut rng), 1);
         // Frequencies follow the softmax: p = e^1 / (e^0 + e^1) ~ 0.731.
         let n = 20_000;
-        let ones = (0..n)
-            .filter(|_| pick(&[0.0, 1.0], 1.0, &mut rng) == 1)
-            .count();
+        let ones = (0..n).filter(|_| pick(&[0.0, 1.0], 1.0, &mut rng) == 1).count();
         let p = ones as f64 / n as f64;
         assert!((p - 0.7311).abs() < 0.015, "p = {p}");
     }

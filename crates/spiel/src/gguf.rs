@@ -96,8 +96,7 @@ impl<'a> Cursor<'a> {
 
     fn string(&mut self, what: &str) -> Result<String> {
         let n = self.u64(what)?;
-        let n =
-            usize::try_from(n).map_err(|_| self.err(format!("{what}: length {n} too large")))?;
+        let n = usize::try_from(n).map_err(|_| self.err(format!("{what}: length {n} too large")))?;
         let b = self.take(n, what)?;
         String::from_utf8(b.to_vec()).map_err(|_| self.err(format!("{what}: not valid UTF-8")))
     }
@@ -253,9 +252,7 @@ fn parse(buf: &[u8], path: &Path) -> Result<(BTreeMap<String, Value>, Vec<Tensor
     }
     let version = c.u32("version")?;
     if !(2..=3).contains(&version) {
-        return Err(c.err(format!(
-            "unsupported GGUF version {version} (spiel reads 2 and 3)"
-        )));
+        return Err(c.err(format!("unsupported GGUF version {version} (spiel reads 2 and 3)")));
     }
     let n_tensors = c.u64("tensor count")?;
     let n_kv = c.u64("metadata count")?;
@@ -283,9 +280,7 @@ fn parse(buf: &[u8], path: &Path) -> Result<(BTreeMap<String, Value>, Vec<Tensor
         let name = c.string(&format!("tensor #{i} name"))?;
         let n_dims = c.u32(&name)?;
         if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(c.err(format!(
-                "tensor `{name}`: {n_dims} dimensions (1 to 4 allowed)"
-            )));
+            return Err(c.err(format!("tensor `{name}`: {n_dims} dimensions (1 to 4 allowed)")));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -324,10 +319,7 @@ fn parse(buf: &[u8], path: &Path) -> Result<(BTreeMap<String, Value>, Vec<Tensor
         let start = data_start
             .checked_add(offset)
             .ok_or_else(|| bad(format!("offset {offset} overflows")))?;
-        if start
-            .checked_add(len as u64)
-            .is_none_or(|end| end > file_len)
-        {
+        if start.checked_add(len as u64).is_none_or(|end| end > file_len) {
             return Err(bad(format!(
                 "data at {start}..{} lies past the end of the file ({file_len} bytes); the file is truncated",
                 start + len as u64

@@ -4,9 +4,11 @@
 //! [`tokenizer`], [`loader`]) feed the transformer ([`model`]), which scores ([`score`]) and
 //! generates ([`generate`]); [`bench`] measures it.
 
+pub mod adapter;
 pub mod assets;
 pub mod bench;
 pub mod config;
+pub mod data;
 mod error;
 pub mod fsutil;
 pub mod generate;
@@ -15,6 +17,7 @@ pub mod loader;
 pub mod model;
 pub mod quant;
 pub mod score;
+pub mod sparse;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -39,10 +39,7 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     } else {
         Err(Error::io(
             path,
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "no such model file or directory",
-            ),
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or directory"),
         ))
     }
 }
@@ -124,8 +121,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
         }
         weights.insert(name, Tensor::from_vec(data, info.shape.clone(), device)?);
     }
-    let model = Llama::from_weights(cfg, weights, device)
-        .map_err(|e| Error::format(path, e.to_string()))?;
+    let model = Llama::from_weights(cfg, weights, device).map_err(|e| Error::format(path, e.to_string()))?;
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -141,24 +137,18 @@ fn read_safetensors(dir: &Path, device: &Device) -> Result<Weights> {
         vec![single]
     } else if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(&index, e.to_string()))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(&index, e.to_string()))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| {
-                Error::format(&index, "field `weight_map` is missing or not an object")
-            })?;
+            .ok_or_else(|| Error::format(&index, "field `weight_map` is missing or not an object"))?;
         let mut shards = BTreeSet::new();
         for (tensor, file) in map {
             let f = file
                 .as_str()
                 .filter(|f| !f.contains('/') && !f.contains('\\') && *f != ".." && !f.is_empty())
                 .ok_or_else(|| {
-                    Error::format(
-                        &index,
-                        format!("weight_map entry `{tensor}` is not a plain file name"),
-                    )
+                    Error::format(&index, format!("weight_map entry `{tensor}` is not a plain file name"))
                 })?;
             shards.insert(f.to_string());
         }
@@ -202,8 +192,7 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
     let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
     let tokenizer = Tokenizer::from_hf_dir(dir)?;
     let weights = read_safetensors(dir, device)?;
-    let model =
-        Llama::from_weights(cfg, weights, device).map_err(|e| Error::format(dir, e.to_string()))?;
+    let model = Llama::from_weights(cfg, weights, device).map_err(|e| Error::format(dir, e.to_string()))?;
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -215,12 +204,11 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
 /// atomically: `out` appears complete or not at all.
 pub fn export_hf(model: &Llama, tokenizer: &Tokenizer, out: &Path) -> Result<()> {
     fsutil::write_dir_atomic(out, |dir| {
-        let config = serde_json::to_string_pretty(&model.cfg.to_hf_json())
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let config =
+            serde_json::to_string_pretty(&model.cfg.to_hf_json()).map_err(|e| Error::Invalid(e.to_string()))?;
         fsutil::write_atomic(&dir.join("config.json"), config.as_bytes())?;
         fsutil::write_atomic(&dir.join("tokenizer.json"), tokenizer.to_json()?.as_bytes())?;
-        let tc = serde_json::to_string_pretty(&tokenizer.config_json())
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let tc = serde_json::to_string_pretty(&tokenizer.config_json()).map_err(|e| Error::Invalid(e.to_string()))?;
         fsutil::write_atomic(&dir.join("tokenizer_config.json"), tc.as_bytes())?;
         write_safetensors(&dir.join("model.safetensors"), &model.named_weights())
     })
@@ -242,7 +230,6 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
                 .map_err(|e| Error::Invalid(format!("safetensors view `{n}`: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, None)
-        .map_err(|e| Error::Invalid(format!("safetensors: {e}")))?;
+    let bytes = safetensors::serialize(views, None).map_err(|e| Error::Invalid(format!("safetensors: {e}")))?;
     fsutil::write_atomic(path, &bytes)
 }

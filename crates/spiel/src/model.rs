@@ -15,6 +15,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
+use crate::adapter::{AdapterSet, Delta};
 use crate::config::ModelConfig;
 use crate::{Error, Result};
 
@@ -68,13 +69,17 @@ impl Linear {
         (d[0], d[1])
     }
 
-    /// Apply to `x: [..., in]`, giving `[..., out]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Apply to `x: [..., in]`, giving `[..., out]`, with the base weight plus every delta in
+    /// `deltas` (each added as its own product; the base weight is never copied).
+    pub fn forward(&self, x: &Tensor, deltas: &[Delta], grad: Grad) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (out, inp) = self.shape();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, inp))?;
         let mut y = x2.matmul(&self.weight.t()?)?;
+        for d in deltas {
+            y = (y + d.apply(&x2, grad)?)?;
+        }
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -120,12 +125,7 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, grad: Grad) -> Result<Tensor> {
 }
 
 /// cos and sin tables `[T, D/2]` for positions `offset .. offset + t`.
-fn rope_tables(
-    cfg: &ModelConfig,
-    offset: usize,
-    t: usize,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
+fn rope_tables(cfg: &ModelConfig, offset: usize, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = cfg.head_dim / 2;
     let mut cos = Vec::with_capacity(t * half);
     let mut sin = Vec::with_capacity(t * half);
@@ -200,6 +200,13 @@ struct AttnInputs<'a> {
     /// Additive mask `[B, 1, T, S]`, or `None` when every position may see every cached one.
     mask: Option<&'a Tensor>,
     grad: Grad,
+    adapters: &'a AdapterSet,
+}
+
+impl AttnInputs<'_> {
+    fn linear(&self, l: &Linear, x: &Tensor) -> Result<Tensor> {
+        l.forward(x, self.adapters.get(&l.name), self.grad)
+    }
 }
 
 impl Block {
@@ -213,19 +220,10 @@ impl Block {
         let (b, t, _) = x.dims3()?;
         let (nh, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let a = &self.self_attn;
-        let q = a
-            .q_proj
-            .forward(x)?
-            .reshape((b, t, nh, d))?
-            .transpose(1, 2)?;
-        let k = a
-            .k_proj
-            .forward(x)?
-            .reshape((b, t, kvh, d))?
-            .transpose(1, 2)?;
-        let v = a
-            .v_proj
-            .forward(x)?
+        let q = inp.linear(&a.q_proj, x)?.reshape((b, t, nh, d))?.transpose(1, 2)?;
+        let k = inp.linear(&a.k_proj, x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?;
+        let v = inp
+            .linear(&a.v_proj, x)?
             .reshape((b, t, kvh, d))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -257,7 +255,7 @@ impl Block {
             .reshape((b, nh, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, nh * d))?;
-        a.o_proj.forward(&ctx)
+        inp.linear(&a.o_proj, &ctx)
     }
 
     fn forward(
@@ -269,16 +267,11 @@ impl Block {
     ) -> Result<Tensor> {
         let h = rms_norm(x, &self.input_layernorm, cfg.rms_norm_eps, inp.grad)?;
         let x = (x + self.attention(cfg, &h, inp, cache)?)?;
-        let h = rms_norm(
-            &x,
-            &self.post_attention_layernorm,
-            cfg.rms_norm_eps,
-            inp.grad,
-        )?;
+        let h = rms_norm(&x, &self.post_attention_layernorm, cfg.rms_norm_eps, inp.grad)?;
         let m = &self.mlp;
-        let act = (candle_nn::Activation::Silu.forward(&m.gate_proj.forward(&h)?)?
-            * m.up_proj.forward(&h)?)?;
-        Ok((x + m.down_proj.forward(&act)?)?)
+        let gate = candle_nn::Activation::Silu.forward(&inp.linear(&m.gate_proj, &h)?)?;
+        let act = (gate * inp.linear(&m.up_proj, &h)?)?;
+        Ok((x + inp.linear(&m.down_proj, &act)?)?)
     }
 }
 
@@ -301,10 +294,7 @@ impl Llama {
     pub fn from_weights(cfg: ModelConfig, mut w: Weights, device: &Device) -> Result<Llama> {
         cfg.validate().map_err(Error::Invalid)?;
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let (q, kv) = (
-            cfg.num_heads * cfg.head_dim,
-            cfg.num_kv_heads * cfg.head_dim,
-        );
+        let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
         let embed_tokens = take(&mut w, "model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
@@ -318,11 +308,7 @@ impl Llama {
                     v_proj: Linear::load(&mut w, &format!("{p}.self_attn.v_proj"), bias, (kv, h))?,
                     o_proj: Linear::load(&mut w, &format!("{p}.self_attn.o_proj"), false, (h, q))?,
                 },
-                post_attention_layernorm: take(
-                    &mut w,
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    &[h],
-                )?,
+                post_attention_layernorm: take(&mut w, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 mlp: Mlp {
                     gate_proj: Linear::load(&mut w, &format!("{p}.mlp.gate_proj"), false, (i, h))?,
                     up_proj: Linear::load(&mut w, &format!("{p}.mlp.up_proj"), false, (i, h))?,
@@ -359,16 +345,10 @@ impl Llama {
 
     /// All weights under canonical names (for export and merging).
     pub fn named_weights(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
-            self.embed_tokens.clone(),
-        )];
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
         for (l, b) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
-            out.push((
-                format!("{p}.input_layernorm.weight"),
-                b.input_layernorm.clone(),
-            ));
+            out.push((format!("{p}.input_layernorm.weight"), b.input_layernorm.clone()));
             out.push((
                 format!("{p}.post_attention_layernorm.weight"),
                 b.post_attention_layernorm.clone(),
@@ -406,6 +386,47 @@ impl Llama {
             .collect()
     }
 
+    /// A copy of this model with every delta in `adapters` added into its weights (dense).
+    pub fn merged(&self, adapters: &AdapterSet) -> Result<Llama> {
+        let mut m = self.clone();
+        for block in &mut m.layers {
+            let (a, p) = (&mut block.self_attn, &mut block.mlp);
+            for lin in [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut p.gate_proj,
+                &mut p.up_proj,
+                &mut p.down_proj,
+            ] {
+                for d in adapters.get(&lin.name) {
+                    lin.weight = (&lin.weight + d.dense(lin.shape())?)?.detach();
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// Mutable access to every projection (for full fine-tuning, which swaps in trainable weights).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|b| {
+                let (a, m) = (&mut b.self_attn, &mut b.mlp);
+                [
+                    &mut a.q_proj,
+                    &mut a.k_proj,
+                    &mut a.v_proj,
+                    &mut a.o_proj,
+                    &mut m.gate_proj,
+                    &mut m.up_proj,
+                    &mut m.down_proj,
+                ]
+            })
+            .collect()
+    }
+
     fn head(&self, h: &Tensor) -> Result<Tensor> {
         let w = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let (b, t, hid) = h.dims3()?;
@@ -430,6 +451,7 @@ impl Llama {
         ids: &Tensor,
         mask: Option<&Tensor>,
         grad: Grad,
+        adapters: &AdapterSet,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let (cos, sin) = rope_tables(&self.cfg, 0, t, &self.device)?;
@@ -439,6 +461,7 @@ impl Llama {
             sin: &sin,
             mask: Some(&additive),
             grad,
+            adapters,
         };
         let mut x = self.embed(ids)?;
         for block in &self.layers {
@@ -448,8 +471,8 @@ impl Llama {
     }
 
     /// Logits `[B, T, V]` for every position; see [`Llama::forward_hidden`].
-    pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>, grad: Grad) -> Result<Tensor> {
-        self.head(&self.forward_hidden(ids, mask, grad)?)
+    pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>, grad: Grad, adapters: &AdapterSet) -> Result<Tensor> {
+        self.head(&self.forward_hidden(ids, mask, grad, adapters)?)
     }
 
     /// Causal + key-padding additive mask `[B, 1, T, T]`.
@@ -481,7 +504,7 @@ impl Llama {
 
     /// Incremental forward for generation: `ids: [B, T]` continue the sequences in `cache`
     /// (all of the same length); returns the logits `[B, V]` of the last new position.
-    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache, adapters: &AdapterSet) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let offset = cache.len();
         if offset + t > self.cfg.max_position_embeddings {
@@ -509,6 +532,7 @@ impl Llama {
             sin: &sin,
             mask: mask.as_ref(),
             grad: Grad::No,
+            adapters,
         };
         let mut x = self.embed(ids)?;
         for (block, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
@@ -536,15 +560,9 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<W
         Ok(Tensor::from_vec(v, shape, device)?)
     };
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let (q, kv) = (
-        cfg.num_heads * cfg.head_dim,
-        cfg.num_kv_heads * cfg.head_dim,
-    );
+    let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
     let mut w = Weights::new();
-    w.insert(
-        "model.embed_tokens.weight".into(),
-        normal(&[cfg.vocab_size, h])?,
-    );
+    w.insert("model.embed_tokens.weight".into(), normal(&[cfg.vocab_size, h])?);
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
         for (name, shape) in [
@@ -572,10 +590,7 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<W
             Tensor::ones(h, DType::F32, device)?,
         );
     }
-    w.insert(
-        "model.norm.weight".into(),
-        Tensor::ones(h, DType::F32, device)?,
-    );
+    w.insert("model.norm.weight".into(), Tensor::ones(h, DType::F32, device)?);
     if !cfg.tie_word_embeddings {
         w.insert("lm_head.weight".into(), normal(&[cfg.vocab_size, h])?);
     }

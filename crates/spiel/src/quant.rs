@@ -245,8 +245,7 @@ mod tests {
         ] {
             // Awkward sizes: one block, a few, and more than one parallel chunk with a ragged tail.
             for blocks in [1usize, 3, 129, 4096 / 32 * 3 + 5] {
-                let n =
-                    blocks * format.block().0.max(1) * if format.block().0 == 1 { 37 } else { 1 };
+                let n = blocks * format.block().0.max(1) * if format.block().0 == 1 { 37 } else { 1 };
                 let src = random_bytes(format, n, &mut rng);
                 let mut dst = vec![0f32; n];
                 dequantize(format, &src, &mut dst);

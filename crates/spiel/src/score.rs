@@ -4,6 +4,7 @@
 use candle_core::Tensor;
 use serde::Serialize;
 
+use crate::adapter::AdapterSet;
 use crate::model::{Grad, Llama};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -33,17 +34,12 @@ pub struct Score {
 /// Log-softmax of one row in f64, at `target`.
 pub fn log_prob(row: &[f32], target: usize) -> f64 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = row
-        .iter()
-        .map(|&x| (x as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
-        + max;
+    let lse = row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
     row[target] as f64 - lse
 }
 
 /// Score `text` with `model`.
-pub fn score(model: &Llama, tokenizer: &Tokenizer, text: &str, top_k: usize) -> Result<Score> {
+pub fn score(model: &Llama, adapters: &AdapterSet, tokenizer: &Tokenizer, text: &str, top_k: usize) -> Result<Score> {
     if text.is_empty() {
         return Err(Error::Invalid("the text to score is empty".into()));
     }
@@ -52,10 +48,7 @@ pub fn score(model: &Llama, tokenizer: &Tokenizer, text: &str, top_k: usize) -> 
         return Err(Error::Invalid("the text encodes to no tokens".into()));
     }
     let input = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
-    let logits: Vec<Vec<f32>> = model
-        .forward(&input, None, Grad::No)?
-        .squeeze(0)?
-        .to_vec2()?;
+    let logits: Vec<Vec<f32>> = model.forward(&input, None, Grad::No, adapters)?.squeeze(0)?.to_vec2()?;
     let nll = if ids.len() > 1 {
         let total: f64 = (0..ids.len() - 1)
             .map(|t| -log_prob(&logits[t], ids[t + 1] as usize))

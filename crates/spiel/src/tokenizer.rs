@@ -79,11 +79,7 @@ impl Tokenizer {
         if types.len() != tokens.len() {
             return Err(Error::format(
                 g.path(),
-                format!(
-                    "GGUF metadata: {} token types for {} tokens",
-                    types.len(),
-                    tokens.len()
-                ),
+                format!("GGUF metadata: {} token types for {} tokens", types.len(), tokens.len()),
             ));
         }
         let pre = match g.get("tokenizer.ggml.pre") {
@@ -99,10 +95,8 @@ impl Tokenizer {
             vocab.insert(t.to_string(), json!(id));
             // 3 = control, 4 = user-defined: matched whole before BPE.
             if *ty == 3 || *ty == 4 {
-                added.push(
-                    json!({"id": id, "content": t, "single_word": false, "lstrip": false,
-                    "rstrip": false, "normalized": false, "special": *ty == 3}),
-                );
+                added.push(json!({"id": id, "content": t, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": *ty == 3}));
             }
         }
         let spec = json!({
@@ -119,19 +113,13 @@ impl Tokenizer {
                 "vocab": vocab, "merges": merges},
         });
         let inner = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&spec).map_err(tok_err)?)
-            .map_err(|e| {
-                Error::format(g.path(), format!("building tokenizer from metadata: {e}"))
-            })?;
+            .map_err(|e| Error::format(g.path(), format!("building tokenizer from metadata: {e}")))?;
         let id_text = |key: &str| -> Option<String> {
             let id = g.get_u64(key).ok()? as usize;
             tokens.get(id).map(|s| s.to_string())
         };
-        let eos_token =
-            id_text("tokenizer.ggml.eos_token_id").unwrap_or_else(|| "<|endoftext|>".into());
-        let add_bos = matches!(
-            g.get("tokenizer.ggml.add_bos_token"),
-            Some(Value::Bool(true))
-        );
+        let eos_token = id_text("tokenizer.ggml.eos_token_id").unwrap_or_else(|| "<|endoftext|>".into());
+        let add_bos = matches!(g.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
         let bos_token = if add_bos {
             id_text("tokenizer.ggml.bos_token_id")
         } else {
@@ -149,13 +137,10 @@ impl Tokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<Tokenizer> {
         let path = dir.join("tokenizer.json");
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| Error::format(&path, e.to_string()))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| Error::format(&path, e.to_string()))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Json = match std::fs::read_to_string(&cfg_path) {
-            Ok(s) => {
-                serde_json::from_str(&s).map_err(|e| Error::format(&cfg_path, e.to_string()))?
-            }
+            Ok(s) => serde_json::from_str(&s).map_err(|e| Error::format(&cfg_path, e.to_string()))?,
             Err(_) => Json::Null,
         };
         let token_field = |k: &str| -> Option<String> {
@@ -166,15 +151,8 @@ impl Tokenizer {
             }
         };
         let eos_token = token_field("eos_token").unwrap_or_else(|| "<|endoftext|>".into());
-        let add_bos = cfg
-            .get("add_bos_token")
-            .and_then(Json::as_bool)
-            .unwrap_or(false);
-        let bos_token = if add_bos {
-            token_field("bos_token")
-        } else {
-            None
-        };
+        let add_bos = cfg.get("add_bos_token").and_then(Json::as_bool).unwrap_or(false);
+        let bos_token = if add_bos { token_field("bos_token") } else { None };
         let chat_template = match cfg.get("chat_template") {
             Some(Json::String(s)) => s.clone(),
             _ => CHATML_TEMPLATE.to_string(),
@@ -191,12 +169,7 @@ impl Tokenizer {
         pad: &str,
     ) -> Result<Tokenizer> {
         let mut stop_ids = Vec::new();
-        for t in [
-            eos_token.as_str(),
-            "<|im_end|>",
-            "<|endoftext|>",
-            "<|eot_id|>",
-        ] {
+        for t in [eos_token.as_str(), "<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
             if let Some(id) = inner.token_to_id(t) {
                 if !stop_ids.contains(&id) {
                     stop_ids.push(id);
@@ -222,11 +195,7 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(tok_err)?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
-        if let Some(bos) = self
-            .bos_token
-            .as_deref()
-            .and_then(|b| self.inner.token_to_id(b))
-        {
+        if let Some(bos) = self.bos_token.as_deref().and_then(|b| self.inner.token_to_id(b)) {
             if !text.starts_with(self.bos_token.as_deref().unwrap_or_default()) {
                 ids.push(bos);
             }
@@ -237,12 +206,7 @@ impl Tokenizer {
 
     /// Encode without ever adding a BOS token (for pieces of a longer sequence).
     pub fn encode_piece(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self
-            .inner
-            .encode(text, false)
-            .map_err(tok_err)?
-            .get_ids()
-            .to_vec())
+        Ok(self.inner.encode(text, false).map_err(tok_err)?.get_ids().to_vec())
     }
 
     /// Decode ids to text, keeping special tokens.
@@ -266,26 +230,17 @@ impl Tokenizer {
     }
 
     /// Render messages with the chat template.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-    ) -> Result<String> {
+    pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let mut env = minijinja::Environment::new();
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
+                Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
             },
         );
         env.add_template("chat", &self.chat_template)
             .map_err(|e| Error::Template(e.to_string()))?;
-        let tmpl = env
-            .get_template("chat")
-            .map_err(|e| Error::Template(e.to_string()))?;
+        let tmpl = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,

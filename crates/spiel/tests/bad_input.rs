@@ -2,6 +2,8 @@
 
 mod common;
 
+use spiel::adapter::AdapterSet;
+
 use std::path::Path;
 
 use candle_core::Device;
@@ -38,8 +40,7 @@ fn truncated_gguf_is_reported_at_every_cut() {
         std::fs::write(&cut, &good[..len]).unwrap();
         let msg = load_err(&cut);
         assert!(
-            msg.contains("cut.gguf")
-                && (msg.contains("truncated") || msg.contains("more than the file")),
+            msg.contains("cut.gguf") && (msg.contains("truncated") || msg.contains("more than the file")),
             "len {len}: {msg}"
         );
     }
@@ -75,10 +76,7 @@ fn unsupported_tensor_type_and_architecture_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("q4k.gguf");
     // Hand-write a GGUF whose tensor claims type 12 (Q4_K): patch the type field of a valid file.
-    let meta = vec![(
-        "general.architecture".to_string(),
-        Value::Str("llama".into()),
-    )];
+    let meta = vec![("general.architecture".to_string(), Value::Str("llama".into()))];
     let tensors = vec![(
         "token_embd.weight".to_string(),
         vec![2, 32],
@@ -96,10 +94,7 @@ fn unsupported_tensor_type_and_architecture_are_named() {
     assert!(msg.contains("unsupported tensor type Q4_K"), "{msg}");
 
     let p = dir.path().join("gpt2.gguf");
-    let meta = vec![(
-        "general.architecture".to_string(),
-        Value::Str("gpt2".into()),
-    )];
+    let meta = vec![("general.architecture".to_string(), Value::Str("gpt2".into()))];
     spiel::gguf::write(&p, &meta, &[]).unwrap();
     assert!(load_err(&p).contains("unsupported GGUF architecture `gpt2`"));
 }
@@ -116,8 +111,7 @@ fn bad_config_json_is_reported_with_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let hf = tiny_hf_dir(dir.path());
     let cfg_path = hf.join("config.json");
-    let good: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let good: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
 
     let mut missing = good.clone();
     missing.as_object_mut().unwrap().remove("hidden_size");
@@ -132,10 +126,7 @@ fn bad_config_json_is_reported_with_the_field() {
     arch["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
     std::fs::write(&cfg_path, arch.to_string()).unwrap();
     let msg = load_err(&hf);
-    assert!(
-        msg.contains("unsupported architecture `GPT2LMHeadModel`"),
-        "{msg}"
-    );
+    assert!(msg.contains("unsupported architecture `GPT2LMHeadModel`"), "{msg}");
 
     std::fs::write(&cfg_path, "{ not json").unwrap();
     assert!(load_err(&hf).contains("config.json"));
@@ -187,8 +178,8 @@ fn empty_prompt_and_text_are_rejected() {
         temperature: 0.0,
         seed: 0,
     };
-    let e = spiel::generate::generate(&m.model, &m.tokenizer, &[], &opts, |_| {}).unwrap_err();
+    let e = spiel::generate::generate(&m.model, &AdapterSet::none(), &m.tokenizer, &[], &opts, |_| {}).unwrap_err();
     assert!(e.to_string().contains("prompt is empty"));
-    let e = spiel::score::score(&m.model, &m.tokenizer, "", 5).unwrap_err();
+    let e = spiel::score::score(&m.model, &AdapterSet::none(), &m.tokenizer, "", 5).unwrap_err();
     assert!(e.to_string().contains("empty"));
 }

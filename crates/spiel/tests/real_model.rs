@@ -2,6 +2,8 @@
 
 mod common;
 
+use spiel::adapter::AdapterSet;
+
 use candle_core::Tensor;
 use spiel::generate::{argmax, generate, GenerateOptions};
 use spiel::model::{Grad, KvCache};
@@ -20,33 +22,36 @@ const GOLDEN_TOP5: [(u32, &str, f32); 5] = [
 #[test]
 fn golden_score_matches_reference() {
     let Some(m) = common::smollm() else { return };
-    let s = score(&m.model, &m.tokenizer, "The capital of France is", 5).unwrap();
+    let s = score(
+        &m.model,
+        &AdapterSet::none(),
+        &m.tokenizer,
+        "The capital of France is",
+        5,
+    )
+    .unwrap();
     assert_eq!(s.ids, vec![504, 3575, 282, 4649, 314]);
     for (got, (id, tok, logit)) in s.top.iter().zip(GOLDEN_TOP5) {
         assert_eq!(got.id, id);
         assert_eq!(got.token, tok);
         // Golden values are printed to 3 decimals; 1e-2 allows for summation order.
-        assert!(
-            (got.logit - logit).abs() < 1e-2,
-            "{tok}: {} vs {logit}",
-            got.logit
-        );
+        assert!((got.logit - logit).abs() < 1e-2, "{tok}: {} vs {logit}", got.logit);
     }
     let nll = s.nll.unwrap();
     assert!((nll - 3.6916).abs() < 1e-3, "nll {nll}");
 }
 
 fn greedy_chat(tok: &Tokenizer, model: &spiel::model::Llama, prompt: &str) -> String {
-    let text = tok
-        .apply_chat_template(&[Message::new("user", prompt)], true)
-        .unwrap();
+    let text = tok.apply_chat_template(&[Message::new("user", prompt)], true).unwrap();
     let ids = tok.encode(&text).unwrap();
     let opts = GenerateOptions {
         max_new_tokens: 40,
         temperature: 0.0,
         seed: 0,
     };
-    generate(model, tok, &ids, &opts, |_| {}).unwrap().text
+    generate(model, &AdapterSet::none(), tok, &ids, &opts, |_| {})
+        .unwrap()
+        .text
 }
 
 #[test]
@@ -55,13 +60,8 @@ fn greedy_chat_answer_is_paris() {
     // Plain ChatML with no system prompt (the golden setting) ...
     let mut plain = m.tokenizer.clone();
     plain.chat_template = CHATML_TEMPLATE.to_string();
-    let rendered = plain
-        .apply_chat_template(&[Message::new("user", "hi")], true)
-        .unwrap();
-    assert_eq!(
-        rendered,
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    );
+    let rendered = plain.apply_chat_template(&[Message::new("user", "hi")], true).unwrap();
+    assert_eq!(rendered, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
     assert_eq!(
         greedy_chat(&plain, &m.model, "What is the capital of France?"),
         "The capital of France is Paris."
@@ -87,11 +87,9 @@ fn kv_cache_matches_full_recomputation() {
     let mut logits = m
         .model
         .forward_cached(
-            &Tensor::new(ids.as_slice(), dev)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap(),
+            &Tensor::new(ids.as_slice(), dev).unwrap().unsqueeze(0).unwrap(),
             &mut cache,
+            &AdapterSet::none(),
         )
         .unwrap();
     let mut cached = Vec::new();
@@ -103,23 +101,15 @@ fn kv_cache_matches_full_recomputation() {
             .forward_cached(
                 &Tensor::new(&[next], dev).unwrap().unsqueeze(0).unwrap(),
                 &mut cache,
+                &AdapterSet::none(),
             )
             .unwrap();
     }
     // Full recomputation of the whole sequence for every new token.
     for _ in 0..32 {
-        let input = Tensor::new(ids.as_slice(), dev)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let all = m.model.forward(&input, None, Grad::No).unwrap();
-        let last: Vec<f32> = all
-            .get(0)
-            .unwrap()
-            .get(ids.len() - 1)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let input = Tensor::new(ids.as_slice(), dev).unwrap().unsqueeze(0).unwrap();
+        let all = m.model.forward(&input, None, Grad::No, &AdapterSet::none()).unwrap();
+        let last: Vec<f32> = all.get(0).unwrap().get(ids.len() - 1).unwrap().to_vec1().unwrap();
         ids.push(argmax(&last) as u32);
     }
     assert_eq!(cached, ids[prompt_len..].to_vec());
@@ -141,17 +131,12 @@ fn exported_hf_directory_reproduces_gguf_logits() {
     }
     let hf = spiel::loader::load(&out, &candle_core::Device::Cpu).unwrap();
     let text = "The capital of France is";
-    let a = score(&m.model, &m.tokenizer, text, 5).unwrap();
-    let b = score(&hf.model, &hf.tokenizer, text, 5).unwrap();
+    let a = score(&m.model, &AdapterSet::none(), &m.tokenizer, text, 5).unwrap();
+    let b = score(&hf.model, &AdapterSet::none(), &hf.tokenizer, text, 5).unwrap();
     assert_eq!(a.ids, b.ids);
     for (x, y) in a.top.iter().zip(&b.top) {
         assert_eq!(x.id, y.id);
-        assert!(
-            (x.logit - y.logit).abs() < 1e-4,
-            "{} vs {}",
-            x.logit,
-            y.logit
-        );
+        assert!((x.logit - y.logit).abs() < 1e-4, "{} vs {}", x.logit, y.logit);
     }
     assert!((a.nll.unwrap() - b.nll.unwrap()).abs() < 1e-4);
     assert_eq!(m.tokenizer.chat_template, hf.tokenizer.chat_template);
@@ -164,8 +149,7 @@ fn tokenizer_round_trips_alpaca_and_keeps_specials_atomic() {
     let Some(path) = common::asset(&spiel::assets::ALPACA) else {
         return;
     };
-    let data: Vec<serde_json::Value> =
-        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let data: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     assert_eq!(data.len(), 999);
     let tok = &m.tokenizer;
     let mut n = 0;
@@ -179,9 +163,7 @@ fn tokenizer_round_trips_alpaca_and_keeps_specials_atomic() {
     }
     assert!(n > 100_000, "only {n} tokens encoded");
     // Special tokens are single ids, never split by BPE.
-    let ids = tok
-        .encode("<|im_start|>user\nhi<|im_end|>\n<|endoftext|>")
-        .unwrap();
+    let ids = tok.encode("<|im_start|>user\nhi<|im_end|>\n<|endoftext|>").unwrap();
     assert_eq!(ids[0], 1);
     assert!(ids.contains(&2) && ids.contains(&0));
     assert_eq!(tok.token_to_id("<|im_end|>"), Some(2));

@@ -2,6 +2,8 @@
 
 mod common;
 
+use spiel::adapter::AdapterSet;
+
 use candle_core::{DType, Device, Tensor, Var};
 use spiel::model::{random_weights, Grad, KvCache, Llama};
 use spiel::quant::Format;
@@ -39,14 +41,10 @@ fn gguf_file_loads_to_the_same_model() {
         assert_eq!(loaded.model.cfg, cfg);
         let reference = Llama::from_weights(cfg.clone(), w, &dev).unwrap();
         let x = ids(&[5, 17, 200, 3, 99, 261, 42]);
-        let a = reference.forward(&x, None, Grad::No).unwrap();
-        let b = loaded.model.forward(&x, None, Grad::No).unwrap();
+        let a = reference.forward(&x, None, Grad::No, &AdapterSet::none()).unwrap();
+        let b = loaded.model.forward(&x, None, Grad::No, &AdapterSet::none()).unwrap();
         // Same f32 weights, same ops: differences are summation-order only.
-        assert!(
-            max_abs_diff(&a, &b) < 1e-5,
-            "bias={bias}: {}",
-            max_abs_diff(&a, &b)
-        );
+        assert!(max_abs_diff(&a, &b) < 1e-5, "bias={bias}: {}", max_abs_diff(&a, &b));
         // The BPE merges from the metadata are used: " the" is one token.
         assert_eq!(
             loaded.tokenizer.encode("the the").unwrap(),
@@ -62,7 +60,7 @@ fn quantized_gguf_stays_close_to_f32() {
     let w = random_weights(&cfg, 4, &dev).unwrap();
     let reference = Llama::from_weights(cfg.clone(), w.clone(), &dev).unwrap();
     let x = ids(&[5, 17, 200, 3, 99]);
-    let a = reference.forward(&x, None, Grad::No).unwrap();
+    let a = reference.forward(&x, None, Grad::No, &AdapterSet::none()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     // f16 keeps ~3 decimal digits, Q8_0 ~2: logits of size ~0.1 move by far less than 1e-2.
     for (format, tol) in [(Format::F16, 1e-3), (Format::Q8_0, 1e-2)] {
@@ -71,7 +69,7 @@ fn quantized_gguf_stays_close_to_f32() {
         let b = spiel::loader::load(&path, &dev)
             .unwrap()
             .model
-            .forward(&x, None, Grad::No)
+            .forward(&x, None, Grad::No, &AdapterSet::none())
             .unwrap();
         let d = max_abs_diff(&a, &b);
         assert!(d < tol && d > 0.0, "{format:?}: {d}");
@@ -98,8 +96,8 @@ fn hf_export_round_trips() {
     let hf = spiel::loader::load(&out, &dev).unwrap();
     assert_eq!(hf.model.cfg, cfg);
     let x = ids(&[1, 2, 3, 250, 7]);
-    let a = m.model.forward(&x, None, Grad::No).unwrap();
-    let b = hf.model.forward(&x, None, Grad::No).unwrap();
+    let a = m.model.forward(&x, None, Grad::No, &AdapterSet::none()).unwrap();
+    let b = hf.model.forward(&x, None, Grad::No, &AdapterSet::none()).unwrap();
     assert_eq!(max_abs_diff(&a, &b), 0.0);
     assert_eq!(
         hf.tokenizer.encode("the the").unwrap(),
@@ -112,8 +110,8 @@ fn training_and_inference_paths_agree() {
     let dev = Device::Cpu;
     let m = Llama::random(common::tiny_cfg(), 6, &dev).unwrap();
     let x = ids(&[9, 8, 7, 6, 5, 4, 3, 2, 1]);
-    let a = m.forward(&x, None, Grad::Yes).unwrap();
-    let b = m.forward(&x, None, Grad::No).unwrap();
+    let a = m.forward(&x, None, Grad::Yes, &AdapterSet::none()).unwrap();
+    let b = m.forward(&x, None, Grad::No, &AdapterSet::none()).unwrap();
     assert!(max_abs_diff(&a, &b) < 1e-5);
 }
 
@@ -125,9 +123,9 @@ fn right_padding_does_not_change_real_positions() {
     let short = [77u32, 88, 99];
     let batch = Tensor::new(&[long, [77, 88, 99, 2, 2, 2]], &dev).unwrap();
     let mask = Tensor::new(&[[1u32; 6], [1, 1, 1, 0, 0, 0]], &dev).unwrap();
-    let both = m.forward(&batch, Some(&mask), Grad::Yes).unwrap();
-    let alone_long = m.forward(&ids(&long), None, Grad::Yes).unwrap();
-    let alone_short = m.forward(&ids(&short), None, Grad::Yes).unwrap();
+    let both = m.forward(&batch, Some(&mask), Grad::Yes, &AdapterSet::none()).unwrap();
+    let alone_long = m.forward(&ids(&long), None, Grad::Yes, &AdapterSet::none()).unwrap();
+    let alone_short = m.forward(&ids(&short), None, Grad::Yes, &AdapterSet::none()).unwrap();
     assert!(max_abs_diff(&both.get(0).unwrap(), &alone_long.get(0).unwrap()) < 1e-5);
     assert!(
         max_abs_diff(
@@ -143,7 +141,7 @@ fn kv_cache_in_chunks_matches_full_forward() {
     let m = Llama::random(common::tiny_cfg(), 8, &dev).unwrap();
     let seq: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 262).collect();
     let full = m
-        .forward(&ids(&seq), None, Grad::No)
+        .forward(&ids(&seq), None, Grad::No, &AdapterSet::none())
         .unwrap()
         .get(0)
         .unwrap();
@@ -151,7 +149,7 @@ fn kv_cache_in_chunks_matches_full_forward() {
     let mut pos = 0;
     for chunk in [5usize, 3, 1, 1, 2] {
         let last = m
-            .forward_cached(&ids(&seq[pos..pos + chunk]), &mut cache)
+            .forward_cached(&ids(&seq[pos..pos + chunk]), &mut cache, &AdapterSet::none())
             .unwrap();
         pos += chunk;
         assert_eq!(cache.len(), pos);
@@ -173,7 +171,7 @@ fn gradients_reach_the_weights_and_match_finite_differences() {
     let x = ids(&[3, 1, 4, 1, 5, 9, 2, 6]);
     let probe = Tensor::randn(0f32, 1.0, (1, 8, cfg.vocab_size), &dev).unwrap();
     let loss = |m: &Llama| {
-        (m.forward(&x, None, Grad::Yes).unwrap() * &probe)
+        (m.forward(&x, None, Grad::Yes, &AdapterSet::none()).unwrap() * &probe)
             .unwrap()
             .sum_all()
             .unwrap()
@@ -195,11 +193,7 @@ fn gradients_reach_the_weights_and_match_finite_differences() {
             let mut w2 = w.clone();
             w2.insert(name.into(), Tensor::from_vec(v, (64, 64), &dev).unwrap());
             let m2 = Llama::from_weights(cfg.clone(), w2, &dev).unwrap();
-            loss(&m2)
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
+            loss(&m2).to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
         };
         let fd = (eval(h) - eval(-h)) / (2.0 * h as f64);
         let err = (fd - g[idx] as f64).abs();

@@ -43,8 +43,7 @@ pub fn byte_to_unicode() -> Vec<char> {
     let mut out = vec!['\0'; 256];
     let mut extra = 0u32;
     for b in 0..256u32 {
-        let printable =
-            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         out[b as usize] = if printable {
             char::from_u32(b).unwrap()
         } else {
@@ -59,11 +58,7 @@ pub fn byte_to_unicode() -> Vec<char> {
 /// merged tokens for " t", "he" and " the". Vocabulary size 262.
 pub fn tiny_tokenizer_metadata() -> Vec<(String, Value)> {
     let map = byte_to_unicode();
-    let mut tokens: Vec<String> = vec![
-        "<|endoftext|>".into(),
-        "<|im_start|>".into(),
-        "<|im_end|>".into(),
-    ];
+    let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
     tokens.extend(map.iter().map(|c| c.to_string()));
     let sp = map[b' ' as usize];
     tokens.extend([format!("{sp}t"), "he".to_string(), format!("{sp}the")]);
@@ -115,34 +110,20 @@ pub fn permute_rope_rows(data: &[f32], n_heads: usize, row_len: usize) -> Vec<f3
 
 /// Write `weights` (canonical names, HF layout) as a GGUF file the way llama.cpp's converter
 /// does: GGUF names, permuted q/k rows, f32 norms, `format` for matrices.
-pub fn write_tiny_gguf(
-    path: &std::path::Path,
-    cfg: &spiel::config::ModelConfig,
-    weights: &Weights,
-    format: Format,
-) {
+pub fn write_tiny_gguf(path: &std::path::Path, cfg: &spiel::config::ModelConfig, weights: &Weights, format: Format) {
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::Str("llama".into())),
-        (
-            "llama.block_count".into(),
-            Value::U64(cfg.num_layers as u64),
-        ),
+        ("llama.block_count".into(), Value::U64(cfg.num_layers as u64)),
         (
             "llama.context_length".into(),
             Value::U64(cfg.max_position_embeddings as u64),
         ),
-        (
-            "llama.embedding_length".into(),
-            Value::U64(cfg.hidden_size as u64),
-        ),
+        ("llama.embedding_length".into(), Value::U64(cfg.hidden_size as u64)),
         (
             "llama.feed_forward_length".into(),
             Value::U64(cfg.intermediate_size as u64),
         ),
-        (
-            "llama.attention.head_count".into(),
-            Value::U64(cfg.num_heads as u64),
-        ),
+        ("llama.attention.head_count".into(), Value::U64(cfg.num_heads as u64)),
         (
             "llama.attention.head_count_kv".into(),
             Value::U64(cfg.num_kv_heads as u64),
