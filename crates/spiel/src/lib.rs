@@ -15,8 +15,10 @@ pub mod generate;
 pub mod gguf;
 pub mod loader;
 pub mod model;
+pub mod optim;
 pub mod quant;
 pub mod score;
+pub mod select;
 pub mod sparse;
 pub mod tokenizer;
 
