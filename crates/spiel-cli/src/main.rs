@@ -13,6 +13,7 @@ use spiel::assets;
 use spiel::generate::{generate, GenerateOptions};
 use spiel::loader::{self, LoadedModel};
 use spiel::tokenizer::Message;
+use spiel::train::{self, TrainConfig};
 
 #[derive(Parser)]
 #[command(name = "spiel", version, about = "Sparse fine-tuning (SpIEL) of LLaMA-family models")]
@@ -92,6 +93,32 @@ enum Cmd {
         /// Output directory.
         out: PathBuf,
     },
+    /// Fine-tune a model (SpIEL-AG by default) and write the adapter, metrics and checkpoints.
+    #[command(
+        after_help = "Examples:\n  spiel train\n  spiel train --method spiel-ma --steps 100 --out runs/ma\n  spiel train --config configs/train.toml --lr 1e-3\n  spiel train --out runs/ma --resume"
+    )]
+    Train(Box<TrainArgs>),
+    /// Describe an adapter: method, budget, per-module counts and density, value norms, layers.
+    #[command(after_help = "Example: spiel inspect runs/spiel-ag/adapter")]
+    Inspect {
+        /// The adapter directory.
+        adapter: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Merge adapters into the base weights and write a Hugging Face model directory.
+    #[command(after_help = "Example: spiel merge --adapter runs/spiel-ag/adapter --out merged/")]
+    Merge {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Adapter directories (repeatable; their deltas add up).
+        #[arg(long, required = true)]
+        adapter: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Throughput tables.
     Bench {
         #[command(subcommand)]
@@ -119,6 +146,167 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `spiel train` flags: every field of the TOML config, each overriding the file.
+#[derive(Args)]
+struct TrainArgs {
+    /// TOML file with any training fields (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue from the newest complete checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
+    /// spiel-ag, spiel-ma, lora or full.
+    #[arg(long)]
+    method: Option<String>,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Alpaca JSON or chat JSONL (default: the fetched Alpaca demo data).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Comma-separated short module names (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
+    #[arg(long, value_delimiter = ',')]
+    target_modules: Option<Vec<String>>,
+    /// Sparse budget as a fraction of all parameters.
+    #[arg(long)]
+    density: Option<f64>,
+    /// Sparse budget equal to LoRA of this rank on the same modules.
+    #[arg(long)]
+    lora_equivalent_rank: Option<usize>,
+    /// LoRA rank.
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA alpha.
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// LoRA dropout.
+    #[arg(long)]
+    lora_dropout: Option<f64>,
+    /// S: updates between reselections.
+    #[arg(long)]
+    reselection_steps: Option<usize>,
+    /// A: updates per SpIEL-AG gradient window.
+    #[arg(long)]
+    accumulation_steps: Option<usize>,
+    /// zeta0: initial fraction replaced per reselection.
+    #[arg(long)]
+    reselection_rate: Option<f64>,
+    /// linear or cosine.
+    #[arg(long)]
+    reselection_policy: Option<String>,
+    /// Total updates.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Examples per micro-batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per update.
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Maximum tokens per example.
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// linear, cosine or constant.
+    #[arg(long)]
+    lr_schedule: Option<String>,
+    /// Warm-up fraction.
+    #[arg(long)]
+    warmup_ratio: Option<f64>,
+    /// Decoupled weight decay.
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Clip the global gradient norm.
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    /// Seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Held-out loss every N updates (0: never).
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Examples held out.
+    #[arg(long)]
+    heldout: Option<usize>,
+    /// Checkpoint every N updates (0: never).
+    #[arg(long)]
+    save_every: Option<usize>,
+}
+
+impl TrainArgs {
+    /// The config file (if any) with every given flag applied on top.
+    fn resolve(&self) -> Result<TrainConfig> {
+        let mut c = match &self.config {
+            Some(p) => TrainConfig::from_toml_file(p)?,
+            None => TrainConfig::default(),
+        };
+        if let Some(m) = &self.method {
+            c.method = m.parse()?;
+            if self.out.is_none() && self.config.is_none() {
+                c.out = PathBuf::from(format!("runs/{m}"));
+            }
+        }
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
+        }
+        set!(
+            out,
+            target_modules,
+            lora_equivalent_rank,
+            lora_rank,
+            lora_alpha,
+            lora_dropout,
+            reselection_steps
+        );
+        set!(
+            accumulation_steps,
+            reselection_rate,
+            steps,
+            batch_size,
+            grad_accum,
+            max_len,
+            warmup_ratio
+        );
+        set!(weight_decay, seed, eval_every, heldout, save_every);
+        if self.model.model.is_some() {
+            c.model = self.model.model.clone();
+        }
+        if self.data.is_some() {
+            c.data = self.data.clone();
+        }
+        if self.density.is_some() {
+            c.density = self.density;
+        }
+        if self.lr.is_some() {
+            c.lr = self.lr;
+        }
+        if self.max_grad_norm.is_some() {
+            c.max_grad_norm = self.max_grad_norm;
+        }
+        if let Some(p) = &self.reselection_policy {
+            c.reselection_policy = match p.as_str() {
+                "linear" => spiel::select::Policy::Linear,
+                "cosine" => spiel::select::Policy::Cosine,
+                _ => bail!("--reselection-policy: expected linear or cosine, got `{p}`"),
+            };
+        }
+        if let Some(p) = &self.lr_schedule {
+            c.lr_schedule = match p.as_str() {
+                "linear" => train::LrSchedule::Linear,
+                "cosine" => train::LrSchedule::Cosine,
+                "constant" => train::LrSchedule::Constant,
+                _ => bail!("--lr-schedule: expected linear, cosine or constant, got `{p}`"),
+            };
+        }
+        c.validate()?;
+        Ok(c)
+    }
 }
 
 #[derive(Args, Clone)]
@@ -268,6 +456,22 @@ fn run(cli: Cli) -> Result<()> {
             loader::export_hf(&m.model, &m.tokenizer, &out)?;
             println!("wrote Hugging Face model directory {}", out.display());
         }
+        Cmd::Train(args) => run_train(&args, &home)?,
+        Cmd::Inspect { adapter, json } => {
+            let report = spiel::inspect::inspect(&adapter)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+        }
+        Cmd::Merge { model, adapter, out } => {
+            let m = load_model(&model, &home)?;
+            let adapters = load_adapters(&adapter, &m)?;
+            let merged = m.model.merged(&adapters)?;
+            loader::export_hf(&merged, &m.tokenizer, &out)?;
+            println!("wrote merged model {}", out.display());
+        }
         Cmd::Bench {
             what:
                 BenchCmd::Generate {
@@ -299,6 +503,91 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
+    let cfg = args.resolve()?;
+    let m = load_model(
+        &ModelArgs {
+            model: cfg.model.clone(),
+        },
+        home,
+    )?;
+    let data_path = match &cfg.data {
+        Some(p) => p.clone(),
+        None => assets::ensure(&assets::ALPACA, home)?,
+    };
+    let convs = spiel::data::read_conversations(&data_path)?;
+    let base_name = m
+        .source
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !args.resume && spiel::checkpoint::list(&cfg.out)?.last().is_some() {
+        bail!(
+            "{} already holds checkpoints of a run; continue it with `spiel train --out {} --resume` (same flags), or choose another --out",
+            cfg.out.display(),
+            cfg.out.display()
+        );
+    }
+    let (mut trainer, stats) = train::Trainer::new(cfg.clone(), m.model, &base_name, &m.tokenizer, &convs)?;
+    let bar = indicatif::ProgressBar::new(cfg.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let summary = train::run(&mut trainer, &m.tokenizer, &stats, args.resume, |ev| match ev {
+        train::Event::Start {
+            first,
+            trainable,
+            train_examples,
+            heldout_examples,
+            stats,
+            ..
+        } => {
+            bar.set_position(first as u64 - 1);
+            bar.println(format!(
+                "{}: {trainable} trainable parameters; {train_examples} train / {heldout_examples} held-out examples ({} truncated to {} tokens, {} skipped)",
+                cfg.method.as_str(),
+                stats.truncated,
+                cfg.max_len,
+                stats.skipped
+            ));
+        }
+        train::Event::Step(r) => {
+            if r.step > 0 {
+                bar.set_position(r.step as u64);
+                bar.set_message(format!(
+                    "loss {:.4} | {:.0} tok/s",
+                    r.loss.unwrap_or(f64::NAN),
+                    r.tokens_per_s.unwrap_or(0.0)
+                ));
+            }
+            if let Some(e) = r.eval_loss {
+                bar.println(format!("step {:>5}: held-out loss {e:.4}", r.step));
+            }
+            if let Some(rs) = r.reselection {
+                bar.println(format!(
+                    "step {:>5}: reselection: {} dropped, {} grown, {} kept by drop-and-regrow",
+                    r.step, rs.dropped, rs.grown, rs.cancelled
+                ));
+            }
+        }
+        train::Event::Checkpoint(p) => tracing::info!("checkpoint {}", p.display()),
+    });
+    bar.finish_and_clear();
+    let summary = summary?;
+    if let (Some(a), Some(b)) = (summary.initial_eval, summary.final_eval) {
+        println!("held-out loss {a:.4} -> {b:.4}");
+    }
+    println!(
+        "trained {} parameters in {:.0} s; wrote {} (metrics: {})",
+        summary.trainable,
+        summary.train_secs,
+        summary.output.display(),
+        cfg.out.join("metrics.jsonl").display()
+    );
     Ok(())
 }
 

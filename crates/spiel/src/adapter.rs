@@ -214,6 +214,9 @@ pub struct AdapterConfig {
     /// Sparse: number of trainable deltas per module (canonical path -> k).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub module_counts: BTreeMap<String, usize>,
+    /// Sparse: `[out, in]` of each module's weight.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub module_shapes: BTreeMap<String, [usize; 2]>,
     /// LoRA rank.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub r: Option<usize>,

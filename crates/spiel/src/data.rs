@@ -57,7 +57,11 @@ fn record_to_conversation(raw: &str, path: &Path, line: usize) -> Result<Convers
         if let Some(s) = r.system.filter(|s| !s.is_empty()) {
             msgs.push(Message::new("system", &s));
         }
-        let user = if r.input.is_empty() { r.instruction } else { format!("{}\n\n{}", r.instruction, r.input) };
+        let user = if r.input.is_empty() {
+            r.instruction
+        } else {
+            format!("{}\n\n{}", r.instruction, r.input)
+        };
         msgs.push(Message::new("user", &user));
         msgs.push(Message::new("assistant", &r.output));
         msgs
@@ -127,7 +131,9 @@ pub fn tokenize(conv: &Conversation, tok: &Tokenizer) -> Result<Example> {
             continue;
         }
         let before = tok.encode(&tok.apply_chat_template(&conv.messages[..i], true)?)?.len();
-        let upto = tok.encode(&tok.apply_chat_template(&conv.messages[..=i], false)?)?.len();
+        let upto = tok
+            .encode(&tok.apply_chat_template(&conv.messages[..=i], false)?)?
+            .len();
         for l in loss.iter_mut().take(upto.min(full.len())).skip(before) {
             *l = true;
         }
@@ -164,13 +170,23 @@ pub fn split<T: Clone>(items: &[T], heldout: usize, seed: u64) -> Result<(Vec<T>
         )));
     }
     let mut order: Vec<usize> = (0..items.len()).collect();
-    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_0f_4e1d));
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0x005e_ed0f_4e1d));
     let mut held = vec![false; items.len()];
     for &i in &order[..heldout] {
         held[i] = true;
     }
-    let train = items.iter().zip(&held).filter(|(_, h)| !**h).map(|(x, _)| x.clone()).collect();
-    let test = items.iter().zip(&held).filter(|(_, h)| **h).map(|(x, _)| x.clone()).collect();
+    let train = items
+        .iter()
+        .zip(&held)
+        .filter(|(_, h)| !**h)
+        .map(|(x, _)| x.clone())
+        .collect();
+    let test = items
+        .iter()
+        .zip(&held)
+        .filter(|(_, h)| **h)
+        .map(|(x, _)| x.clone())
+        .collect();
     Ok((train, test))
 }
 
@@ -274,14 +290,29 @@ mod tests {
     #[test]
     fn malformed_records_name_file_and_line() {
         let dir = tempfile::tempdir().unwrap();
-        let p = write(dir.path(), "bad.jsonl", "{\"instruction\": \"x\", \"output\": \"y\"}\n{not json\n");
+        let p = write(
+            dir.path(),
+            "bad.jsonl",
+            "{\"instruction\": \"x\", \"output\": \"y\"}\n{not json\n",
+        );
         let e = read_conversations(&p).unwrap_err().to_string();
         assert!(e.contains("bad.jsonl") && e.contains("line 2"), "{e}");
-        let p = write(dir.path(), "missing.json", "[\n{\"instruction\": \"x\", \"output\": \"y\"},\n\n{\"instruction\": \"x\"}]");
+        let p = write(
+            dir.path(),
+            "missing.json",
+            "[\n{\"instruction\": \"x\", \"output\": \"y\"},\n\n{\"instruction\": \"x\"}]",
+        );
         let e = read_conversations(&p).unwrap_err().to_string();
         assert!(e.contains("line 4") && e.contains("missing field `output`"), "{e}");
-        let p = write(dir.path(), "role.jsonl", "{\"messages\": [{\"role\": \"bot\", \"content\": \"a\"}]}\n");
-        assert!(read_conversations(&p).unwrap_err().to_string().contains("unknown role `bot`"));
+        let p = write(
+            dir.path(),
+            "role.jsonl",
+            "{\"messages\": [{\"role\": \"bot\", \"content\": \"a\"}]}\n",
+        );
+        assert!(read_conversations(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown role `bot`"));
         let p = write(dir.path(), "empty.jsonl", "\n\n");
         assert!(read_conversations(&p).unwrap_err().to_string().contains("no examples"));
     }
@@ -315,11 +346,23 @@ mod tests {
 
     #[test]
     fn batch_targets_follow_the_loss_mask() {
-        let e1 = Example { ids: vec![5, 6, 7, 8], loss: vec![false, false, true, true] };
-        let e2 = Example { ids: vec![9, 10], loss: vec![false, true] };
+        let e1 = Example {
+            ids: vec![5, 6, 7, 8],
+            loss: vec![false, false, true, true],
+        };
+        let e2 = Example {
+            ids: vec![9, 10],
+            loss: vec![false, true],
+        };
         let b = make_batch(&[&e1, &e2], 0, &Device::Cpu).unwrap();
-        assert_eq!(b.ids.to_vec2::<u32>().unwrap(), vec![vec![5, 6, 7, 8], vec![9, 10, 0, 0]]);
-        assert_eq!(b.mask.to_vec2::<u32>().unwrap(), vec![vec![1, 1, 1, 1], vec![1, 1, 0, 0]]);
+        assert_eq!(
+            b.ids.to_vec2::<u32>().unwrap(),
+            vec![vec![5, 6, 7, 8], vec![9, 10, 0, 0]]
+        );
+        assert_eq!(
+            b.mask.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 1, 1, 1], vec![1, 1, 0, 0]]
+        );
         // Position 1 predicts 7, 2 predicts 8, and position 4 (row 1, t 0) predicts 10.
         assert_eq!(b.positions.to_vec1::<u32>().unwrap(), vec![1, 2, 4]);
         assert_eq!(b.targets.to_vec1::<u32>().unwrap(), vec![7, 8, 10]);

@@ -7,12 +7,14 @@
 pub mod adapter;
 pub mod assets;
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 mod error;
 pub mod fsutil;
 pub mod generate;
 pub mod gguf;
+pub mod inspect;
 pub mod loader;
 pub mod model;
 pub mod optim;
@@ -21,5 +23,6 @@ pub mod score;
 pub mod select;
 pub mod sparse;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

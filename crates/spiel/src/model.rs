@@ -76,7 +76,7 @@ impl Linear {
         let (out, inp) = self.shape();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, inp))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = frozen_matmul_t(&x2, &self.weight)?;
         for d in deltas {
             y = (y + d.apply(&x2, grad)?)?;
         }
@@ -86,6 +86,56 @@ impl Linear {
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank >= 1") = out;
         Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// `x W^T` for `x: [N, in]`, `w: [out, in]`. When `w` is frozen (not a variable) the backward
+/// computes only `grad_x = grad W`: candle's own matmul backward would also form the `[out, in]`
+/// weight gradient, as costly as the forward, for every frozen projection and the vocabulary head.
+pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let y = x.detach().matmul(&w.t()?)?;
+    if w.is_variable() || !x.track_op() {
+        // A trainable weight (full fine-tuning) or no graph to extend: ordinary matmul.
+        return Ok(if w.is_variable() { x.matmul(&w.t()?)? } else { y });
+    }
+    Ok(x.apply_op2(&y, FrozenGrad { w: w.clone() })?)
+}
+
+/// Passes a precomputed `x W^T` through, with the backward `grad_x = grad W` only.
+struct FrozenGrad {
+    w: Tensor,
+}
+
+impl candle_core::CustomOp2 for FrozenGrad {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        y: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let data = match y {
+            candle_core::CpuStorage::F32(d) => d,
+            _ => candle_core::bail!("frozen-matmul: f32 only"),
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("frozen-matmul: non-contiguous output")
+        };
+        Ok((candle_core::CpuStorage::F32(data[a..b].to_vec()), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&self.w)?), None))
     }
 }
 
@@ -428,11 +478,16 @@ impl Llama {
     }
 
     fn head(&self, h: &Tensor) -> Result<Tensor> {
-        let w = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let (b, t, hid) = h.dims3()?;
-        Ok(h.reshape((b * t, hid))?
-            .matmul(&w.t()?)?
+        Ok(self
+            .logits(&h.reshape((b * t, hid))?)?
             .reshape((b, t, self.cfg.vocab_size))?)
+    }
+
+    /// Logits `[N, V]` for final hidden rows `[N, H]` (the output of [`Llama::forward_hidden`],
+    /// gathered at the positions that need a prediction).
+    pub fn logits(&self, rows: &Tensor) -> Result<Tensor> {
+        frozen_matmul_t(rows, self.lm_head.as_ref().unwrap_or(&self.embed_tokens))
     }
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {

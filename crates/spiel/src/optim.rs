@@ -31,7 +31,11 @@ pub struct AdamState {
 impl AdamState {
     /// Zeroed state for `n` elements.
     pub fn new(n: usize) -> AdamState {
-        AdamState { m: vec![0.0; n], v: vec![0.0; n], age: vec![0; n] }
+        AdamState {
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            age: vec![0; n],
+        }
     }
 }
 
@@ -65,20 +69,22 @@ pub struct Sm3State {
     pub col: Vec<f32>,
 }
 
+/// SM3 hyperparameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sm3 {
+    /// Learning rate for this step.
+    pub lr: f64,
+    /// Denominator epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+}
+
 /// One SM3 step on the active entries of a sparse delta: `nu = min(R[r], C[c]) + g^2`, then each
 /// row (column) accumulator with any active entry becomes the max `nu` over its entries; the
 /// update is `g / sqrt(nu + eps)`, followed by decoupled weight decay.
-pub fn sm3_step(
-    values: &mut [f32],
-    grads: &[f32],
-    indices: &[u32],
-    in_dim: usize,
-    st: &mut Sm3State,
-    lr: f64,
-    eps: f64,
-    weight_decay: f64,
-) {
-    let (lr, eps, wd) = (lr as f32, eps as f32, weight_decay as f32);
+pub fn sm3_step(values: &mut [f32], grads: &[f32], indices: &[u32], in_dim: usize, st: &mut Sm3State, h: &Sm3) {
+    let (lr, eps, wd) = (h.lr as f32, h.eps as f32, h.weight_decay as f32);
     let mut new_row: Vec<Option<f32>> = vec![None; st.row.len()];
     let mut new_col: Vec<Option<f32>> = vec![None; st.col.len()];
     for (n, &i) in indices.iter().enumerate() {
@@ -109,7 +115,13 @@ mod tests {
 
     #[test]
     fn adamw_matches_hand_computation() {
-        let h = AdamW { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.5 };
+        let h = AdamW {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-6,
+            weight_decay: 0.5,
+        };
         let mut v = vec![1.0f32, -2.0];
         let mut st = AdamState::new(2);
         // Element 1 is older (as if regrown earlier): its bias correction differs.
@@ -121,7 +133,7 @@ mod tests {
         let x0 = 1.0f64 - 0.1 * 0.5 / (0.5 + 1e-6);
         let x0 = x0 - 0.1 * 0.5 * x0;
         assert!((v[0] as f64 - x0).abs() < 1e-6);
-        let m = 0.9 * 0.2 + 0.1 * -1.0f64;
+        let m = 0.9 * 0.2 - 0.1f64;
         let s = 0.999 * 0.01 + 0.001 * 1.0f64;
         let (mh, sh) = (m / (1.0 - 0.9f64.powi(4)), s / (1.0 - 0.999f64.powi(4)));
         let x1 = -2.0 - 0.1 * mh / (sh.sqrt() + 1e-6);
@@ -134,15 +146,33 @@ mod tests {
     fn sm3_updates_accumulators_with_row_and_column_maxima() {
         // 2 x 3 matrix; active (0,0), (0,2), (1,2).
         let idx = [0u32, 2, 5];
-        let mut st = Sm3State { row: vec![1.0, 0.5], col: vec![0.25, 9.0, 2.0] };
+        let mut st = Sm3State {
+            row: vec![1.0, 0.5],
+            col: vec![0.25, 9.0, 2.0],
+        };
         let mut v = vec![0.0f32; 3];
         let g = [1.0f32, 2.0, 3.0];
-        sm3_step(&mut v, &g, &idx, 3, &mut st, 0.1, 0.0, 0.0);
+        sm3_step(
+            &mut v,
+            &g,
+            &idx,
+            3,
+            &mut st,
+            &Sm3 {
+                lr: 0.1,
+                eps: 0.0,
+                weight_decay: 0.0,
+            },
+        );
         // nu: (0,0): min(1, .25) + 1 = 1.25; (0,2): min(1, 2) + 4 = 5; (1,2): min(.5, 2) + 9 = 9.5.
         assert_eq!(st.row, vec![5.0, 9.5]);
         // Column 1 has no active entry: unchanged.
         assert_eq!(st.col, vec![1.25, 9.0, 9.5]);
-        let want = [-0.1 * 1.0 / 1.25f32.sqrt(), -0.1 * 2.0 / 5f32.sqrt(), -0.1 * 3.0 / 9.5f32.sqrt()];
+        let want = [
+            -0.1 * 1.0 / 1.25f32.sqrt(),
+            -0.1 * 2.0 / 5f32.sqrt(),
+            -0.1 * 3.0 / 9.5f32.sqrt(),
+        ];
         for (a, b) in v.iter().zip(want) {
             assert!((a - b).abs() < 1e-7);
         }

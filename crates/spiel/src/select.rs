@@ -17,7 +17,10 @@ use crate::sparse::DenseGradHook;
 /// Per-module entry counts: `k_m = floor(total * numel_m / sum numel)`.
 pub fn split_budget(total: usize, numels: &[usize]) -> Vec<usize> {
     let sum: u128 = numels.iter().map(|&n| n as u128).sum();
-    numels.iter().map(|&n| ((total as u128 * n as u128) / sum.max(1)).min(n as u128) as usize).collect()
+    numels
+        .iter()
+        .map(|&n| ((total as u128 * n as u128) / sum.max(1)).min(n as u128) as usize)
+        .collect()
 }
 
 /// How the replaced fraction decays over training.
@@ -93,7 +96,10 @@ pub struct AgWindow {
 impl AgWindow {
     /// An empty window that will keep `k` candidates.
     pub fn new(k: usize) -> AgWindow {
-        AgWindow { k, ..Default::default() }
+        AgWindow {
+            k,
+            ..Default::default()
+        }
     }
 
     /// Take one micro-batch's dense gradient `[out, in]` (already scaled to update scale).
@@ -112,7 +118,12 @@ impl AgWindow {
 
     /// Close the update: fold its gradient into the sums.
     pub fn end_update(&mut self) {
-        for ((s, s2), c) in self.g_sum.iter_mut().zip(self.g2_sum.iter_mut()).zip(self.current.iter_mut()) {
+        for ((s, s2), c) in self
+            .g_sum
+            .iter_mut()
+            .zip(self.g2_sum.iter_mut())
+            .zip(self.current.iter_mut())
+        {
             *s += *c;
             *s2 += *c * *c;
             *c = 0.0;
@@ -144,7 +155,9 @@ pub fn top_k_abs(x: &[f32], k: usize) -> Vec<u32> {
         return Vec::new();
     }
     let mut idx: Vec<u32> = (0..x.len() as u32).collect();
-    idx.select_nth_unstable_by(k - 1, |&a, &b| better((x[a as usize].abs(), a), (x[b as usize].abs(), b)));
+    idx.select_nth_unstable_by(k - 1, |&a, &b| {
+        better((x[a as usize].abs(), a), (x[b as usize].abs(), b))
+    });
     idx.truncate(k);
     idx.sort_unstable();
     idx
@@ -154,7 +167,12 @@ pub fn top_k_abs(x: &[f32], k: usize) -> Vec<u32> {
 /// by slot.
 pub fn prune(values: &[f32], indices: &[u32], n: usize) -> Vec<usize> {
     let mut slots: Vec<usize> = (0..values.len()).collect();
-    slots.sort_by(|&a, &b| values[a].abs().total_cmp(&values[b].abs()).then(indices[a].cmp(&indices[b])));
+    slots.sort_by(|&a, &b| {
+        values[a]
+            .abs()
+            .total_cmp(&values[b].abs())
+            .then(indices[a].cmp(&indices[b]))
+    });
     let mut d: Vec<usize> = slots.into_iter().take(n).collect();
     d.sort_unstable();
     d
@@ -163,9 +181,15 @@ pub fn prune(values: &[f32], indices: &[u32], n: usize) -> Vec<usize> {
 /// SpIEL-AG regrowth: candidates that are not staying active, best `n` by `|g_sum|`.
 /// Returns positions into `window.candidates`.
 pub fn regrow_ag(window: &AgWindow, staying: &[u32], n: usize) -> Vec<usize> {
-    let mut pool: Vec<usize> =
-        (0..window.candidates.len()).filter(|&j| staying.binary_search(&window.candidates[j]).is_err()).collect();
-    pool.sort_by(|&a, &b| better((window.g_sum[a].abs(), window.candidates[a]), (window.g_sum[b].abs(), window.candidates[b])));
+    let mut pool: Vec<usize> = (0..window.candidates.len())
+        .filter(|&j| staying.binary_search(&window.candidates[j]).is_err())
+        .collect();
+    pool.sort_by(|&a, &b| {
+        better(
+            (window.g_sum[a].abs(), window.candidates[a]),
+            (window.g_sum[b].abs(), window.candidates[b]),
+        )
+    });
     pool.truncate(n);
     pool
 }
@@ -267,12 +291,12 @@ pub fn apply(
             stats.dropped += 1;
         }
     }
-    let mut entries: Vec<(u32, f32, Option<(f32, f32, u32)>)> = Vec::with_capacity(m.indices.len());
-    for s in 0..m.indices.len() {
-        if keep[s] {
-            let st = m.adam.as_ref().map(|a| (a.m[s], a.v[s], a.age[s]));
-            entries.push((m.indices[s], m.values[s], st));
-        }
+    // (index, value, AdamW (m, v, age)) of every entry after the change.
+    type Entry = (u32, f32, Option<(f32, f32, u32)>);
+    let mut entries: Vec<Entry> = Vec::with_capacity(m.indices.len());
+    for (s, _) in keep.iter().enumerate().filter(|(_, k)| **k) {
+        let st = m.adam.as_ref().map(|a| (a.m[s], a.v[s], a.age[s]));
+        entries.push((m.indices[s], m.values[s], st));
     }
     for &i in grow {
         if dropped_idx.contains(&i) {
@@ -356,7 +380,13 @@ mod tests {
         }
     }
 
-    const H: AdamW = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.0 };
+    const H: AdamW = AdamW {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-6,
+        weight_decay: 0.0,
+    };
 
     #[test]
     fn budget_is_proportional_and_floored() {
@@ -367,7 +397,13 @@ mod tests {
 
     #[test]
     fn schedule_steps_windows_and_rates() {
-        let s = Schedule { reselection_steps: 20, accumulation_steps: 5, rate: 0.2, policy: Policy::Linear, total: 100 };
+        let s = Schedule {
+            reselection_steps: 20,
+            accumulation_steps: 5,
+            rate: 0.2,
+            policy: Policy::Linear,
+            total: 100,
+        };
         let resel: Vec<usize> = (1..=100).filter(|&c| s.is_reselection(c)).collect();
         assert_eq!(resel, vec![20, 40, 60, 80]);
         let window: Vec<usize> = (1..=45).filter(|&c| s.in_window(c)).collect();
@@ -375,7 +411,10 @@ mod tests {
         assert!(!s.in_window(96), "no window before the end of training");
         assert_eq!(s.fraction(20), 1.0);
         assert!((s.fraction(40) - 0.2 * 0.6).abs() < 1e-12);
-        let c = Schedule { policy: Policy::Cosine, ..s };
+        let c = Schedule {
+            policy: Policy::Cosine,
+            ..s
+        };
         assert!((c.fraction(20) - 0.2 * (1.0 + (std::f64::consts::PI * 0.2).cos()) / 2.0).abs() < 1e-12);
         assert!((c.fraction(50) - 0.1).abs() < 1e-12);
     }
@@ -416,7 +455,14 @@ mod tests {
         let stats = reselect_ag(&mut m, &w, 2, &H);
         // 20 stays so it is not a candidate; best two of {5, 10, 40} by |g_sum|: 10 and 40.
         assert_eq!(m.indices, vec![10, 20, 40]);
-        assert_eq!(stats, ReselectStats { dropped: 1, grown: 1, cancelled: 1 });
+        assert_eq!(
+            stats,
+            ReselectStats {
+                dropped: 1,
+                grown: 1,
+                cancelled: 1
+            }
+        );
         // 10 was dropped and regrown: keeps its value and optimizer state.
         assert_eq!(m.values, vec![0.01, 0.9, 0.0]);
         let a = m.adam.as_ref().unwrap();
@@ -443,14 +489,21 @@ mod tests {
         let row = [1.0f32, 3.0, 2.0];
         let col = [1.0f32, 0.5, 4.0, 2.0];
         // Active: (1,2) = 6 (best score) and (0,0) = 4.
-        let mut m = module(&[4 * 1 + 2, 0], &[0.5, 0.001], false);
+        let mut m = module(&[6, 0], &[0.5, 0.001], false);
         m.indices.sort();
         m.values = vec![0.001, 0.5];
         let stats = reselect_ma(&mut m, &row, &col, 1);
         // (0,0) dropped (smallest |value|); best inactive: (2,2) score 8 (not (1,2), active).
         assert_eq!(m.indices, vec![6, 10]);
         assert_eq!(m.values, vec![0.5, 0.0]);
-        assert_eq!(stats, ReselectStats { dropped: 1, grown: 1, cancelled: 0 });
+        assert_eq!(
+            stats,
+            ReselectStats {
+                dropped: 1,
+                grown: 1,
+                cancelled: 0
+            }
+        );
         // Brute force agrees on random cases.
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
@@ -495,7 +548,10 @@ mod tests {
             assert_eq!(m.adam.as_ref().unwrap().m.len(), k);
             let row: Vec<f32> = (0..20).map(|_| rng.gen_range(0.0..1.0)).collect();
             let col: Vec<f32> = (0..25).map(|_| rng.gen_range(0.0..1.0)).collect();
-            let mut mm = SparseModule { adam: None, ..m.clone() };
+            let mut mm = SparseModule {
+                adam: None,
+                ..m.clone()
+            };
             reselect_ma(&mut mm, &row, &col, n);
             assert_eq!(mm.indices.len(), k);
             assert!(mm.indices.windows(2).all(|p| p[0] < p[1]));
