@@ -554,6 +554,7 @@ fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
                 cfg.max_len,
                 stats.skipped
             ));
+            train::Flow::Continue
         }
         train::Event::Step(r) => {
             if r.step > 0 {
@@ -573,8 +574,12 @@ fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
                     r.step, rs.dropped, rs.grown, rs.cancelled
                 ));
             }
+            train::Flow::Continue
         }
-        train::Event::Checkpoint(p) => tracing::info!("checkpoint {}", p.display()),
+        train::Event::Checkpoint(p) => {
+            tracing::info!("checkpoint {}", p.display());
+            train::Flow::Continue
+        }
     });
     bar.finish_and_clear();
     let summary = summary?;

@@ -314,6 +314,15 @@ pub enum Event<'a> {
     Checkpoint(&'a Path),
 }
 
+/// What the front end wants after an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Keep training.
+    Continue,
+    /// Stop after this update: write a checkpoint and return (e.g. on Ctrl-C).
+    Stop,
+}
+
 /// Held-out mean NLL over all assistant tokens of `examples`.
 pub fn eval_loss(
     model: &Llama,
@@ -1086,6 +1095,8 @@ pub struct RunSummary {
     pub trainable: usize,
     /// Seconds of training (excluding evaluation).
     pub train_secs: f64,
+    /// Whether the front end stopped the run early (a checkpoint was written; resume it).
+    pub stopped: bool,
 }
 
 /// Run (or resume) training to completion, writing metrics, checkpoints and the final adapter.
@@ -1094,7 +1105,7 @@ pub fn run(
     tokenizer: &crate::tokenizer::Tokenizer,
     stats: &data::TokenizeStats,
     resume: bool,
-    mut on_event: impl FnMut(Event),
+    mut on_event: impl FnMut(Event) -> Flow,
 ) -> Result<RunSummary> {
     let cfg = trainer.cfg.clone();
     let paths = RunPaths::new(&cfg.out);
@@ -1121,6 +1132,9 @@ pub fn run(
             append_metrics(&paths.metrics, &rec)?;
             on_event(Event::Step(&rec));
         }
+        if cfg.save_every > 0 {
+            trainer.save_checkpoint()?;
+        }
     } else if let Ok(recs) = read_metrics(&paths.metrics) {
         initial_eval = recs.iter().find(|r| r.step == 0).and_then(|r| r.eval_loss);
     }
@@ -1142,10 +1156,20 @@ pub fn run(
             final_eval = Some(e);
         }
         append_metrics(&paths.metrics, &rec)?;
-        on_event(Event::Step(&rec));
-        if cfg.save_every > 0 && (c % cfg.save_every == 0 || c == cfg.steps) {
+        let flow = on_event(Event::Step(&rec));
+        if flow == Flow::Stop || (cfg.save_every > 0 && (c % cfg.save_every == 0 || c == cfg.steps)) {
             let dir = trainer.save_checkpoint()?;
             on_event(Event::Checkpoint(&dir));
+        }
+        if flow == Flow::Stop {
+            return Ok(RunSummary {
+                initial_eval,
+                final_eval,
+                output: paths.out.clone(),
+                trainable: trainer.trainable_parameters(),
+                train_secs: trainer.train_secs,
+                stopped: true,
+            });
         }
     }
     let summary = serde_json::json!({
@@ -1172,5 +1196,6 @@ pub fn run(
         output,
         trainable: trainer.trainable_parameters(),
         train_secs: trainer.train_secs,
+        stopped: false,
     })
 }

@@ -1,0 +1,269 @@
+//! Training end to end on a tiny random model with the tiny byte-level tokenizer: adapters save,
+//! reload, merge and resume exactly; bad adapters are refused; a diverging run stops cleanly.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use spiel::adapter::{Adapter, AdapterSet, Method};
+use spiel::data::Conversation;
+use spiel::loader::LoadedModel;
+use spiel::model::Grad;
+use spiel::quant::Format;
+use spiel::tokenizer::Message;
+use spiel::train::{self, TrainConfig, Trainer};
+
+fn tiny(dir: &std::path::Path) -> LoadedModel {
+    let cfg = common::tiny_cfg();
+    let w = spiel::model::random_weights(&cfg, 11, &Device::Cpu).unwrap();
+    let p = dir.join("tiny.gguf");
+    common::write_tiny_gguf(&p, &cfg, &w, Format::F32);
+    spiel::loader::load(&p, &Device::Cpu).unwrap()
+}
+
+fn conversations(n: usize) -> Vec<Conversation> {
+    (0..n)
+        .map(|i| Conversation {
+            messages: vec![
+                Message::new("user", &format!("add {} and {}", i % 7, i % 5)),
+                Message::new("assistant", &format!("the sum is {}", i % 7 + i % 5)),
+            ],
+            line: i + 1,
+        })
+        .collect()
+}
+
+fn config(method: Method, out: &std::path::Path) -> TrainConfig {
+    TrainConfig {
+        method,
+        out: out.to_path_buf(),
+        steps: 12,
+        batch_size: 4,
+        grad_accum: 2,
+        max_len: 64,
+        reselection_steps: 4,
+        accumulation_steps: 2,
+        lora_dropout: if method == Method::Lora { 0.1 } else { 0.0 },
+        lr: Some(1e-2),
+        heldout: 8,
+        eval_every: 4,
+        save_every: 3,
+        lora_equivalent_rank: 2,
+        ..TrainConfig::default()
+    }
+}
+
+fn run(m: &LoadedModel, cfg: TrainConfig, resume: bool) -> Vec<train::StepRecord> {
+    run_from(m, cfg, resume).0
+}
+
+/// Train to the end; returns the metrics file's records and the first update this call ran.
+fn run_from(m: &LoadedModel, cfg: TrainConfig, resume: bool) -> (Vec<train::StepRecord>, usize) {
+    let (mut t, stats) = Trainer::new(cfg.clone(), m.model.clone(), "tiny", &m.tokenizer, &conversations(40)).unwrap();
+    let mut first_step = 0;
+    train::run(&mut t, &m.tokenizer, &stats, resume, |ev| {
+        if let train::Event::Start { first, .. } = ev {
+            first_step = first;
+        }
+        train::Flow::Continue
+    })
+    .unwrap();
+    (train::read_metrics(&cfg.out.join("metrics.jsonl")).unwrap(), first_step)
+}
+
+fn logits(m: &LoadedModel, a: &AdapterSet) -> Tensor {
+    let ids = Tensor::new(&[[1u32, 40, 50, 60, 70, 2, 100]], &Device::Cpu).unwrap();
+    m.model.forward(&ids, None, Grad::No, a).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn every_method_trains_saves_reloads_and_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    for method in [Method::SpielAg, Method::SpielMa, Method::Lora] {
+        let out = dir.path().join(method.as_str());
+        let metrics = run(&m, config(method, &out), false);
+        // Step 0 is the base model's held-out loss; every step is logged once.
+        assert_eq!(
+            metrics.iter().map(|r| r.step).collect::<Vec<_>>(),
+            (0..=12).collect::<Vec<_>>()
+        );
+        let first = metrics[0].eval_loss.unwrap();
+        let last = metrics[12].eval_loss.unwrap();
+        assert!(last < first, "{method:?}: held-out loss {first} -> {last}");
+        if method.is_sparse() {
+            let resel: Vec<usize> = metrics
+                .iter()
+                .filter(|r| r.reselection.is_some())
+                .map(|r| r.step)
+                .collect();
+            assert_eq!(resel, vec![4, 8]);
+        }
+        let adapter = Adapter::load(&out.join("adapter"), &m.model).unwrap();
+        let set = adapter.to_set();
+        let unmerged = logits(&m, &set);
+        assert!(
+            max_diff(&unmerged, &logits(&m, &AdapterSet::none())) > 1e-4,
+            "{method:?}: adapter changes nothing"
+        );
+        // Merged weights give the same logits.
+        let merged = m.model.merged(&set).unwrap();
+        let ids = Tensor::new(&[[1u32, 40, 50, 60, 70, 2, 100]], &Device::Cpu).unwrap();
+        let ml = merged.forward(&ids, None, Grad::No, &AdapterSet::none()).unwrap();
+        assert!(
+            max_diff(&ml, &unmerged) < 1e-4,
+            "{method:?}: merged differs by {}",
+            max_diff(&ml, &unmerged)
+        );
+        // Save again and reload: identical logits.
+        let copy = dir.path().join(format!("{}-copy", method.as_str()));
+        adapter.save(&copy).unwrap();
+        let again = Adapter::load(&copy, &m.model).unwrap();
+        assert_eq!(max_diff(&logits(&m, &again.to_set()), &unmerged), 0.0);
+        let report = spiel::inspect::inspect(&copy).unwrap();
+        assert_eq!(report.method, method);
+        assert!(report.total > 0 && report.render().contains("per layer"));
+    }
+}
+
+#[test]
+fn sparse_budget_matches_lora_rank_and_counts_are_conserved() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let out = dir.path().join("ag");
+    run(&m, config(Method::SpielAg, &out), false);
+    let a = Adapter::load(&out.join("adapter"), &m.model).unwrap();
+    // Rank 2 on 7 modules x 2 layers: 2 * sum(in + out).
+    let lora_equiv: usize = m.model.linears().iter().map(|l| 2 * (l.shape().0 + l.shape().1)).sum();
+    let total: usize = a.config.module_counts.values().sum();
+    assert!(
+        total <= lora_equiv && total + 14 > lora_equiv,
+        "{total} vs {lora_equiv}"
+    );
+    for (name, d) in &a.deltas {
+        let spiel::adapter::Delta::Sparse(s) = d else {
+            panic!("not sparse")
+        };
+        assert_eq!(s.indices.len(), a.config.module_counts[name]);
+        assert!(s.indices.windows(2).all(|w| w[0] < w[1]));
+    }
+}
+
+#[test]
+fn resume_reproduces_the_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    for method in [Method::SpielAg, Method::SpielMa, Method::Lora, Method::Full] {
+        let full_out = dir.path().join(format!("{}-full", method.as_str()));
+        let whole = run(&m, config(method, &full_out), false);
+        // Interrupted after step 7, in the middle of the AG window 7..8, then resumed.
+        let part_out = dir.path().join(format!("{}-part", method.as_str()));
+        let cfg = config(method, &part_out);
+        let (mut t, stats) =
+            Trainer::new(cfg.clone(), m.model.clone(), "tiny", &m.tokenizer, &conversations(40)).unwrap();
+        let stop = |ev: train::Event| match ev {
+            train::Event::Step(r) if r.step == 7 => train::Flow::Stop,
+            _ => train::Flow::Continue,
+        };
+        let s = train::run(&mut t, &m.tokenizer, &stats, false, stop).unwrap();
+        assert!(s.stopped);
+        drop(t);
+        let (resumed, first) = run_from(&m, cfg, true);
+        assert_eq!(first, 8, "{method:?}: the resumed run must continue after the checkpoint");
+        assert_eq!(resumed.len(), whole.len(), "{method:?}");
+        for (a, b) in whole.iter().zip(&resumed) {
+            assert_eq!(a.step, b.step);
+            if let (Some(x), Some(y)) = (a.loss, b.loss) {
+                assert!((x - y).abs() < 1e-5, "{method:?} step {}: {x} vs {y}", a.step);
+            }
+            if let (Some(x), Some(y)) = (a.eval_loss, b.eval_loss) {
+                assert!((x - y).abs() < 1e-5, "{method:?} step {} eval: {x} vs {y}", a.step);
+            }
+        }
+    }
+}
+
+#[test]
+fn adapters_for_another_base_or_broken_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let out = dir.path().join("ag");
+    run(&m, config(Method::SpielAg, &out), false);
+    let adir = out.join("adapter");
+    // Another base: a config that differs in one field.
+    let other_cfg = spiel::config::ModelConfig {
+        rope_theta: 500_000.0,
+        ..common::tiny_cfg()
+    };
+    let other = spiel::model::Llama::random(other_cfg, 1, &Device::Cpu).unwrap();
+    let e = Adapter::load(&adir, &other).err().unwrap().to_string();
+    assert!(
+        e.contains("trained on base model `tiny`") && e.contains("config hash"),
+        "{e}"
+    );
+    // Unsorted indices.
+    let a = Adapter::load(&adir, &m.model).unwrap();
+    let mut broken = a.clone();
+    if let Some(spiel::adapter::Delta::Sparse(s)) = broken.deltas.values_mut().next() {
+        let mut idx = (*s.indices).clone();
+        idx.swap(0, 1);
+        s.indices = std::sync::Arc::new(idx);
+    }
+    let bdir = dir.path().join("broken");
+    broken.save(&bdir).unwrap();
+    let e = Adapter::load(&bdir, &m.model).err().unwrap().to_string();
+    assert!(e.contains("not sorted and unique"), "{e}");
+    // Index out of range.
+    let mut broken = a.clone();
+    if let Some(spiel::adapter::Delta::Sparse(s)) = broken.deltas.values_mut().next() {
+        let mut idx = (*s.indices).clone();
+        *idx.last_mut().unwrap() = 1 << 30;
+        s.indices = std::sync::Arc::new(idx);
+    }
+    broken.save(&bdir).unwrap();
+    let e = Adapter::load(&bdir, &m.model).err().unwrap().to_string();
+    assert!(e.contains("out of range"), "{e}");
+}
+
+#[test]
+fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let out = dir.path().join("nan");
+    let cfg = TrainConfig {
+        lr: Some(1e30),
+        save_every: 1,
+        eval_every: 0,
+        warmup_ratio: 0.0,
+        ..config(Method::Lora, &out)
+    };
+    let (mut t, stats) = Trainer::new(cfg, m.model.clone(), "tiny", &m.tokenizer, &conversations(40)).unwrap();
+    let e = train::run(&mut t, &m.tokenizer, &stats, false, |_| train::Flow::Continue)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("loss became"), "{e}");
+    let ckpts = spiel::checkpoint::list(&out).unwrap();
+    assert_eq!(ckpts.len(), 1);
+    let (_, arrays) = spiel::checkpoint::load(&ckpts[0].1).unwrap();
+    for (name, a) in arrays {
+        if let spiel::checkpoint::Array::F32(v) = a {
+            assert!(
+                v.iter().all(|x| x.is_finite()),
+                "{name} is not finite in the kept checkpoint"
+            );
+        }
+    }
+}
