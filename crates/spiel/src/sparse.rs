@@ -23,28 +23,55 @@ pub trait DenseGradHook: Send + Sync {
     fn observe(&self, grad: &[f32], out_dim: usize, in_dim: usize);
 }
 
-/// `y[t, r] += v * x[t, c]` over all active entries; `y: [N, OUT]`, `x: [N, IN]`.
-pub fn spmm_add(y: &mut [f32], x: &[f32], indices: &[u32], values: &[f32], in_dim: usize, out_dim: usize) {
-    y.par_chunks_mut(out_dim)
-        .zip(x.par_chunks(in_dim))
-        .for_each(|(yr, xr)| {
-            for (&i, &v) in indices.iter().zip(values) {
-                let (r, c) = (i as usize / in_dim, i as usize % in_dim);
-                yr[r] += v * xr[c];
+/// Tokens per parallel task in the sparse products: the task's slices of the input and output,
+/// transposed to feature-major, stay in L2 and each entry becomes a contiguous axpy over them.
+const TOKEN_BLOCK: usize = 32;
+
+/// `dst[t, d_n] += v_n * src[t, s_n]` for every entry `n`; `dst: [N, dst_w]`, `src: [N, src_w]`.
+/// Parallel over blocks of tokens; within a block each entry is a vectorised axpy.
+fn sparse_columns_add(dst: &mut [f32], dst_w: usize, src: &[f32], src_w: usize, pairs: &[(u32, u32)], values: &[f32]) {
+    dst.par_chunks_mut(TOKEN_BLOCK * dst_w)
+        .zip(src.par_chunks(TOKEN_BLOCK * src_w))
+        .for_each(|(d, s)| {
+            let bt = s.len() / src_w;
+            let mut st = vec![0f32; src_w * bt];
+            for t in 0..bt {
+                for j in 0..src_w {
+                    st[j * bt + t] = s[t * src_w + j];
+                }
+            }
+            let mut dt = vec![0f32; dst_w * bt];
+            for (&(sj, dj), &v) in pairs.iter().zip(values) {
+                let (sj, dj) = (sj as usize, dj as usize);
+                let src_row = &st[sj * bt..(sj + 1) * bt];
+                for (o, x) in dt[dj * bt..(dj + 1) * bt].iter_mut().zip(src_row) {
+                    *o += v * x;
+                }
+            }
+            for t in 0..bt {
+                for j in 0..dst_w {
+                    d[t * dst_w + j] += dt[j * bt + t];
+                }
             }
         });
 }
 
+/// `y[t, r] += v * x[t, c]` over all active entries; `y: [N, OUT]`, `x: [N, IN]`.
+pub fn spmm_add(y: &mut [f32], x: &[f32], indices: &[u32], values: &[f32], in_dim: usize, out_dim: usize) {
+    let pairs: Vec<(u32, u32)> = indices
+        .iter()
+        .map(|&i| (i % in_dim as u32, i / in_dim as u32))
+        .collect();
+    sparse_columns_add(y, out_dim, x, in_dim, &pairs, values);
+}
+
 /// `gx[t, c] += v * gy[t, r]` over all active entries; `gx: [N, IN]`, `gy: [N, OUT]`.
 pub fn spmm_t_add(gx: &mut [f32], gy: &[f32], indices: &[u32], values: &[f32], in_dim: usize, out_dim: usize) {
-    gx.par_chunks_mut(in_dim)
-        .zip(gy.par_chunks(out_dim))
-        .for_each(|(gxr, gyr)| {
-            for (&i, &v) in indices.iter().zip(values) {
-                let (r, c) = (i as usize / in_dim, i as usize % in_dim);
-                gxr[c] += v * gyr[r];
-            }
-        });
+    let pairs: Vec<(u32, u32)> = indices
+        .iter()
+        .map(|&i| (i / in_dim as u32, i % in_dim as u32))
+        .collect();
+    sparse_columns_add(gx, in_dim, gy, out_dim, &pairs, values);
 }
 
 fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -229,6 +256,34 @@ mod tests {
             .collect();
         v.sort_unstable();
         v
+    }
+
+    #[test]
+    fn sparse_products_match_f64_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        // Token counts below, at and above the block size, with a ragged last block.
+        for (n, inp, out, k) in [(1, 3, 4, 2), (32, 33, 17, 40), (77, 65, 96, 500), (5, 1, 5, 3)] {
+            let x = random(n * inp, &mut rng);
+            let gy = random(n * out, &mut rng);
+            let idx = indices(out, inp, k, &mut rng);
+            let v = random(idx.len(), &mut rng);
+            let mut y = vec![0.5f32; n * out];
+            spmm_add(&mut y, &x, &idx, &v, inp, out);
+            let mut gx = vec![-0.25f32; n * inp];
+            spmm_t_add(&mut gx, &gy, &idx, &v, inp, out);
+            let mut y_ref = vec![0.5f64; n * out];
+            let mut gx_ref = vec![-0.25f64; n * inp];
+            for (&i, &val) in idx.iter().zip(&v) {
+                let (r, c) = (i as usize / inp, i as usize % inp);
+                for t in 0..n {
+                    y_ref[t * out + r] += val as f64 * x[t * inp + c] as f64;
+                    gx_ref[t * inp + c] += val as f64 * gy[t * out + r] as f64;
+                }
+            }
+            let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<_>>();
+            assert!(rel_err(&y, &to32(y_ref)) < 1e-6, "forward {n}x{inp}x{out}");
+            assert!(rel_err(&gx, &to32(gx_ref)) < 1e-6, "grad_x {n}x{inp}x{out}");
+        }
     }
 
     #[test]

@@ -428,24 +428,42 @@ impl Trainer {
         let (heldout, hs) = data::tokenize_all(&held_c, tokenizer, cfg.max_len)?;
         stats.truncated += hs.truncated;
         stats.skipped += hs.skipped;
+        let t = Trainer::from_examples(cfg, base, base_name, tokenizer.pad_id, train, heldout)?;
+        Ok((t, stats))
+    }
+
+    /// Set up a run over already tokenized examples (benchmarks use synthetic ones).
+    pub fn from_examples(
+        cfg: TrainConfig,
+        base: Llama,
+        base_name: &str,
+        pad_id: u32,
+        train: Vec<Example>,
+        heldout: Vec<Example>,
+    ) -> Result<Trainer> {
+        cfg.validate()?;
         if train.is_empty() {
             return Err(Error::Invalid(
                 "no training example has an assistant token within max_len".into(),
             ));
         }
         let trainable = init_trainable(&cfg, &base)?;
-        let t = Trainer {
+        Ok(Trainer {
             cfg,
             base,
             base_name: base_name.to_string(),
-            pad_id: tokenizer.pad_id,
+            pad_id,
             train,
             heldout,
             trainable,
             step: 0,
             train_secs: 0.0,
-        };
-        Ok((t, stats))
+        })
+    }
+
+    /// The run's configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
     }
 
     /// Number of trainable parameters.

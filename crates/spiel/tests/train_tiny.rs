@@ -181,7 +181,10 @@ fn resume_reproduces_the_uninterrupted_run() {
         assert!(s.stopped);
         drop(t);
         let (resumed, first) = run_from(&m, cfg, true);
-        assert_eq!(first, 8, "{method:?}: the resumed run must continue after the checkpoint");
+        assert_eq!(
+            first, 8,
+            "{method:?}: the resumed run must continue after the checkpoint"
+        );
         assert_eq!(resumed.len(), whole.len(), "{method:?}");
         for (a, b) in whole.iter().zip(&resumed) {
             assert_eq!(a.step, b.step);
