@@ -594,6 +594,11 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// Print a line above the progress bar (also when the bar is hidden because stderr is not a terminal).
+fn say(bar: &indicatif::ProgressBar, line: String) {
+    bar.suspend(|| eprintln!("{line}"));
+}
+
 fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
     let cfg = args.resolve()?;
     let m = load_model(
@@ -635,7 +640,7 @@ fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
             ..
         } => {
             bar.set_position(first as u64 - 1);
-            bar.println(format!(
+            say(&bar, format!(
                 "{}: {trainable} trainable parameters; {train_examples} train / {heldout_examples} held-out examples ({} truncated to {} tokens, {} skipped)",
                 cfg.method.as_str(),
                 stats.truncated,
@@ -654,13 +659,16 @@ fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
                 ));
             }
             if let Some(e) = r.eval_loss {
-                bar.println(format!("step {:>5}: held-out loss {e:.4}", r.step));
+                say(&bar, format!("step {:>5}: held-out loss {e:.4}", r.step));
             }
             if let Some(rs) = r.reselection {
-                bar.println(format!(
-                    "step {:>5}: reselection: {} dropped, {} grown, {} kept by drop-and-regrow",
-                    r.step, rs.dropped, rs.grown, rs.cancelled
-                ));
+                say(
+                    &bar,
+                    format!(
+                        "step {:>5}: reselection: {} dropped, {} grown, {} kept by drop-and-regrow",
+                        r.step, rs.dropped, rs.grown, rs.cancelled
+                    ),
+                );
             }
             train::Flow::Continue
         }

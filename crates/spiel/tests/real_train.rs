@@ -1,0 +1,41 @@
+//! SpIEL on the real SmolLM2-135M-Instruct and the Alpaca demo data: short SpIEL-AG and SpIEL-MA
+//! runs each lower the held-out response loss below the untouched base model's.
+
+mod common;
+
+use spiel::adapter::Method;
+use spiel::train::{self, TrainConfig, Trainer};
+
+#[test]
+fn spiel_ag_and_ma_lower_heldout_loss_on_smollm2() {
+    let Some(m) = common::smollm() else { return };
+    let Some(data) = common::asset(&spiel::assets::ALPACA) else {
+        return;
+    };
+    let convs = spiel::data::read_conversations(&data).unwrap();
+    assert_eq!(convs.len(), 999);
+    let dir = tempfile::tempdir().unwrap();
+    for method in [Method::SpielAg, Method::SpielMa] {
+        let cfg = TrainConfig {
+            method,
+            out: dir.path().join(method.as_str()),
+            heldout: 100,
+            seed: 0,
+            steps: 8,
+            batch_size: 4,
+            max_len: 128,
+            reselection_steps: 4,
+            accumulation_steps: 2,
+            eval_every: 8,
+            eval_batch_size: 20,
+            save_every: 0,
+            ..TrainConfig::default()
+        };
+        let (mut t, stats) = Trainer::new(cfg, m.model.clone(), "smollm2", &m.tokenizer, &convs).unwrap();
+        let s = train::run(&mut t, &m.tokenizer, &stats, false, |_| train::Flow::Continue).unwrap();
+        let (before, after) = (s.initial_eval.unwrap(), s.final_eval.unwrap());
+        eprintln!("{}: held-out loss {before:.4} -> {after:.4}", method.as_str());
+        assert!(after < before, "{method:?}: held-out loss {before} -> {after}");
+        assert!(s.output.join("adapter_model.safetensors").exists());
+    }
+}
