@@ -379,6 +379,7 @@ fn run(cli: Cli) -> Result<()> {
         rayon_init(n);
     }
     let home = home(&cli.home);
+    let cli_threads = cli.threads;
     match cli.command {
         Cmd::Fetch { only } => {
             let wanted: Vec<&assets::Asset> = if only.is_empty() {
@@ -515,23 +516,44 @@ fn run(cli: Cli) -> Result<()> {
             if steps == 0 || batch_size == 0 || seq_len < 2 {
                 bail!("--steps and --batch-size must be at least 1, --seq-len at least 2");
             }
-            let m = load_model(&model, &home)?;
-            let base = if random_init {
-                spiel::model::Llama::random(m.model.cfg.clone(), 0, &Device::Cpu)?
-            } else {
-                m.model
-            };
-            let mut rows = Vec::new();
-            for method in &methods {
+            let mut rows: Vec<spiel::bench::TrainBench> = Vec::new();
+            if methods.len() == 1 {
+                let m = load_model(&model, &home)?;
+                let base =
+                    if random_init { spiel::model::Llama::random(m.model.cfg.clone(), 0, &Device::Cpu)? } else { m.model };
                 let cfg = TrainConfig {
-                    method: method.parse()?,
+                    method: methods[0].parse()?,
                     batch_size,
                     reselection_steps,
                     accumulation_steps: 5.min(reselection_steps),
                     ..TrainConfig::default()
                 };
-                eprintln!("benchmarking {method} ...");
                 rows.push(spiel::bench::bench_train(&base, cfg, seq_len, steps)?);
+            } else {
+                // One process per method, so each peak RSS is that method's alone.
+                for method in &methods {
+                    eprintln!("benchmarking {method} ...");
+                    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+                    cmd.args(["--home", &home.to_string_lossy()]);
+                    if let Some(t) = cli_threads {
+                        cmd.args(["--threads", &t.to_string()]);
+                    }
+                    cmd.args(["bench", "train", "--json", "--methods", method]);
+                    cmd.args(["--batch-size", &batch_size.to_string(), "--seq-len", &seq_len.to_string()]);
+                    cmd.args(["--steps", &steps.to_string(), "--reselection-steps", &reselection_steps.to_string()]);
+                    if let Some(p) = &model.model {
+                        cmd.arg("--model").arg(p);
+                    }
+                    if random_init {
+                        cmd.arg("--random-init");
+                    }
+                    let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
+                    if !out.status.success() {
+                        bail!("benchmark of {method} failed");
+                    }
+                    let mut r: Vec<spiel::bench::TrainBench> = serde_json::from_slice(&out.stdout)?;
+                    rows.append(&mut r);
+                }
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);

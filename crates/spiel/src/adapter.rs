@@ -205,10 +205,15 @@ pub struct BaseModel {
 /// `adapter_config.json` for both kinds. LoRA adapters also carry PEFT's fields so PEFT loads them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AdapterConfig {
-    /// How it was trained.
+    /// How it was trained (a PEFT LoRA config without it reads as `lora`).
+    #[serde(default = "default_method")]
     pub method: Method,
-    /// The base it was trained on.
-    pub base_model: BaseModel,
+    /// The base it was trained on; absent in adapters made by other tools (then not checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<BaseModel>,
+    /// PEFT's record of the base model (name or path), kept for PEFT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model_name_or_path: Option<String>,
     /// Short module names targeted (q_proj, ...).
     pub target_modules: Vec<String>,
     /// Sparse: number of trainable deltas per module (canonical path -> k).
@@ -241,6 +246,10 @@ pub struct AdapterConfig {
     /// Training summary (steps, final losses, time).
     #[serde(default)]
     pub training: serde_json::Value,
+}
+
+fn default_method() -> Method {
+    Method::Lora
 }
 
 /// A loaded adapter: config plus tensors, detached from any model.
@@ -412,12 +421,16 @@ impl Adapter {
 /// Refuse an adapter trained on a different base model.
 pub fn check_base(config: &AdapterConfig, base: &ModelConfig, path: &Path) -> Result<()> {
     let hash = base.fingerprint();
-    if config.base_model.config_hash != hash {
+    let Some(trained_on) = &config.base_model else {
+        tracing::warn!("{}: no base-model record (not made by spiel); shapes are still checked", path.display());
+        return Ok(());
+    };
+    if trained_on.config_hash != hash {
         return Err(Error::format(
             path,
             format!(
                 "adapter was trained on base model `{}` (config hash {}), but the loaded model has config hash {hash}; load it with the model it was trained on",
-                config.base_model.name, config.base_model.config_hash
+                trained_on.name, trained_on.config_hash
             ),
         ));
     }

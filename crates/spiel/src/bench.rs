@@ -87,7 +87,7 @@ pub fn bench_generate(
 }
 
 /// Training-step timings of one method (`spiel bench train`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct TrainBench {
     /// spiel-ag, spiel-ma, lora or full.
     pub method: String,

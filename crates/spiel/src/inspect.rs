@@ -113,7 +113,10 @@ pub fn inspect(dir: &Path) -> Result<Report> {
     }
     Ok(Report {
         method: config.method,
-        base_model: format!("{} (config {})", config.base_model.name, config.base_model.config_hash),
+        base_model: match &config.base_model {
+            Some(b) => format!("{} (config {})", b.name, b.config_hash),
+            None => config.base_model_name_or_path.clone().unwrap_or_else(|| "unknown".into()),
+        },
         target_modules: config.target_modules.clone(),
         total: modules.iter().map(|m| m.count).sum(),
         modules,

@@ -737,7 +737,8 @@ impl Trainer {
         let hyper = serde_json::to_value(&self.cfg).map_err(|e| Error::Invalid(e.to_string()))?;
         let mut config = AdapterConfig {
             method: self.cfg.method,
-            base_model,
+            base_model_name_or_path: Some(base_model.name.clone()),
+            base_model: Some(base_model),
             target_modules: self.cfg.target_modules.clone(),
             module_counts: BTreeMap::new(),
             module_shapes: BTreeMap::new(),

@@ -270,3 +270,54 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
         }
     }
 }
+
+#[test]
+fn two_adapters_add_up_and_peft_style_configs_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let (a_out, b_out) = (dir.path().join("a"), dir.path().join("b"));
+    run(&m, config(Method::SpielAg, &a_out), false);
+    let mut cfg_b = config(Method::SpielMa, &b_out);
+    cfg_b.seed = 7;
+    run(&m, cfg_b, false);
+    let a = Adapter::load(&a_out.join("adapter"), &m.model).unwrap();
+    let b = Adapter::load(&b_out.join("adapter"), &m.model).unwrap();
+    let mut both = a.to_set();
+    both.extend(&b.to_set());
+    // Applying both equals merging one and applying the other on top.
+    let merged_a = m.model.merged(&a.to_set()).unwrap();
+    let ids = Tensor::new(&[[1u32, 40, 50, 60, 70, 2, 100]], &Device::Cpu).unwrap();
+    let stacked = merged_a.forward(&ids, None, Grad::No, &b.to_set()).unwrap();
+    assert!(max_diff(&logits(&m, &both), &stacked) < 1e-4);
+    assert!(max_diff(&logits(&m, &both), &logits(&m, &a.to_set())) > 1e-4);
+
+    // A LoRA adapter_config.json as PEFT writes it (no spiel fields) loads; shapes are still checked.
+    let l_out = dir.path().join("l");
+    run(&m, config(Method::Lora, &l_out), false);
+    let ldir = l_out.join("adapter");
+    let peft = serde_json::json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "bias": "none", "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "fan_in_fan_out": false,
+        "inference_mode": true
+    });
+    std::fs::write(ldir.join("adapter_config.json"), peft.to_string()).unwrap();
+    let l = Adapter::load(&ldir, &m.model).unwrap();
+    assert_eq!(l.config.method, Method::Lora);
+    assert_eq!(l.deltas.len(), 14);
+}
+
+#[test]
+fn toml_configs_parse_partially_and_name_unknown_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    std::fs::write(&p, "method = \"spiel-ma\"\nsteps = 7\nreselection_policy = \"cosine\"\ntarget_modules = [\"q_proj\"]\n").unwrap();
+    let c = TrainConfig::from_toml_file(&p).unwrap();
+    assert_eq!((c.method, c.steps, c.batch_size), (Method::SpielMa, 7, TrainConfig::default().batch_size));
+    assert_eq!(c.reselection_policy, spiel::select::Policy::Cosine);
+    std::fs::write(&p, "steps = 7\nlearning_rate = 1e-3\n").unwrap();
+    let e = TrainConfig::from_toml_file(&p).unwrap_err().to_string();
+    assert!(e.contains("c.toml") && e.contains("learning_rate"), "{e}");
+    let bad = TrainConfig { accumulation_steps: 30, reselection_steps: 20, ..TrainConfig::default() };
+    assert!(bad.validate().unwrap_err().to_string().contains("accumulation_steps"));
+}
