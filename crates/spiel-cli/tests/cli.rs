@@ -137,3 +137,67 @@ fn bad_input_gives_one_line_errors() {
         "--temperature",
     );
 }
+
+/// train -> inspect -> generate/score with the adapter -> merge, on the real model with a tiny
+/// data file; the merged model scores like the unmerged adapter.
+#[test]
+fn train_inspect_merge_round_trip() {
+    if !have_model() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.jsonl");
+    let rows: String = (0..6)
+        .map(|i| format!("{{\"instruction\": \"Say the number {i}.\", \"output\": \"The number is {i}.\"}}\n"))
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let out = dir.path().join("run");
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let args = ["train", "--data", d, "--out", o, "--steps", "2", "--batch-size", "2", "--heldout", "2"];
+    let run = spiel(&[&args[..], &["--max-len", "64", "--reselection-steps", "1", "--accumulation-steps", "1"]].concat());
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("held-out loss") && stdout.contains("run/adapter"), "{stdout}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3, "{metrics}");
+    // A second run into the same directory without --resume is refused.
+    assert_clean_error(&spiel(&args), "--resume");
+
+    let adapter = out.join("adapter");
+    let a = adapter.to_str().unwrap();
+    let inspect = spiel(&["inspect", a, "--json"]);
+    assert!(inspect.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(report["method"], "spiel-ag");
+    assert_eq!(report["modules"].as_array().unwrap().len(), 210);
+
+    let merged = dir.path().join("merged");
+    let m = merged.to_str().unwrap();
+    assert!(spiel(&["merge", "--adapter", a, "--out", m]).status.success());
+    let text = "The capital of France is";
+    let with = spiel(&["score", "--adapter", a, "--text", text, "--json"]);
+    let merged_score = spiel(&["score", "--model", m, "--text", text, "--json"]);
+    let base = spiel(&["score", "--text", text, "--json"]);
+    let v = |o: &Output| serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap();
+    let (with, merged_score, base) = (v(&with), v(&merged_score), v(&base));
+    for i in 0..5 {
+        let (x, y) = (with["top"][i]["logit"].as_f64().unwrap(), merged_score["top"][i]["logit"].as_f64().unwrap());
+        assert!((x - y).abs() < 1e-4, "top {i}: {x} vs {y}");
+    }
+    assert_ne!(with["nll"], base["nll"], "the adapter changed nothing");
+    let gen = spiel(&["generate", "--adapter", a, "--prompt", "Say the number 3.", "--chat", "--max-new-tokens", "8"]);
+    assert!(gen.status.success() && !gen.stdout.is_empty());
+}
+
+#[test]
+fn malformed_training_data_names_file_and_line() {
+    if !have_model() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("bad.jsonl");
+    std::fs::write(&data, "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"a\", \"output\": }\n").unwrap();
+    let out = dir.path().join("run");
+    let o = spiel(&["train", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_clean_error(&o, "bad.jsonl: line 2");
+}
