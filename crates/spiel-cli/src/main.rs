@@ -519,8 +519,11 @@ fn run(cli: Cli) -> Result<()> {
             let mut rows: Vec<spiel::bench::TrainBench> = Vec::new();
             if methods.len() == 1 {
                 let m = load_model(&model, &home)?;
-                let base =
-                    if random_init { spiel::model::Llama::random(m.model.cfg.clone(), 0, &Device::Cpu)? } else { m.model };
+                let base = if random_init {
+                    spiel::model::Llama::random(m.model.cfg.clone(), 0, &Device::Cpu)?
+                } else {
+                    m.model
+                };
                 let cfg = TrainConfig {
                     method: methods[0].parse()?,
                     batch_size,
@@ -539,8 +542,18 @@ fn run(cli: Cli) -> Result<()> {
                         cmd.args(["--threads", &t.to_string()]);
                     }
                     cmd.args(["bench", "train", "--json", "--methods", method]);
-                    cmd.args(["--batch-size", &batch_size.to_string(), "--seq-len", &seq_len.to_string()]);
-                    cmd.args(["--steps", &steps.to_string(), "--reselection-steps", &reselection_steps.to_string()]);
+                    cmd.args([
+                        "--batch-size",
+                        &batch_size.to_string(),
+                        "--seq-len",
+                        &seq_len.to_string(),
+                    ]);
+                    cmd.args([
+                        "--steps",
+                        &steps.to_string(),
+                        "--reselection-steps",
+                        &reselection_steps.to_string(),
+                    ]);
                     if let Some(p) = &model.model {
                         cmd.arg("--model").arg(p);
                     }

@@ -153,11 +153,39 @@ fn train_inspect_merge_round_trip() {
     std::fs::write(&data, rows).unwrap();
     let out = dir.path().join("run");
     let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
-    let args = ["train", "--data", d, "--out", o, "--steps", "2", "--batch-size", "2", "--heldout", "2"];
-    let run = spiel(&[&args[..], &["--max-len", "64", "--reselection-steps", "1", "--accumulation-steps", "1"]].concat());
+    let args = [
+        "train",
+        "--data",
+        d,
+        "--out",
+        o,
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--heldout",
+        "2",
+    ];
+    let run = spiel(
+        &[
+            &args[..],
+            &[
+                "--max-len",
+                "64",
+                "--reselection-steps",
+                "1",
+                "--accumulation-steps",
+                "1",
+            ],
+        ]
+        .concat(),
+    );
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(stdout.contains("held-out loss") && stdout.contains("run/adapter"), "{stdout}");
+    assert!(
+        stdout.contains("held-out loss") && stdout.contains("run/adapter"),
+        "{stdout}"
+    );
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 3, "{metrics}");
     // A second run into the same directory without --resume is refused.
@@ -181,11 +209,23 @@ fn train_inspect_merge_round_trip() {
     let v = |o: &Output| serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap();
     let (with, merged_score, base) = (v(&with), v(&merged_score), v(&base));
     for i in 0..5 {
-        let (x, y) = (with["top"][i]["logit"].as_f64().unwrap(), merged_score["top"][i]["logit"].as_f64().unwrap());
+        let (x, y) = (
+            with["top"][i]["logit"].as_f64().unwrap(),
+            merged_score["top"][i]["logit"].as_f64().unwrap(),
+        );
         assert!((x - y).abs() < 1e-4, "top {i}: {x} vs {y}");
     }
     assert_ne!(with["nll"], base["nll"], "the adapter changed nothing");
-    let gen = spiel(&["generate", "--adapter", a, "--prompt", "Say the number 3.", "--chat", "--max-new-tokens", "8"]);
+    let gen = spiel(&[
+        "generate",
+        "--adapter",
+        a,
+        "--prompt",
+        "Say the number 3.",
+        "--chat",
+        "--max-new-tokens",
+        "8",
+    ]);
     assert!(gen.status.success() && !gen.stdout.is_empty());
 }
 
@@ -196,8 +236,18 @@ fn malformed_training_data_names_file_and_line() {
     }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("bad.jsonl");
-    std::fs::write(&data, "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"a\", \"output\": }\n").unwrap();
+    std::fs::write(
+        &data,
+        "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"a\", \"output\": }\n",
+    )
+    .unwrap();
     let out = dir.path().join("run");
-    let o = spiel(&["train", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = spiel(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_clean_error(&o, "bad.jsonl: line 2");
 }

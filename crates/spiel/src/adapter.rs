@@ -422,7 +422,10 @@ impl Adapter {
 pub fn check_base(config: &AdapterConfig, base: &ModelConfig, path: &Path) -> Result<()> {
     let hash = base.fingerprint();
     let Some(trained_on) = &config.base_model else {
-        tracing::warn!("{}: no base-model record (not made by spiel); shapes are still checked", path.display());
+        tracing::warn!(
+            "{}: no base-model record (not made by spiel); shapes are still checked",
+            path.display()
+        );
         return Ok(());
     };
     if trained_on.config_hash != hash {

@@ -115,7 +115,10 @@ pub fn inspect(dir: &Path) -> Result<Report> {
         method: config.method,
         base_model: match &config.base_model {
             Some(b) => format!("{} (config {})", b.name, b.config_hash),
-            None => config.base_model_name_or_path.clone().unwrap_or_else(|| "unknown".into()),
+            None => config
+                .base_model_name_or_path
+                .clone()
+                .unwrap_or_else(|| "unknown".into()),
         },
         target_modules: config.target_modules.clone(),
         total: modules.iter().map(|m| m.count).sum(),

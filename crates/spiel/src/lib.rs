@@ -18,6 +18,7 @@ pub mod inspect;
 pub mod loader;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod quant;
 pub mod score;
 pub mod select;

@@ -1102,6 +1102,27 @@ pub fn read_metrics(path: &Path) -> Result<Vec<StepRecord>> {
         .collect()
 }
 
+/// Draw `loss.png` (training loss and held-out loss against step) from metrics.jsonl.
+pub fn plot_losses(metrics: &Path, png: &Path, title: &str) -> Result<()> {
+    let recs = read_metrics(metrics)?;
+    let train: Vec<(f64, f64)> = recs.iter().filter_map(|r| r.loss.map(|l| (r.step as f64, l))).collect();
+    let eval: Vec<(f64, f64)> = recs
+        .iter()
+        .filter_map(|r| r.eval_loss.map(|l| (r.step as f64, l)))
+        .collect();
+    let mut series = vec![crate::plot::Series {
+        name: "train loss".into(),
+        points: train,
+    }];
+    if !eval.is_empty() {
+        series.push(crate::plot::Series {
+            name: "held-out loss".into(),
+            points: eval,
+        });
+    }
+    crate::plot::line_chart(png, title, "update", "mean NLL per response token", &series)
+}
+
 /// What a finished run produced.
 pub struct RunSummary {
     /// Held-out loss before training (step 0), if evaluated.
@@ -1175,6 +1196,9 @@ pub fn run(
             final_eval = Some(e);
         }
         append_metrics(&paths.metrics, &rec)?;
+        if rec.eval_loss.is_some() || c == cfg.steps {
+            plot_losses(&paths.metrics, &paths.out.join("loss.png"), cfg.method.as_str())?;
+        }
         let flow = on_event(Event::Step(&rec));
         if flow == Flow::Stop || (cfg.save_every > 0 && (c % cfg.save_every == 0 || c == cfg.steps)) {
             let dir = trainer.save_checkpoint()?;

@@ -95,6 +95,8 @@ fn every_method_trains_saves_reloads_and_merges() {
     for method in [Method::SpielAg, Method::SpielMa, Method::Lora] {
         let out = dir.path().join(method.as_str());
         let metrics = run(&m, config(method, &out), false);
+        assert!(std::fs::read(out.join("loss.png")).unwrap().starts_with(b"\x89PNG"));
+        assert!(out.join("config.toml").exists());
         // Step 0 is the base model's held-out loss; every step is logged once.
         assert_eq!(
             metrics.iter().map(|r| r.step).collect::<Vec<_>>(),
@@ -311,13 +313,24 @@ fn two_adapters_add_up_and_peft_style_configs_load() {
 fn toml_configs_parse_partially_and_name_unknown_fields() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("c.toml");
-    std::fs::write(&p, "method = \"spiel-ma\"\nsteps = 7\nreselection_policy = \"cosine\"\ntarget_modules = [\"q_proj\"]\n").unwrap();
+    std::fs::write(
+        &p,
+        "method = \"spiel-ma\"\nsteps = 7\nreselection_policy = \"cosine\"\ntarget_modules = [\"q_proj\"]\n",
+    )
+    .unwrap();
     let c = TrainConfig::from_toml_file(&p).unwrap();
-    assert_eq!((c.method, c.steps, c.batch_size), (Method::SpielMa, 7, TrainConfig::default().batch_size));
+    assert_eq!(
+        (c.method, c.steps, c.batch_size),
+        (Method::SpielMa, 7, TrainConfig::default().batch_size)
+    );
     assert_eq!(c.reselection_policy, spiel::select::Policy::Cosine);
     std::fs::write(&p, "steps = 7\nlearning_rate = 1e-3\n").unwrap();
     let e = TrainConfig::from_toml_file(&p).unwrap_err().to_string();
     assert!(e.contains("c.toml") && e.contains("learning_rate"), "{e}");
-    let bad = TrainConfig { accumulation_steps: 30, reselection_steps: 20, ..TrainConfig::default() };
+    let bad = TrainConfig {
+        accumulation_steps: 30,
+        reselection_steps: 20,
+        ..TrainConfig::default()
+    };
     assert!(bad.validate().unwrap_err().to_string().contains("accumulation_steps"));
 }
