@@ -98,6 +98,11 @@ enum Cmd {
         after_help = "Examples:\n  spiel train\n  spiel train --method spiel-ma --steps 100 --out runs/ma\n  spiel train --config configs/train.toml --lr 1e-3\n  spiel train --out runs/ma --resume"
     )]
     Train(Box<TrainArgs>),
+    /// Evaluate: held-out response loss, MMLU (k-shot log-likelihood) or GSM8K (k-shot CoT).
+    #[command(
+        after_help = "Examples:\n  spiel eval --task heldout --adapter runs/spiel-ag/adapter\n  spiel eval --task mmlu --limit 500\n  spiel eval --task gsm8k --limit 100 --json"
+    )]
+    Eval(Box<EvalArgs>),
     /// Describe an adapter: method, budget, per-module counts and density, value norms, layers.
     #[command(after_help = "Example: spiel inspect runs/spiel-ag/adapter")]
     Inspect {
@@ -173,6 +178,153 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `spiel eval` flags.
+#[derive(Args)]
+struct EvalArgs {
+    /// heldout, mmlu or gsm8k.
+    #[arg(long)]
+    task: String,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Adapter directories to apply (repeatable; their deltas add up).
+    #[arg(long)]
+    adapter: Vec<PathBuf>,
+    /// Evaluate at most N examples / questions / problems.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Data file (default: the fetched Alpaca data, MMLU or GSM8K file).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// heldout: examples held out (same split as `spiel train` with the same seed); 0 = whole file.
+    #[arg(long, default_value_t = 50)]
+    heldout: usize,
+    /// Seed for the held-out split and the MMLU sample.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// heldout: maximum tokens per example.
+    #[arg(long, default_value_t = 256)]
+    max_len: usize,
+    /// Exemplars per prompt (default 5 for mmlu, 8 for gsm8k).
+    #[arg(long)]
+    shots: Option<usize>,
+    /// mmlu: only these subjects (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    subjects: Vec<String>,
+    /// Prompts per forward pass.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// gsm8k: longest generated solution.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_eval(a: &EvalArgs, home: &Path) -> Result<()> {
+    if a.limit == Some(0) {
+        bail!("--limit 0 evaluates nothing; give at least 1 (or leave it out for everything)");
+    }
+    let asset = match a.task.as_str() {
+        "heldout" => &assets::ALPACA,
+        "mmlu" => &assets::MMLU,
+        "gsm8k" => &assets::GSM8K,
+        t => bail!("--task: unknown task `{t}` (heldout, mmlu, gsm8k)"),
+    };
+    let data = match &a.data {
+        Some(p) => {
+            if !p.exists() {
+                bail!("{}: no such data file", p.display());
+            }
+            p.clone()
+        }
+        None => assets::ensure(asset, home)?,
+    };
+    let m = load_model(&a.model, home)?;
+    let adapters = load_adapters(&a.adapter, &m)?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let value = match a.task.as_str() {
+        "heldout" => {
+            let r = spiel::eval::heldout(
+                &m.model,
+                &adapters,
+                &m.tokenizer,
+                &data,
+                a.heldout,
+                a.seed,
+                a.max_len,
+                a.batch_size,
+                a.limit,
+            )?;
+            if !a.json {
+                println!(
+                    "held-out: {} examples, {} response tokens: NLL {:.4}, perplexity {:.3}",
+                    r.examples, r.tokens, r.nll, r.perplexity
+                );
+            }
+            serde_json::to_value(r)?
+        }
+        "mmlu" => {
+            let r = spiel::eval::mmlu(
+                &m.model,
+                &adapters,
+                &m.tokenizer,
+                &data,
+                a.shots.unwrap_or(5),
+                a.limit,
+                &a.subjects,
+                a.seed,
+                a.batch_size,
+                progress,
+            )?;
+            bar.finish_and_clear();
+            if !a.json {
+                println!(
+                    "MMLU: {} questions, accuracy {:.4} ({} malformed rows skipped)",
+                    r.questions, r.accuracy, r.skipped_rows
+                );
+                println!("| subject | correct | total | accuracy |\n|---|---:|---:|---:|");
+                for (s, (c, t)) in &r.per_subject {
+                    println!("| {s} | {c} | {t} | {:.3} |", *c as f64 / *t as f64);
+                }
+            }
+            serde_json::to_value(r)?
+        }
+        _ => {
+            let r = spiel::eval::gsm8k(
+                &m.model,
+                &adapters,
+                &m.tokenizer,
+                &data,
+                a.shots.unwrap_or(8),
+                a.limit,
+                a.max_new_tokens,
+                progress,
+            )?;
+            bar.finish_and_clear();
+            if !a.json {
+                println!(
+                    "GSM8K: {} problems, accuracy {:.4} ({} malformed rows skipped)",
+                    r.problems, r.accuracy, r.skipped_rows
+                );
+            }
+            serde_json::to_value(r)?
+        }
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    }
+    Ok(())
 }
 
 /// `spiel train` flags: every field of the TOML config, each overriding the file.
@@ -269,9 +421,16 @@ struct TrainArgs {
 impl TrainArgs {
     /// The config file (if any) with every given flag applied on top.
     fn resolve(&self) -> Result<TrainConfig> {
-        let mut c = match &self.config {
-            Some(p) => TrainConfig::from_toml_file(p)?,
-            None => TrainConfig::default(),
+        // A resumed run starts from the config it saved, so `--out DIR --resume` is enough.
+        let saved = self
+            .out
+            .as_ref()
+            .map(|o| o.join("config.toml"))
+            .filter(|p| self.resume && p.exists());
+        let mut c = match (&self.config, saved) {
+            (Some(p), _) => TrainConfig::from_toml_file(p)?,
+            (None, Some(p)) => TrainConfig::from_toml_file(&p)?,
+            (None, None) => TrainConfig::default(),
         };
         if let Some(m) = &self.method {
             c.method = m.parse()?;
@@ -461,6 +620,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_new_tokens,
                 temperature,
                 seed,
+                stop_strings: Vec::new(),
             };
             let mut out = std::io::stdout().lock();
             let adapters = load_adapters(&adapter, &m)?;
@@ -485,6 +645,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote Hugging Face model directory {}", out.display());
         }
         Cmd::Train(args) => run_train(&args, &home)?,
+        Cmd::Eval(args) => run_eval(&args, &home)?,
         Cmd::Inspect { adapter, json } => {
             let report = spiel::inspect::inspect(&adapter)?;
             if json {
@@ -629,6 +790,26 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// Set by the SIGINT handler: finish the current update, checkpoint, and exit.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    // A second Ctrl-C ends the process at once.
+    // SAFETY: signal() is async-signal-safe; restoring the default disposition.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+    }
+}
+
+/// Route Ctrl-C to a graceful stop of training.
+fn catch_interrupt() {
+    // SAFETY: installs a handler that only stores to an atomic and resets the disposition.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
+}
+
 /// Print a line above the progress bar (also when the bar is hidden because stderr is not a terminal).
 fn say(bar: &indicatif::ProgressBar, line: String) {
     bar.suspend(|| eprintln!("{line}"));
@@ -660,6 +841,7 @@ fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
         );
     }
     let (mut trainer, stats) = train::Trainer::new(cfg.clone(), m.model, &base_name, &m.tokenizer, &convs)?;
+    catch_interrupt();
     let bar = indicatif::ProgressBar::new(cfg.steps as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
@@ -705,7 +887,11 @@ fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
                     ),
                 );
             }
-            train::Flow::Continue
+            if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+                train::Flow::Stop
+            } else {
+                train::Flow::Continue
+            }
         }
         train::Event::Checkpoint(p) => {
             tracing::info!("checkpoint {}", p.display());
@@ -714,6 +900,18 @@ fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
     });
     bar.finish_and_clear();
     let summary = summary?;
+    if summary.stopped {
+        println!(
+            "interrupted after step {}; checkpoint written. Continue with: spiel train{} --out {} --resume",
+            trainer.steps_done(),
+            args.config
+                .as_ref()
+                .map(|c| format!(" --config {}", c.display()))
+                .unwrap_or_default(),
+            cfg.out.display()
+        );
+        return Ok(());
+    }
     if let (Some(a), Some(b)) = (summary.initial_eval, summary.final_eval) {
         println!("held-out loss {a:.4} -> {b:.4}");
     }

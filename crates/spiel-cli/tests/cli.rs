@@ -251,3 +251,144 @@ fn malformed_training_data_names_file_and_line() {
     ]);
     assert_clean_error(&o, "bad.jsonl: line 2");
 }
+
+/// Ctrl-C during training finishes the update, writes a checkpoint, prints the resume command and
+/// exits cleanly; resuming completes the run with every step logged exactly once.
+#[test]
+fn sigint_checkpoints_and_resume_completes() {
+    if !have_model() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.jsonl");
+    let rows: String = (0..8)
+        .map(|i| format!("{{\"instruction\": \"Count to {i}.\", \"output\": \"{i}\"}}\n"))
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let out = dir.path().join("run");
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let args = [
+        "train",
+        "--data",
+        d,
+        "--out",
+        o,
+        "--steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--heldout",
+        "2",
+        "--max-len",
+        "48",
+        "--save-every",
+        "100",
+        "--eval-every",
+        "0",
+        "--reselection-steps",
+        "2",
+        "--accumulation-steps",
+        "1",
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spiel"))
+        .args(args)
+        .env("SPIEL_HOME", home())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = out.join("metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics)
+        .map(|m| m.lines().count())
+        .unwrap_or(0)
+        < 1
+    {
+        assert!(started.elapsed().as_secs() < 120, "training never logged a step");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let status = child.wait().unwrap();
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    assert!(status.success(), "{stdout}");
+    if stdout.contains("interrupted after step") {
+        assert!(stdout.contains("--resume"), "{stdout}");
+        assert_eq!(spiel_checkpoints(&out), 1);
+        // The saved config.toml carries every flag: --out and --resume are enough.
+        let resumed = spiel(&["train", "--out", o, "--resume"]);
+        assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    }
+    // Either way (the run may have finished before the signal landed) all 6 steps are logged once.
+    let steps: Vec<u64> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, (1..=6).collect::<Vec<_>>());
+    assert!(out.join("adapter/adapter_model.safetensors").exists());
+}
+
+fn spiel_checkpoints(out: &std::path::Path) -> usize {
+    std::fs::read_dir(out.join("checkpoints"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn eval_tasks_run_and_bad_arguments_are_refused() {
+    if !have_model() {
+        return;
+    }
+    assert_clean_error(&spiel(&["eval", "--task", "mmlu", "--limit", "0"]), "--limit 0");
+    assert_clean_error(
+        &spiel(&["eval", "--task", "gsm8k", "--data", "/nonexistent/g.jsonl"]),
+        "g.jsonl",
+    );
+    assert_clean_error(&spiel(&["eval", "--task", "poetry"]), "unknown task `poetry`");
+    for f in ["alpaca", "mmlu", "gsm8k"] {
+        assert!(spiel(&["fetch", "--only", f]).status.success());
+    }
+    let v = |o: Output| -> serde_json::Value {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let h = v(spiel(&[
+        "eval",
+        "--task",
+        "heldout",
+        "--limit",
+        "3",
+        "--max-len",
+        "96",
+        "--json",
+    ]));
+    assert_eq!(h["examples"], 3);
+    let nll = h["nll"].as_f64().unwrap();
+    assert!(nll > 0.5 && nll < 4.0 && (h["perplexity"].as_f64().unwrap() - nll.exp()).abs() < 1e-6);
+    let m = v(spiel(&[
+        "eval", "--task", "mmlu", "--limit", "4", "--shots", "1", "--json",
+    ]));
+    assert_eq!(m["questions"], 4);
+    assert_eq!(m["skipped_rows"], 2, "the two rows whose correct_answer is `answer`");
+    let g = v(spiel(&[
+        "eval",
+        "--task",
+        "gsm8k",
+        "--limit",
+        "1",
+        "--shots",
+        "1",
+        "--max-new-tokens",
+        "24",
+        "--json",
+    ]));
+    assert_eq!(g["problems"], 1);
+}

@@ -20,6 +20,8 @@ pub struct GenerateOptions {
     pub temperature: f64,
     /// Seed for sampling.
     pub seed: u64,
+    /// Stop as soon as the generated text contains one of these (it stays in the text).
+    pub stop_strings: Vec<String>,
 }
 
 /// What a generation produced, with its timing.
@@ -81,6 +83,9 @@ pub fn generate(
         if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed) {
             on_text(&text[printed..]);
             printed = text.len();
+        }
+        if opts.stop_strings.iter().any(|s| text.contains(s.as_str())) {
+            break;
         }
         if step + 1 < opts.max_new_tokens {
             logits = model.forward_cached(&Tensor::new(&[next], device)?.unsqueeze(0)?, &mut cache, adapters)?;

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 mod error;
+pub mod eval;
 pub mod fsutil;
 pub mod generate;
 pub mod gguf;

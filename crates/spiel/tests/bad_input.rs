@@ -177,6 +177,7 @@ fn empty_prompt_and_text_are_rejected() {
         max_new_tokens: 4,
         temperature: 0.0,
         seed: 0,
+        stop_strings: Vec::new(),
     };
     let e = spiel::generate::generate(&m.model, &AdapterSet::none(), &m.tokenizer, &[], &opts, |_| {}).unwrap_err();
     assert!(e.to_string().contains("prompt is empty"));

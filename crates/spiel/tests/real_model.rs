@@ -48,6 +48,7 @@ fn greedy_chat(tok: &Tokenizer, model: &spiel::model::Llama, prompt: &str) -> St
         max_new_tokens: 40,
         temperature: 0.0,
         seed: 0,
+        stop_strings: Vec::new(),
     };
     generate(model, &AdapterSet::none(), tok, &ids, &opts, |_| {})
         .unwrap()
