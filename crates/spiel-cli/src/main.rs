@@ -133,6 +133,21 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// The machine's f32 GEMM GFLOP/s at the model's shapes (the ceiling for `bench train`).
+    #[command(after_help = "Example: spiel bench gemm --threads 2")]
+    Gemm {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Rows (tokens) per product.
+        #[arg(long, default_value_t = 1024)]
+        tokens: usize,
+        /// Measured rounds per shape (after one warm-up).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Seconds per optimizer step, tokens/s, GFLOP/s and peak RSS per training method.
     #[command(after_help = "Example: spiel bench train --methods spiel-ag,lora --steps 20 --threads 2")]
     Train {
@@ -660,6 +675,22 @@ fn run(cli: Cli) -> Result<()> {
             let merged = m.model.merged(&adapters)?;
             loader::export_hf(&merged, &m.tokenizer, &out)?;
             println!("wrote merged model {}", out.display());
+        }
+        Cmd::Bench { what: BenchCmd::Gemm { model, tokens, rounds, json } } => {
+            if tokens == 0 || rounds == 0 {
+                bail!("--tokens and --rounds must be at least 1");
+            }
+            let m = load_model(&model, &home)?;
+            let rows = spiel::bench::bench_gemm(&m.model.cfg, tokens, rounds)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("f32 GEMM x W^T, {} threads, median of {rounds}", candle_core::utils::get_num_threads());
+                println!("| shape | M | K | N | GFLOP/s |\n|---|---:|---:|---:|---:|");
+                for r in &rows {
+                    println!("| {} | {} | {} | {} | {:.1} |", r.name, r.m, r.k, r.n, r.gflops);
+                }
+            }
         }
         Cmd::Bench {
             what:

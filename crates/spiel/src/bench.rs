@@ -231,3 +231,52 @@ pub fn bench_train(
         trainable: t.trainable_parameters(),
     })
 }
+
+/// One GEMM shape's measured rate.
+#[derive(Debug, Clone, Serialize)]
+pub struct GemmBench {
+    /// What the shape is in the model.
+    pub name: String,
+    /// Rows of the activation (tokens).
+    pub m: usize,
+    /// Inner dimension.
+    pub k: usize,
+    /// Output features.
+    pub n: usize,
+    /// Median GFLOP/s over the rounds.
+    pub gflops: f64,
+}
+
+/// The machine's f32 GEMM rate at the model's training shapes (`x W^T` with `x: [tokens, in]`,
+/// `W: [out, in]`, as the projections and the head run), median of `rounds` after a warm-up.
+pub fn bench_gemm(cfg: &crate::config::ModelConfig, tokens: usize, rounds: usize) -> Result<Vec<GemmBench>> {
+    let dev = candle_core::Device::Cpu;
+    let h = cfg.hidden_size;
+    let q = cfg.num_heads * cfg.head_dim;
+    let kv = cfg.num_kv_heads * cfg.head_dim;
+    let i = cfg.intermediate_size;
+    let shapes = [
+        ("q_proj / o_proj", h, q),
+        ("k_proj / v_proj", h, kv),
+        ("gate_proj / up_proj", h, i),
+        ("down_proj", i, h),
+        ("lm_head", h, cfg.vocab_size),
+    ];
+    let mut out = Vec::new();
+    for (name, k, n) in shapes {
+        let x = Tensor::randn(0f32, 1.0, (tokens, k), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+        let mut rates = Vec::new();
+        for r in 0..=rounds {
+            let t0 = Instant::now();
+            let y = x.matmul(&w.t()?)?;
+            let secs = t0.elapsed().as_secs_f64();
+            drop(y);
+            if r > 0 {
+                rates.push(2.0 * (tokens * k * n) as f64 / secs / 1e9);
+            }
+        }
+        out.push(GemmBench { name: name.to_string(), m: tokens, k, n, gflops: median(rates) });
+    }
+    Ok(out)
+}
