@@ -95,7 +95,7 @@ enum Cmd {
     },
     /// Fine-tune a model (SpIEL-AG by default) and write the adapter, metrics and checkpoints.
     #[command(
-        after_help = "Examples:\n  spiel train\n  spiel train --method spiel-ma --steps 100 --out runs/ma\n  spiel train --config configs/train.toml --lr 1e-3\n  spiel train --out runs/ma --resume"
+        after_help = "Examples:\n  spiel train\n  spiel train --method spiel-ma --steps 100 --out runs/ma\n  spiel train --config configs/spiel-ag-smollm2.toml --lr 1e-3\n  spiel train --out runs/ma --resume"
     )]
     Train(Box<TrainArgs>),
     /// Evaluate: held-out response loss, MMLU (k-shot log-likelihood) or GSM8K (k-shot CoT).
@@ -676,7 +676,15 @@ fn run(cli: Cli) -> Result<()> {
             loader::export_hf(&merged, &m.tokenizer, &out)?;
             println!("wrote merged model {}", out.display());
         }
-        Cmd::Bench { what: BenchCmd::Gemm { model, tokens, rounds, json } } => {
+        Cmd::Bench {
+            what:
+                BenchCmd::Gemm {
+                    model,
+                    tokens,
+                    rounds,
+                    json,
+                },
+        } => {
             if tokens == 0 || rounds == 0 {
                 bail!("--tokens and --rounds must be at least 1");
             }
@@ -685,7 +693,10 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("f32 GEMM x W^T, {} threads, median of {rounds}", candle_core::utils::get_num_threads());
+                println!(
+                    "f32 GEMM x W^T, {} threads, median of {rounds}",
+                    candle_core::utils::get_num_threads()
+                );
                 println!("| shape | M | K | N | GFLOP/s |\n|---|---:|---:|---:|---:|");
                 for r in &rows {
                     println!("| {} | {} | {} | {} | {:.1} |", r.name, r.m, r.k, r.n, r.gflops);

@@ -170,6 +170,7 @@ pub fn bench_train(
         })
         .collect();
     let sched = cfg.clone();
+    let schedule = cfg.schedule();
     let method = cfg.method;
     let mut t = crate::train::Trainer::from_examples(cfg, base.clone(), "bench", 0, examples, Vec::new())?;
     let mut plain = Vec::new();
@@ -184,10 +185,8 @@ pub fn bench_train(
             continue;
         }
         all.push(secs);
-        let ag_window = method == crate::adapter::Method::SpielAg
-            && sched.reselection_steps > 0
-            && (c.div_ceil(sched.reselection_steps) * sched.reselection_steps - c) < sched.accumulation_steps;
-        let is_resel = method.is_sparse() && sched.reselection_steps > 0 && c.is_multiple_of(sched.reselection_steps);
+        let ag_window = method == crate::adapter::Method::SpielAg && schedule.in_window(c);
+        let is_resel = method.is_sparse() && schedule.is_reselection(c);
         if is_resel {
             resel.push(secs);
         } else if ag_window {
@@ -276,7 +275,13 @@ pub fn bench_gemm(cfg: &crate::config::ModelConfig, tokens: usize, rounds: usize
                 rates.push(2.0 * (tokens * k * n) as f64 / secs / 1e9);
             }
         }
-        out.push(GemmBench { name: name.to_string(), m: tokens, k, n, gflops: median(rates) });
+        out.push(GemmBench {
+            name: name.to_string(),
+            m: tokens,
+            k,
+            n,
+            gflops: median(rates),
+        });
     }
     Ok(out)
 }

@@ -18,6 +18,7 @@ pub mod gguf;
 pub mod inspect;
 pub mod loader;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod plot;
 pub mod quant;

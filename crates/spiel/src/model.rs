@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 
 use crate::adapter::{AdapterSet, Delta};
 use crate::config::ModelConfig;
@@ -29,7 +29,7 @@ const MASKED: f32 = -1e30;
 /// Whether a forward pass must be differentiable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grad {
-    /// Build the graph from ops that record a backward.
+    /// Build the graph from ops that record a backward (spiel's fused ops in `ops`).
     Yes,
     /// Use fused inference kernels; gradients are not needed.
     No,
@@ -154,14 +154,14 @@ fn take(w: &mut Weights, name: &str, shape: &[usize]) -> Result<Tensor> {
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, grad: Grad) -> Result<Tensor> {
     Ok(match grad {
-        Grad::Yes => candle_nn::ops::rms_norm_slow(x, w, eps as f32)?,
+        Grad::Yes => crate::ops::rms_norm(x, w, eps)?,
         Grad::No => candle_nn::ops::rms_norm(x, w, eps as f32)?,
     })
 }
 
 fn softmax(x: &Tensor, grad: Grad) -> Result<Tensor> {
     Ok(match grad {
-        Grad::Yes => candle_nn::ops::softmax(x, D::Minus1)?,
+        Grad::Yes => crate::ops::softmax_last_dim(x)?,
         Grad::No => candle_nn::ops::softmax_last_dim(x)?,
     })
 }
@@ -169,7 +169,7 @@ fn softmax(x: &Tensor, grad: Grad) -> Result<Tensor> {
 /// Rotate-half RoPE on `x: [B, NH, T, D]` with `cos`, `sin: [T, D/2]`.
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, grad: Grad) -> Result<Tensor> {
     Ok(match grad {
-        Grad::Yes => candle_nn::rotary_emb::rope_slow(x, cos, sin)?,
+        Grad::Yes => crate::ops::rope(x, cos, sin)?,
         Grad::No => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?,
     })
 }

@@ -245,7 +245,8 @@ impl TrainConfig {
         }
     }
 
-    fn schedule(&self) -> Schedule {
+    /// The SpIEL reselection schedule these settings describe.
+    pub fn schedule(&self) -> Schedule {
         Schedule {
             reselection_steps: self.reselection_steps,
             accumulation_steps: self.accumulation_steps,

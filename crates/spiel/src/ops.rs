@@ -1,0 +1,320 @@
+//! Fused differentiable ops for the transformer: RMSNorm, softmax over the last dimension and
+//! rotate-half RoPE, each one pass forward and one pass backward over raw slices (candle's own
+//! fused versions record no backward; its differentiable compositions take several full passes
+//! and buffers each). Each is tested against candle's composition on random inputs.
+//!
+//! Rows: every op works on the last dimension of a contiguous f32 tensor, rows processed in
+//! parallel.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::Result;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(d) => d,
+        _ => candle_core::bail!("{op}: f32 only"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+fn vec_of(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.contiguous()?.flatten_all()?.to_vec1()
+}
+
+/// `y = x / sqrt(mean(x^2) + eps) * w` over the last dimension.
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "rms-norm")?;
+        let w = slice(s2, l2, "rms-norm")?;
+        let d = w.len();
+        if l1.shape().dims().last() != Some(&d) {
+            candle_core::bail!("rms-norm: x {:?} vs weight [{d}]", l1.shape());
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (ms + self.eps).sqrt();
+            for ((o, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
+                *o = xv * r * wv;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (xs, ws, gs) = (vec_of(x)?, vec_of(w)?, vec_of(g)?);
+        let d = ws.len();
+        let mut gx = vec![0f32; xs.len()];
+        // Per row: r = 1/sqrt(mean x^2 + eps); gx = r (g w) - x r^3 mean(g w x); gw += g x r.
+        let gw_rows: Vec<Vec<f32>> = gx
+            .par_chunks_mut(d)
+            .zip(xs.par_chunks(d))
+            .zip(gs.par_chunks(d))
+            .fold(
+                || vec![0f32; d],
+                |mut acc, ((gxr, xr), gr)| {
+                    let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                    let r = 1.0 / (ms + self.eps).sqrt();
+                    let dot = gr.iter().zip(&ws).zip(xr).map(|((g, w), x)| g * w * x).sum::<f32>() / d as f32;
+                    let r3 = r * r * r;
+                    for j in 0..d {
+                        gxr[j] = r * gr[j] * ws[j] - xr[j] * r3 * dot;
+                        acc[j] += gr[j] * xr[j] * r;
+                    }
+                    acc
+                },
+            )
+            .collect();
+        let mut gw = vec![0f32; d];
+        for row in gw_rows {
+            gw.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+        }
+        Ok((
+            Some(Tensor::from_vec(gx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(gw, w.shape(), w.device())?),
+        ))
+    }
+}
+
+/// RMSNorm over the last dimension, differentiable in `x` and `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })?)
+}
+
+/// Softmax over the last dimension.
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "softmax")?;
+        let d = *l.shape().dims().last().unwrap_or(&1);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
+            let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, v) in yr.iter_mut().zip(xr) {
+                *o = (v - max).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            yr.iter_mut().for_each(|o| *o *= inv);
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (ys, gs) = (vec_of(res)?, vec_of(g)?);
+        let d = *x.dims().last().unwrap_or(&1);
+        let mut gx = vec![0f32; ys.len()];
+        // gx = y (g - sum(g y)).
+        gx.par_chunks_mut(d)
+            .zip(ys.par_chunks(d))
+            .zip(gs.par_chunks(d))
+            .for_each(|((o, yr), gr)| {
+                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
+                    *o = y * (g - dot);
+                }
+            });
+        Ok(Some(Tensor::from_vec(gx, x.shape(), x.device())?))
+    }
+}
+
+/// Differentiable softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(Softmax)?)
+}
+
+/// Rotate-half RoPE on `[B, H, T, D]` with per-position cos/sin tables `[T, D/2]`.
+struct Rope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// Rotate backwards (the transpose of the rotation, used by the backward pass).
+    inverse: bool,
+}
+
+impl Rope {
+    fn apply(&self, x: &[f32], t: usize, d: usize) -> Vec<f32> {
+        let half = d / 2;
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut y = vec![0f32; x.len()];
+        // Rows of D are laid out (b, h, t); the position of row i is i % t.
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .enumerate()
+            .for_each(|(i, (yr, xr))| {
+                let p = i % t;
+                let (c, s) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
+                for j in 0..half {
+                    let (a, b) = (xr[j], xr[j + half]);
+                    let sn = sign * s[j];
+                    yr[j] = a * c[j] - b * sn;
+                    yr[j + half] = b * c[j] + a * sn;
+                }
+            });
+        y
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "rope")?;
+        let (_, _, t, d) = l.shape().dims4()?;
+        if self.cos.len() != t * d / 2 {
+            candle_core::bail!(
+                "rope: tables for {} positions, input has {t}",
+                self.cos.len() / (d / 2).max(1)
+            );
+        }
+        Ok((CpuStorage::F32(self.apply(x, t, d)), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (_, _, t, d) = x.dims4()?;
+        let inv = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            inverse: !self.inverse,
+        };
+        Ok(Some(Tensor::from_vec(
+            inv.apply(&vec_of(g)?, t, d),
+            x.shape(),
+            x.device(),
+        )?))
+    }
+}
+
+/// Differentiable rotate-half RoPE: `x: [B, H, T, D]`, `cos`, `sin: [T, D/2]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let op = Rope {
+        cos: vec_of(cos)?,
+        sin: vec_of(sin)?,
+        inverse: false,
+    };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn rel(a: &Tensor, b: &Tensor) -> f64 {
+        let d = (a - b)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        (d / n.max(1e-30)).sqrt()
+    }
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        Tensor::from_vec(
+            (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect::<Vec<_>>(),
+            shape,
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    /// Forward and every input gradient of `fused` against `slow` under a random probe.
+    fn check(inputs: &[Tensor], fused: impl Fn(&[Tensor]) -> Tensor, slow: impl Fn(&[Tensor]) -> Tensor, seed: u64) {
+        let va: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let vb: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ta: Vec<Tensor> = va.iter().map(|v| v.as_tensor().clone()).collect();
+        let tb: Vec<Tensor> = vb.iter().map(|v| v.as_tensor().clone()).collect();
+        let (ya, yb) = (fused(&ta), slow(&tb));
+        assert!(rel(&ya, &yb) < 1e-5, "forward {}", rel(&ya, &yb));
+        let probe = randn(ya.dims(), seed);
+        let ga = (&ya * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&yb * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, (a, b)) in va.iter().zip(&vb).enumerate() {
+            let (x, y) = (ga.get(a.as_tensor()).unwrap(), gb.get(b.as_tensor()).unwrap());
+            assert!(rel(x, y) < 1e-5, "gradient of input {i}: {}", rel(x, y));
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_candle_composition() {
+        // D = 1 is left out: its input gradient, w eps / (x^2 + eps)^1.5, is ~1e-5 and f32 rounding
+        // on either side dominates the comparison.
+        for (rows, d) in [(1, 2), (3, 7), (64, 576), (5, 33)] {
+            let x = randn(&[rows, d], 1);
+            let w = randn(&[d], 2);
+            check(
+                &[x, w],
+                |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+                |t| candle_nn::ops::rms_norm_slow(&t[0], &t[1], 1e-5).unwrap(),
+                3,
+            );
+        }
+    }
+
+    #[test]
+    fn softmax_matches_candle_composition() {
+        for shape in [vec![1, 1], vec![2, 3, 5], vec![2, 9, 17, 17], vec![4, 1000]] {
+            check(
+                &[(randn(&shape, 4) * 3.0).unwrap()],
+                |t| softmax_last_dim(&t[0]).unwrap(),
+                |t| candle_nn::ops::softmax(&t[0], D::Minus1).unwrap(),
+                5,
+            );
+        }
+    }
+
+    #[test]
+    fn rope_matches_candle_composition() {
+        for (b, h, t, d) in [(1, 1, 1, 2), (2, 3, 5, 8), (1, 9, 33, 64)] {
+            let x = randn(&[b, h, t, d], 6);
+            let ang = randn(&[t, d / 2], 7);
+            let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+            check(
+                &[x],
+                |v| rope(&v[0], &cos, &sin).unwrap(),
+                |v| candle_nn::rotary_emb::rope_slow(&v[0], &cos, &sin).unwrap(),
+                8,
+            );
+        }
+    }
+}
