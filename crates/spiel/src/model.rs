@@ -118,14 +118,8 @@ impl candle_core::CustomOp2 for FrozenGrad {
         y: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let data = match y {
-            candle_core::CpuStorage::F32(d) => d,
-            _ => candle_core::bail!("frozen-matmul: f32 only"),
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("frozen-matmul: non-contiguous output")
-        };
-        Ok((candle_core::CpuStorage::F32(data[a..b].to_vec()), l.shape().clone()))
+        let data = crate::ops::cpu_slice(y, l, "frozen-matmul")?;
+        Ok((candle_core::CpuStorage::F32(data.to_vec()), l.shape().clone()))
     }
 
     fn bwd(

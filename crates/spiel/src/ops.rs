@@ -11,18 +11,20 @@ use rayon::prelude::*;
 
 use crate::Result;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+/// The f32 data of a contiguous CPU storage, or an error naming the op (`what`).
+pub(crate) fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(d) => d,
-        _ => candle_core::bail!("{op}: f32 only"),
+        _ => candle_core::bail!("{what}: f32 only"),
     };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
+        None => candle_core::bail!("{what}: input must be contiguous"),
     }
 }
 
-fn vec_of(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+/// A tensor's elements as a flat row-major f32 vector.
+pub(crate) fn vec_of(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.contiguous()?.flatten_all()?.to_vec1()
 }
 
@@ -43,8 +45,8 @@ impl CustomOp2 for RmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, "rms-norm")?;
-        let w = slice(s2, l2, "rms-norm")?;
+        let x = cpu_slice(s1, l1, "rms-norm")?;
+        let w = cpu_slice(s2, l2, "rms-norm")?;
         let d = w.len();
         if l1.shape().dims().last() != Some(&d) {
             candle_core::bail!("rms-norm: x {:?} vs weight [{d}]", l1.shape());
@@ -116,7 +118,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "softmax")?;
+        let x = cpu_slice(s, l, "softmax")?;
         let d = *l.shape().dims().last().unwrap_or(&1);
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
@@ -192,7 +194,7 @@ impl CustomOp1 for Rope {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "rope")?;
+        let x = cpu_slice(s, l, "rope")?;
         let (_, _, t, d) = l.shape().dims4()?;
         if self.cos.len() != t * d / 2 {
             candle_core::bail!(

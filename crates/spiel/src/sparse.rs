@@ -17,6 +17,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::ops::{cpu_slice, vec_of};
+
 /// Receives the transient dense weight gradient `[out, in]` of one module during a SpIEL-AG window.
 pub trait DenseGradHook: Send + Sync {
     /// Called once per backward pass with the row-major dense gradient.
@@ -131,17 +133,6 @@ pub struct SparseDeltaOp {
     pub hook: Option<Arc<dyn DenseGradHook>>,
 }
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(d) => d,
-        _ => candle_core::bail!("sparse-delta: {what} must be f32"),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("sparse-delta: {what} must be contiguous"),
-    }
-}
-
 impl CustomOp2 for SparseDeltaOp {
     fn name(&self) -> &'static str {
         "sparse-delta"
@@ -154,8 +145,8 @@ impl CustomOp2 for SparseDeltaOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "x")?;
-        let v = contiguous(s2, l2, "values")?;
+        let x = cpu_slice(s1, l1, "sparse-delta x")?;
+        let v = cpu_slice(s2, l2, "sparse-delta values")?;
         let (n, inp) = l1.shape().dims2()?;
         if inp != self.in_dim || v.len() != self.indices.len() {
             candle_core::bail!(
@@ -179,11 +170,11 @@ impl CustomOp2 for SparseDeltaOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, _) = x.dims2()?;
-        let gy: Vec<f32> = grad.contiguous()?.flatten_all()?.to_vec1()?;
+        let gy = vec_of(grad)?;
         let v: Vec<f32> = values.to_vec1()?;
         let mut gx = vec![0f32; n * self.in_dim];
         spmm_t_add(&mut gx, &gy, &self.indices, &v, self.in_dim, self.out_dim);
-        let xs: Vec<f32> = x.contiguous()?.flatten_all()?.to_vec1()?;
+        let xs = vec_of(x)?;
         let mut gv = vec![0f32; self.indices.len()];
         match &self.hook {
             None => sddmm(&mut gv, &gy, &xs, &self.indices, n, self.in_dim, self.out_dim),

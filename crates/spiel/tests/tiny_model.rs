@@ -8,19 +8,6 @@ use candle_core::{DType, Device, Tensor, Var};
 use spiel::model::{random_weights, Grad, KvCache, Llama};
 use spiel::quant::Format;
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn ids(v: &[u32]) -> Tensor {
     Tensor::new(v, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
 }
@@ -44,7 +31,11 @@ fn gguf_file_loads_to_the_same_model() {
         let a = reference.forward(&x, None, Grad::No, &AdapterSet::none()).unwrap();
         let b = loaded.model.forward(&x, None, Grad::No, &AdapterSet::none()).unwrap();
         // Same f32 weights, same ops: differences are summation-order only.
-        assert!(max_abs_diff(&a, &b) < 1e-5, "bias={bias}: {}", max_abs_diff(&a, &b));
+        assert!(
+            common::max_abs_diff(&a, &b) < 1e-5,
+            "bias={bias}: {}",
+            common::max_abs_diff(&a, &b)
+        );
         // The BPE merges from the metadata are used: " the" is one token.
         assert_eq!(
             loaded.tokenizer.encode("the the").unwrap(),
@@ -71,7 +62,7 @@ fn quantized_gguf_stays_close_to_f32() {
             .model
             .forward(&x, None, Grad::No, &AdapterSet::none())
             .unwrap();
-        let d = max_abs_diff(&a, &b);
+        let d = common::max_abs_diff(&a, &b);
         assert!(d < tol && d > 0.0, "{format:?}: {d}");
     }
 }
@@ -98,7 +89,7 @@ fn hf_export_round_trips() {
     let x = ids(&[1, 2, 3, 250, 7]);
     let a = m.model.forward(&x, None, Grad::No, &AdapterSet::none()).unwrap();
     let b = hf.model.forward(&x, None, Grad::No, &AdapterSet::none()).unwrap();
-    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    assert_eq!(common::max_abs_diff(&a, &b), 0.0);
     assert_eq!(
         hf.tokenizer.encode("the the").unwrap(),
         m.tokenizer.encode("the the").unwrap()
@@ -112,7 +103,7 @@ fn training_and_inference_paths_agree() {
     let x = ids(&[9, 8, 7, 6, 5, 4, 3, 2, 1]);
     let a = m.forward(&x, None, Grad::Yes, &AdapterSet::none()).unwrap();
     let b = m.forward(&x, None, Grad::No, &AdapterSet::none()).unwrap();
-    assert!(max_abs_diff(&a, &b) < 1e-5);
+    assert!(common::max_abs_diff(&a, &b) < 1e-5);
 }
 
 #[test]
@@ -126,9 +117,9 @@ fn right_padding_does_not_change_real_positions() {
     let both = m.forward(&batch, Some(&mask), Grad::Yes, &AdapterSet::none()).unwrap();
     let alone_long = m.forward(&ids(&long), None, Grad::Yes, &AdapterSet::none()).unwrap();
     let alone_short = m.forward(&ids(&short), None, Grad::Yes, &AdapterSet::none()).unwrap();
-    assert!(max_abs_diff(&both.get(0).unwrap(), &alone_long.get(0).unwrap()) < 1e-5);
+    assert!(common::max_abs_diff(&both.get(0).unwrap(), &alone_long.get(0).unwrap()) < 1e-5);
     assert!(
-        max_abs_diff(
+        common::max_abs_diff(
             &both.get(1).unwrap().narrow(0, 0, 3).unwrap(),
             &alone_short.get(0).unwrap()
         ) < 1e-5
@@ -154,7 +145,7 @@ fn kv_cache_in_chunks_matches_full_forward() {
         pos += chunk;
         assert_eq!(cache.len(), pos);
         let want = full.get(pos - 1).unwrap().unsqueeze(0).unwrap();
-        assert!(max_abs_diff(&last, &want) < 1e-5, "after {pos} tokens");
+        assert!(common::max_abs_diff(&last, &want) < 1e-5, "after {pos} tokens");
     }
 }
 

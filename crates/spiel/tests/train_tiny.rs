@@ -75,19 +75,6 @@ fn logits(m: &LoadedModel, a: &AdapterSet) -> Tensor {
     m.model.forward(&ids, None, Grad::No, a).unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 #[test]
 fn every_method_trains_saves_reloads_and_merges() {
     let dir = tempfile::tempdir().unwrap();
@@ -117,7 +104,7 @@ fn every_method_trains_saves_reloads_and_merges() {
         let set = adapter.to_set();
         let unmerged = logits(&m, &set);
         assert!(
-            max_diff(&unmerged, &logits(&m, &AdapterSet::none())) > 1e-4,
+            common::max_abs_diff(&unmerged, &logits(&m, &AdapterSet::none())) > 1e-4,
             "{method:?}: adapter changes nothing"
         );
         // Merged weights give the same logits.
@@ -125,15 +112,15 @@ fn every_method_trains_saves_reloads_and_merges() {
         let ids = Tensor::new(&[[1u32, 40, 50, 60, 70, 2, 100]], &Device::Cpu).unwrap();
         let ml = merged.forward(&ids, None, Grad::No, &AdapterSet::none()).unwrap();
         assert!(
-            max_diff(&ml, &unmerged) < 1e-4,
+            common::max_abs_diff(&ml, &unmerged) < 1e-4,
             "{method:?}: merged differs by {}",
-            max_diff(&ml, &unmerged)
+            common::max_abs_diff(&ml, &unmerged)
         );
         // Save again and reload: identical logits.
         let copy = dir.path().join(format!("{}-copy", method.as_str()));
         adapter.save(&copy).unwrap();
         let again = Adapter::load(&copy, &m.model).unwrap();
-        assert_eq!(max_diff(&logits(&m, &again.to_set()), &unmerged), 0.0);
+        assert_eq!(common::max_abs_diff(&logits(&m, &again.to_set()), &unmerged), 0.0);
         let report = spiel::inspect::inspect(&copy).unwrap();
         assert_eq!(report.method, method);
         assert!(report.total > 0 && report.render().contains("per layer"));
@@ -290,8 +277,8 @@ fn two_adapters_add_up_and_peft_style_configs_load() {
     let merged_a = m.model.merged(&a.to_set()).unwrap();
     let ids = Tensor::new(&[[1u32, 40, 50, 60, 70, 2, 100]], &Device::Cpu).unwrap();
     let stacked = merged_a.forward(&ids, None, Grad::No, &b.to_set()).unwrap();
-    assert!(max_diff(&logits(&m, &both), &stacked) < 1e-4);
-    assert!(max_diff(&logits(&m, &both), &logits(&m, &a.to_set())) > 1e-4);
+    assert!(common::max_abs_diff(&logits(&m, &both), &stacked) < 1e-4);
+    assert!(common::max_abs_diff(&logits(&m, &both), &logits(&m, &a.to_set())) > 1e-4);
 
     // A LoRA adapter_config.json as PEFT writes it (no spiel fields) loads; shapes are still checked.
     let l_out = dir.path().join("l");

@@ -208,3 +208,17 @@ fn hf_to_gguf_name(name: &str) -> String {
     };
     format!("blk.{layer}.{g}.{kind}")
 }
+
+/// Largest absolute elementwise difference of two f32 tensors.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
