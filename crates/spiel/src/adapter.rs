@@ -362,7 +362,16 @@ impl Adapter {
                         a.0, b.0
                     )));
                 }
-                let rank = config.r.unwrap_or(r).max(1) as f64;
+                if config.r.is_some_and(|cr| cr != r) {
+                    return Err(bad(format!(
+                        "`{m}`: adapter_config.json says rank {}, the tensors have rank {r}",
+                        config.r.unwrap_or(0)
+                    )));
+                }
+                if !config.lora_alpha.unwrap_or(1.0).is_finite() {
+                    return Err(Error::format(&cfg_path, "field `lora_alpha` is not a finite number"));
+                }
+                let rank = r.max(1) as f64;
                 Delta::Lora(LoraDelta {
                     a: Tensor::from_vec(a.1, (r, inp), &Device::Cpu)?,
                     b: Tensor::from_vec(b.1, (out, r), &Device::Cpu)?,

@@ -171,6 +171,29 @@ impl ModelConfig {
                 return Err(format!("field `{name}` must be positive"));
             }
         }
+        // Far beyond any real model, and small enough that every size product fits in a u64:
+        // a config cannot make spiel attempt an absurd allocation.
+        let limits = [
+            ("hidden_size", self.hidden_size, 1 << 20),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_layers", self.num_layers, 1 << 10),
+            ("num_heads", self.num_heads, 1 << 10),
+            ("num_kv_heads", self.num_kv_heads, 1 << 10),
+            ("head_dim", self.head_dim, 1 << 14),
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("max_position_embeddings", self.max_position_embeddings, 1 << 24),
+        ];
+        for (name, v, max) in limits {
+            if v > max {
+                return Err(format!("field `{name}` = {v} is larger than spiel supports ({max})"));
+            }
+        }
+        if self.num_heads * self.head_dim > 1 << 20 {
+            return Err(format!(
+                "num_heads x head_dim = {} is larger than spiel supports",
+                self.num_heads * self.head_dim
+            ));
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_heads {} is not a multiple of num_kv_heads {}",

@@ -13,6 +13,7 @@ pub mod data;
 mod error;
 pub mod eval;
 pub mod fsutil;
+pub mod fuzzing;
 pub mod generate;
 pub mod gguf;
 pub mod inspect;
@@ -25,6 +26,7 @@ pub mod quant;
 pub mod score;
 pub mod select;
 pub mod sparse;
+pub mod synth;
 pub mod tokenizer;
 pub mod train;
 

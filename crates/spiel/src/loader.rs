@@ -74,6 +74,54 @@ pub fn gguf_to_hf_name(name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
+/// Map a canonical Hugging Face tensor name to its GGUF name (the inverse of [`gguf_to_hf_name`]).
+pub fn hf_to_gguf_name(name: &str) -> Option<String> {
+    let simple = match name {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(s) = simple {
+        return Some(s.to_string());
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// llama.cpp's q/k row permutation (the inverse of [`unpermute_rope_rows`]): rotate-half row
+/// `j * D/2 + i` of a head becomes GGUF row `2*i + j`.
+pub fn permute_rope_rows(data: &[f32], n_heads: usize, row_len: usize) -> Vec<f32> {
+    let d = data.len() / row_len / n_heads;
+    let half = d / 2;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..n_heads {
+        for j in 0..2 {
+            for i in 0..half {
+                let hf = (h * d + j * half + i) * row_len;
+                let gg = (h * d + 2 * i + j) * row_len;
+                out[gg..gg + row_len].copy_from_slice(&data[hf..hf + row_len]);
+            }
+        }
+    }
+    out
+}
+
 /// Undo llama.cpp's q/k row permutation for one head-major matrix (or bias) of `n_heads` heads:
 /// GGUF row `2*i + j` of a head holds rotate-half row `j * D/2 + i`.
 pub fn unpermute_rope_rows(data: &[f32], n_heads: usize, row_len: usize) -> Vec<f32> {

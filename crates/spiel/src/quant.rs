@@ -1,4 +1,5 @@
-//! Tensor element formats found in GGUF and safetensors files, and their dequantisation to f32.
+//! Tensor element formats found in GGUF and safetensors files: dequantisation to f32, and the
+//! matching quantisers (ggml's reference rounding) for writing them.
 //!
 //! Block layouts (32 weights per block), as in ggml:
 //! - Q4_0: f16 scale d, 16 bytes of nibbles; w[j] = d * ((q[j] & 0xF) - 8), w[16+j] = d * ((q[j] >> 4) - 8).
@@ -169,6 +170,55 @@ pub fn dequantize_serial(format: Format, src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// Encode `data` in `format`, the way ggml's reference quantisers do: Q4_0 scales by the
+/// signed value of largest magnitude over -8, Q4_1 spans [min, max] in 15 steps, Q8_0 scales by
+/// absmax / 127. `None` when `data.len()` is not a whole number of blocks.
+pub fn quantize(format: Format, data: &[f32]) -> Option<Vec<u8>> {
+    let out_len = format.bytes_for(data.len())?;
+    let mut out = Vec::with_capacity(out_len);
+    match format {
+        Format::F32 => data.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        Format::F16 => data
+            .iter()
+            .for_each(|x| out.extend_from_slice(&f16::from_f32(*x).to_le_bytes())),
+        Format::BF16 => data
+            .iter()
+            .for_each(|x| out.extend_from_slice(&bf16::from_f32(*x).to_le_bytes())),
+        Format::Q4_0 => {
+            for b in data.chunks_exact(QK) {
+                let max = b.iter().fold(0f32, |m, &x| if x.abs() > m.abs() { x } else { m });
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                let q = |x: f32| ((x * id + 8.5) as u8).min(15);
+                out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+            }
+        }
+        Format::Q4_1 => {
+            for b in data.chunks_exact(QK) {
+                let min = b.iter().copied().fold(f32::INFINITY, f32::min);
+                let max = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let d = (max - min) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
+                let q = |x: f32| (((x - min) * id + 0.5) as u8).min(15);
+                out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+            }
+        }
+        Format::Q8_0 => {
+            for b in data.chunks_exact(QK) {
+                let amax = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                out.extend(b.iter().map(|x| (x * id).round() as i8 as u8));
+            }
+        }
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,5 +313,46 @@ mod tests {
         assert_eq!(Format::Q4_1.bytes_for(33), None);
         assert_eq!(Format::F32.bytes_for(3), Some(12));
         assert_eq!(Format::Q8_0.bytes_for(usize::MAX / 32 * 32), None);
+    }
+
+    #[test]
+    fn quantize_round_trip_error_is_within_the_format_bound() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for format in [Format::F16, Format::BF16, Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+            for blocks in [1usize, 7, 130] {
+                let n = blocks * 32;
+                let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+                let q = quantize(format, &x).unwrap();
+                assert_eq!(q.len(), format.bytes_for(n).unwrap());
+                let mut y = vec![0f32; n];
+                dequantize(format, &q, &mut y);
+                for (b, (xb, yb)) in x.chunks(32).zip(y.chunks(32)).enumerate() {
+                    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let (lo, hi) = xb.iter().fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+                    // Largest error per element: half a step, except Q4_0, whose asymmetric
+                    // range [-8d, 7d] can clip the far end by a whole step. Plus f16 scale rounding.
+                    let bound = match format {
+                        Format::F16 => amax * 2f32.powi(-11),
+                        Format::BF16 => amax * 2f32.powi(-8),
+                        Format::Q4_0 => amax / 8.0 * 1.01,
+                        Format::Q4_1 => (hi - lo) / 15.0 * 0.51 + amax * 1e-3,
+                        Format::Q8_0 => amax / 127.0 * 0.51 + amax * 1e-3,
+                        Format::F32 => 0.0,
+                    };
+                    for (i, (a, c)) in xb.iter().zip(yb).enumerate() {
+                        assert!(
+                            (a - c).abs() <= bound,
+                            "{format:?} block {b} elem {i}: {a} vs {c} (bound {bound})"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(quantize(Format::Q4_0, &[0.0; 33]).is_none());
+        // An all-zero block stays zero.
+        let z = quantize(Format::Q4_1, &[0.0; 32]).unwrap();
+        let mut y = vec![1f32; 32];
+        dequantize(Format::Q4_1, &z, &mut y);
+        assert!(y.iter().all(|&v| v == 0.0));
     }
 }

@@ -26,7 +26,7 @@ fn tiny_gguf(dir: &Path) -> std::path::PathBuf {
     let cfg = common::tiny_cfg();
     let w = random_weights(&cfg, 1, &Device::Cpu).unwrap();
     let p = dir.join("tiny.gguf");
-    common::write_tiny_gguf(&p, &cfg, &w, Format::F32);
+    spiel::synth::write_gguf(&p, &cfg, &w, Format::F32).unwrap();
     p
 }
 

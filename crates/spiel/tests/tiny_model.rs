@@ -23,7 +23,7 @@ fn gguf_file_loads_to_the_same_model() {
         let w = random_weights(&cfg, 3, &dev).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
-        common::write_tiny_gguf(&path, &cfg, &w, Format::F32);
+        spiel::synth::write_gguf(&path, &cfg, &w, Format::F32).unwrap();
         let loaded = spiel::loader::load(&path, &dev).unwrap();
         assert_eq!(loaded.model.cfg, cfg);
         let reference = Llama::from_weights(cfg.clone(), w, &dev).unwrap();
@@ -53,10 +53,15 @@ fn quantized_gguf_stays_close_to_f32() {
     let x = ids(&[5, 17, 200, 3, 99]);
     let a = reference.forward(&x, None, Grad::No, &AdapterSet::none()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    // f16 keeps ~3 decimal digits, Q8_0 ~2: logits of size ~0.1 move by far less than 1e-2.
-    for (format, tol) in [(Format::F16, 1e-3), (Format::Q8_0, 1e-2)] {
+    // f16 keeps ~3 decimal digits, Q8_0 ~2, 4-bit ~1: logits of size ~0.1 move by far less.
+    for (format, tol) in [
+        (Format::F16, 1e-3),
+        (Format::Q8_0, 1e-2),
+        (Format::Q4_1, 5e-2),
+        (Format::Q4_0, 5e-2),
+    ] {
         let path = dir.path().join(format!("{format:?}.gguf"));
-        common::write_tiny_gguf(&path, &cfg, &w, format);
+        spiel::synth::write_gguf(&path, &cfg, &w, format).unwrap();
         let b = spiel::loader::load(&path, &dev)
             .unwrap()
             .model
@@ -78,7 +83,7 @@ fn hf_export_round_trips() {
     let w = random_weights(&cfg, 5, &dev).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let gguf = dir.path().join("tiny.gguf");
-    common::write_tiny_gguf(&gguf, &cfg, &w, Format::F32);
+    spiel::synth::write_gguf(&gguf, &cfg, &w, Format::F32).unwrap();
     let m = spiel::loader::load(&gguf, &dev).unwrap();
     let out = dir.path().join("hf");
     spiel::loader::export_hf(&m.model, &m.tokenizer, &out).unwrap();

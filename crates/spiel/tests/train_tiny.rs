@@ -16,7 +16,7 @@ fn tiny(dir: &std::path::Path) -> LoadedModel {
     let cfg = common::tiny_cfg();
     let w = spiel::model::random_weights(&cfg, 11, &Device::Cpu).unwrap();
     let p = dir.join("tiny.gguf");
-    common::write_tiny_gguf(&p, &cfg, &w, Format::F32);
+    spiel::synth::write_gguf(&p, &cfg, &w, Format::F32).unwrap();
     spiel::loader::load(&p, &Device::Cpu).unwrap()
 }
 
