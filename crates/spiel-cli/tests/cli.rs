@@ -338,6 +338,12 @@ fn sigint_checkpoints_and_resume_completes() {
     assert!(out.join("adapter/adapter_model.safetensors").exists());
 }
 
+/// The `--steps` value in a train command line.
+fn steps_of(args: &[String]) -> u64 {
+    let i = args.iter().position(|a| a == "--steps").unwrap();
+    args[i + 1].parse().unwrap()
+}
+
 fn spiel_checkpoints(out: &std::path::Path) -> usize {
     std::fs::read_dir(out.join("checkpoints"))
         .map(|d| d.count())
@@ -395,29 +401,64 @@ fn eval_tasks_run_and_bad_arguments_are_refused() {
     assert_eq!(g["problems"], 1);
 }
 
-/// Crash safety: SIGKILL a run at several moments (checkpoints are written every update, so some
-/// kills land in a checkpoint write), resume each time, and end with the same adapter and metrics
-/// as an uninterrupted run, every step logged exactly once.
+/// Crash safety on the default model: SIGKILL a run at several moments (checkpoints are written
+/// every update, so some kills land in a checkpoint write), resume each time, and end with the
+/// same adapter and metrics as an uninterrupted run, every step logged exactly once.
 #[test]
 fn killed_and_resumed_runs_match_an_uninterrupted_one() {
     if !have_model() {
         return;
     }
+    kill_and_resume(None, 6, &[1500, 2600, 3300, 900]);
+}
+
+/// The same on a tiny random model: many short steps, so a dozen kills at spread-out moments hit
+/// every phase (model load, steps, evaluation, checkpoint writes, the final adapter write).
+#[test]
+fn killed_and_resumed_tiny_runs_match_an_uninterrupted_one() {
+    kill_and_resume(
+        Some(tiny_model),
+        40,
+        &[120, 260, 400, 90, 530, 310, 700, 180, 450, 640, 220, 380],
+    );
+}
+
+/// Write a tiny random LLaMA (byte-level tokenizer) as a GGUF file.
+fn tiny_model(dir: &std::path::Path) -> PathBuf {
+    let p = dir.join("tiny.gguf");
+    let cfg = spiel::config::ModelConfig {
+        vocab_size: spiel::synth::BYTE_LEVEL_VOCAB,
+        ..spiel::model::tiny_config()
+    };
+    let w = spiel::model::random_weights(&cfg, 3, &candle_core::Device::Cpu).unwrap();
+    spiel::synth::write_gguf(&p, &cfg, &w, spiel::quant::Format::F32).unwrap();
+    p
+}
+
+/// Train `steps` steps uninterrupted, then again killing the run after each of `delays_ms` from
+/// its start and resuming, and compare metrics and adapter. `model` builds the model file
+/// (default model when `None`).
+fn kill_and_resume(model: Option<fn(&std::path::Path) -> PathBuf>, steps: usize, delays_ms: &[u64]) {
     let dir = tempfile::tempdir().unwrap();
+    let model_args: Vec<String> = match model {
+        Some(make) => vec!["--model".into(), make(dir.path()).to_str().unwrap().into()],
+        None => vec![],
+    };
     let data = dir.path().join("d.jsonl");
     let rows: String = (0..10)
         .map(|i| format!("{{\"instruction\": \"Spell {i}.\", \"output\": \"{i} is spelled out.\"}}\n"))
         .collect();
     std::fs::write(&data, rows).unwrap();
+    let steps = steps.to_string();
     let run_args = |out: &std::path::Path| -> Vec<String> {
-        [
+        let mut a: Vec<String> = [
             "train",
             "--data",
             data.to_str().unwrap(),
             "--out",
             out.to_str().unwrap(),
             "--steps",
-            "6",
+            &steps,
             "--batch-size",
             "2",
             "--heldout",
@@ -435,7 +476,9 @@ fn killed_and_resumed_runs_match_an_uninterrupted_one() {
         ]
         .iter()
         .map(|s| s.to_string())
-        .collect()
+        .collect();
+        a.extend(model_args.iter().cloned());
+        a
     };
     let whole = dir.path().join("whole");
     let o = Command::new(env!("CARGO_BIN_EXE_spiel"))
@@ -447,8 +490,8 @@ fn killed_and_resumed_runs_match_an_uninterrupted_one() {
 
     let killed = dir.path().join("killed");
     let metrics = killed.join("metrics.jsonl");
-    // Kill after a few delays measured from the start of each attempt (model load included).
-    for (attempt, delay_ms) in [1500u64, 2600, 3300, 900].into_iter().enumerate() {
+    // Kill after each delay measured from the start of an attempt (model load included).
+    for (attempt, &delay_ms) in delays_ms.iter().enumerate() {
         let mut args = run_args(&killed);
         if attempt > 0 {
             args.push("--resume".into());
@@ -470,6 +513,13 @@ fn killed_and_resumed_runs_match_an_uninterrupted_one() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Nothing half-written is left behind.
+    for d in [killed.clone(), killed.join("checkpoints")] {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            assert!(!name.starts_with(".spiel-"), "{}: leftover {name}", d.display());
+        }
+    }
 
     let read = |p: &std::path::Path| -> Vec<serde_json::Value> {
         std::fs::read_to_string(p)
@@ -480,7 +530,8 @@ fn killed_and_resumed_runs_match_an_uninterrupted_one() {
     };
     let (a, b) = (read(&whole.join("metrics.jsonl")), read(&metrics));
     let steps = |v: &[serde_json::Value]| v.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>();
-    assert_eq!(steps(&b), (0..=6).collect::<Vec<_>>(), "every step exactly once");
+    let n: u64 = steps_of(&run_args(&whole));
+    assert_eq!(steps(&b), (0..=n).collect::<Vec<_>>(), "every step exactly once");
     assert_eq!(steps(&a), steps(&b));
     for (x, y) in a.iter().zip(&b) {
         for k in ["loss", "eval_loss"] {
@@ -512,4 +563,100 @@ fn killed_and_resumed_runs_match_an_uninterrupted_one() {
             }
         }
     }
+}
+
+/// `spiel compare` on a tiny random model: every method and seed trains on one split, the report
+/// has the base row and one row per method with its spread, the plot is written, and a rerun
+/// reuses the finished runs instead of training again.
+#[test]
+fn compare_trains_every_method_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    // A long context so a GSM8K question fits the byte-level tokenizer.
+    let cfg = spiel::config::ModelConfig {
+        vocab_size: spiel::synth::BYTE_LEVEL_VOCAB,
+        max_position_embeddings: 2048,
+        ..spiel::model::tiny_config()
+    };
+    let w = spiel::model::random_weights(&cfg, 5, &candle_core::Device::Cpu).unwrap();
+    spiel::synth::write_gguf(&model, &cfg, &w, spiel::quant::Format::F32).unwrap();
+    let data = dir.path().join("d.jsonl");
+    let rows: String = (0..12)
+        .map(|i| format!("{{\"instruction\": \"Count to {i}.\", \"output\": \"{i} {i} {i}.\"}}\n"))
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let out = dir.path().join("cmp");
+    let config = dir.path().join("cmp.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"out = "{}"
+methods = ["spiel-ag", "spiel-ma", "lora", "full"]
+seeds = [0, 1]
+[train]
+model = "{}"
+data = "{}"
+steps = 4
+batch_size = 2
+heldout = 3
+max_len = 40
+eval_every = 2
+reselection_steps = 2
+accumulation_steps = 1
+[eval]
+gsm8k_limit = 1
+gsm8k_shots = 0
+gsm8k_max_new_tokens = 4
+"#,
+            out.display(),
+            model.display(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    let o = spiel(&["compare", "--config", config.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(md.contains("| base model | 0 |"), "{md}");
+    for m in ["spiel-ag", "spiel-ma", "lora", "full"] {
+        assert_eq!(
+            md.matches(&format!("\n| {m} | ")).count(),
+            3,
+            "{m}: summary row + 2 seeds\n{md}"
+        );
+    }
+    assert!(out.join("curves.png").metadata().unwrap().len() > 1000);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let runs = json["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 8);
+    for r in runs {
+        assert!(r["heldout_loss"].as_f64().unwrap().is_finite());
+        assert!(r["peak_rss_mib"].as_f64().unwrap() > 1.0);
+        assert!(r["gsm8k"].as_f64().is_some());
+        assert!(r["curve"].as_array().unwrap().len() >= 3, "{r}");
+    }
+    // Same split for every seed: step-0 held-out losses agree.
+    let first: Vec<f64> = runs.iter().map(|r| r["curve"][0][1].as_f64().unwrap()).collect();
+    assert!(first.iter().all(|&x| (x - first[0]).abs() < 1e-9), "{first:?}");
+    // Sparse and LoRA budgets match.
+    let trainable = |m: &str| {
+        runs.iter().find(|r| r["method"] == m).unwrap()["trainable"]
+            .as_u64()
+            .unwrap()
+    };
+    let (ag, lora) = (trainable("spiel-ag") as f64, trainable("lora") as f64);
+    assert!((ag - lora).abs() / lora < 0.01, "{ag} vs {lora}");
+    // A rerun trains nothing and gives the same table.
+    let o = spiel(&["compare", "--config", config.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("== training"));
+    assert_eq!(std::fs::read_to_string(out.join("results.md")).unwrap(), md);
+    // A config that sets a per-run field is refused with the file named.
+    std::fs::write(
+        &config,
+        "out = 'x'\nmethods = ['lora']\nseeds = [0]\n[train]\nseed = 1\n",
+    )
+    .unwrap();
+    assert_clean_error(&spiel(&["compare", "--config", config.to_str().unwrap()]), "cmp.toml");
 }

@@ -34,9 +34,9 @@ pub enum Target {
     SafetensorsIndex,
     /// A training data file: Alpaca JSON array or chat/Alpaca JSONL, then tokenized.
     Data,
-    /// `adapter_config.json` next to a valid sparse and a valid LoRA tensor file.
+    /// `adapter_config.json` next to a valid tensor file of the kind it declares.
     AdapterConfig,
-    /// `adapter_model.safetensors` next to a valid sparse and a valid LoRA config.
+    /// `adapter_model.safetensors` next to a valid config of the kind its tensor names suggest, then merged.
     AdapterSafetensors,
 }
 
@@ -120,24 +120,27 @@ impl Target {
             }
             Target::AdapterConfig => {
                 write("adapter_config.json", bytes)?;
-                // Accepted when it fits either companion tensor file (a config is for one kind).
-                let load = |kind: &str| -> Result<()> {
-                    let st = fx.adapters.join(kind).join("adapter_model.safetensors");
-                    std::fs::copy(&st, case.join("adapter_model.safetensors")).map_err(|e| Error::io(&st, e))?;
-                    Adapter::load(&case, &fx.model.model).map(drop)
+                // The companion tensor file of the kind the config declares (PEFT's default: LoRA).
+                let method = serde_json::from_slice::<serde_json::Value>(bytes)
+                    .ok()
+                    .and_then(|v| v.get("method").and_then(|m| m.as_str()).map(str::to_string));
+                let kind = match method.as_deref() {
+                    Some("spiel-ag" | "spiel-ma") => "sparse",
+                    _ => "lora",
                 };
-                load("sparse").or_else(|e| load("lora").map_err(|_| e))?;
+                let st = fx.adapters.join(kind).join("adapter_model.safetensors");
+                std::fs::copy(&st, case.join("adapter_model.safetensors")).map_err(|e| Error::io(&st, e))?;
+                Adapter::load(&case, &fx.model.model)?;
             }
             Target::AdapterSafetensors => {
                 write("adapter_model.safetensors", bytes)?;
-                // Accepted when either companion config takes it; then merged into the base.
-                let load = |kind: &str| -> Result<()> {
-                    let c = fx.adapters.join(kind).join("adapter_config.json");
-                    std::fs::copy(&c, case.join("adapter_config.json")).map_err(|e| Error::io(&c, e))?;
-                    let a = Adapter::load(&case, &fx.model.model)?;
-                    fx.model.model.merged(&a.to_set()).map(drop)
-                };
-                load("sparse").or_else(|e| load("lora").map_err(|_| e))?;
+                // The companion config of the kind the tensor names suggest; then merged.
+                let lora = bytes.windows(6).any(|w| w == b"lora_A");
+                let kind = if lora { "lora" } else { "sparse" };
+                let c = fx.adapters.join(kind).join("adapter_config.json");
+                std::fs::copy(&c, case.join("adapter_config.json")).map_err(|e| Error::io(&c, e))?;
+                let a = Adapter::load(&case, &fx.model.model)?;
+                fx.model.model.merged(&a.to_set())?;
             }
         }
         Ok(())

@@ -8,6 +8,7 @@ pub mod adapter;
 pub mod assets;
 pub mod bench;
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 pub mod data;
 mod error;

@@ -95,6 +95,9 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f64>,
     /// Seed for indices, data order, split and dropout.
     pub seed: u64,
+    /// Seed of the train / held-out split alone (default: `seed`), so runs with different seeds
+    /// can be scored on the same held-out examples.
+    pub split_seed: Option<u64>,
     /// Held-out loss every N updates (and at step 0); 0 disables.
     pub eval_every: usize,
     /// Examples held out for evaluation.
@@ -146,6 +149,7 @@ impl Default for TrainConfig {
             sm3_eps: 1e-8,
             max_grad_norm: None,
             seed: 42,
+            split_seed: None,
             eval_every: 20,
             heldout: 50,
             eval_batch_size: 8,
@@ -159,6 +163,18 @@ impl TrainConfig {
     pub fn from_toml_file(path: &Path) -> Result<TrainConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         toml::from_str(&text).map_err(|e| Error::format(path, e.to_string().replace('\n', " ")))
+    }
+
+    /// The config as TOML (what `config.toml` of a run holds).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| Error::Invalid(e.to_string()))
+    }
+
+    /// Parse and validate a TOML config held in memory.
+    pub fn from_toml_str(text: &str) -> Result<TrainConfig> {
+        let c: TrainConfig = toml::from_str(text).map_err(|e| Error::Invalid(e.to_string().replace('\n', " ")))?;
+        c.validate()?;
+        Ok(c)
     }
 
     /// The learning rate, defaulting by method.
@@ -424,7 +440,7 @@ impl Trainer {
         conversations: &[data::Conversation],
     ) -> Result<(Trainer, data::TokenizeStats)> {
         cfg.validate()?;
-        let (train_c, held_c) = data::split(conversations, cfg.heldout, cfg.seed)?;
+        let (train_c, held_c) = data::split(conversations, cfg.heldout, cfg.split_seed.unwrap_or(cfg.seed))?;
         let (train, mut stats) = data::tokenize_all(&train_c, tokenizer, cfg.max_len)?;
         let (heldout, hs) = data::tokenize_all(&held_c, tokenizer, cfg.max_len)?;
         stats.truncated += hs.truncated;
@@ -1055,6 +1071,8 @@ pub struct RunPaths {
     pub model: PathBuf,
     /// The resolved config.
     pub config: PathBuf,
+    /// summary.json, written last: the run finished.
+    pub summary: PathBuf,
 }
 
 impl RunPaths {
@@ -1066,6 +1084,7 @@ impl RunPaths {
             adapter: out.join("adapter"),
             model: out.join("model"),
             config: out.join("config.toml"),
+            summary: out.join("summary.json"),
         }
     }
 }
@@ -1151,7 +1170,17 @@ pub fn run(
     let cfg = trainer.cfg.clone();
     let paths = RunPaths::new(&cfg.out);
     std::fs::create_dir_all(&paths.out).map_err(|e| Error::io(&paths.out, e))?;
-    let toml_text = toml::to_string(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+    // A run killed mid-write leaves staging files behind: finish or discard them first.
+    for dir in [paths.out.clone(), paths.out.join("checkpoints")] {
+        let n = fsutil::recover_dir(&dir)?;
+        if n > 0 {
+            tracing::info!(
+                "{}: cleaned up {n} leftover staging file(s) of an interrupted write",
+                dir.display()
+            );
+        }
+    }
+    let toml_text = cfg.to_toml()?;
     fsutil::write_atomic(&paths.config, toml_text.as_bytes())?;
     let mut initial_eval = None;
     if resume {
@@ -1234,6 +1263,17 @@ pub fn run(
             paths.model.clone()
         }
     };
+    let record = serde_json::json!({
+        "method": cfg.method.as_str(),
+        "steps": trainer.step,
+        "train_secs": trainer.train_secs,
+        "initial_eval_loss": initial_eval,
+        "final_eval_loss": final_eval,
+        "trainable_parameters": trainer.trainable_parameters(),
+        "output": output,
+    });
+    let text = serde_json::to_string_pretty(&record).map_err(|e| Error::Invalid(e.to_string()))?;
+    fsutil::write_atomic(&paths.summary, text.as_bytes())?;
     Ok(RunSummary {
         initial_eval,
         final_eval,

@@ -30,6 +30,12 @@ fn regression_inputs_are_refused_without_panicking() {
             match got {
                 Ok(Err(e)) => {
                     let msg = e.to_string();
+                    // The table in docs/robustness.md is this output (`-- --nocapture`).
+                    eprintln!(
+                        "| {} | `{}` | {msg} |",
+                        target.name(),
+                        file.file_name().unwrap().to_string_lossy()
+                    );
                     assert!(!msg.is_empty() && !msg.contains('\n'), "{}: {msg:?}", file.display());
                 }
                 Ok(Ok(())) => panic!("{}: hostile input was accepted", file.display()),
