@@ -486,6 +486,9 @@ impl TrainArgs {
         if self.model.model.is_some() {
             c.model = self.model.model.clone();
         }
+        if let Some(q) = self.model.quantize {
+            c.quantize = q;
+        }
         if self.data.is_some() {
             c.data = self.data.clone();
         }
@@ -523,6 +526,10 @@ struct ModelArgs {
     /// A GGUF file or a Hugging Face directory (default: the fetched SmolLM2-135M-Instruct).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Hold the projection weights as: none (f32), keep (the GGUF file's Q4_0/Q4_1/Q8_0 blocks),
+    /// nf4 (4-bit NormalFloat, double-quantised scales) [default: none].
+    #[arg(long)]
+    quantize: Option<loader::Quantize>,
 }
 
 fn home(cli_home: &Option<PathBuf>) -> PathBuf {
@@ -540,7 +547,11 @@ fn load_model(args: &ModelArgs, home: &Path) -> Result<LoadedModel> {
             assets::ensure(&assets::MODEL, home)?
         }
     };
-    Ok(loader::load(&path, &Device::Cpu)?)
+    Ok(loader::load_with(
+        &path,
+        &Device::Cpu,
+        args.quantize.unwrap_or_default(),
+    )?)
 }
 
 /// Load adapter directories for `m` into one additive set.
@@ -681,6 +692,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Merge { model, adapter, out } => {
             let m = load_model(&model, &home)?;
             let adapters = load_adapters(&adapter, &m)?;
+            if m.model.is_quantized() {
+                eprintln!(
+                    "warning: merging into quantised weights would lose the deltas' precision; writing a dense f32 model instead"
+                );
+            }
             let merged = m.model.merged(&adapters)?;
             loader::export_hf(&merged, &m.tokenizer, &out)?;
             println!("wrote merged model {}", out.display());
@@ -871,6 +887,7 @@ fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
     let m = load_model(
         &ModelArgs {
             model: cfg.model.clone(),
+            quantize: Some(cfg.quantize),
         },
         home,
     )?;
@@ -1075,6 +1092,7 @@ fn run_compare(config: &Path, home: &Path, threads: Option<usize>) -> Result<()>
     let m = load_model(
         &ModelArgs {
             model: first.model.clone(),
+            quantize: Some(first.quantize),
         },
         home,
     )?;

@@ -23,6 +23,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod plot;
+pub mod qmatrix;
 pub mod quant;
 pub mod score;
 pub mod select;

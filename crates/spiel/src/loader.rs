@@ -15,7 +15,8 @@ use candle_core::{Device, Tensor};
 use crate::config::ModelConfig;
 use crate::fsutil;
 use crate::gguf::Gguf;
-use crate::model::{Llama, Weights};
+use crate::model::{Llama, QWeights, Weights};
+use crate::qmatrix::{QFormat, QMatrix};
 use crate::quant::Format;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -30,12 +31,52 @@ pub struct LoadedModel {
     pub source: PathBuf,
 }
 
-/// Load a model from a GGUF file or a Hugging Face directory.
+/// How to hold the projection weights (q, k, v, o, gate, up, down) of a loaded model. Embeddings,
+/// norms and the head stay f32 whatever the choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Quantize {
+    /// Dense f32.
+    #[default]
+    None,
+    /// Keep a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks as loaded (other formats load dense).
+    Keep,
+    /// NF4 with double-quantised scales, whatever the file's format.
+    Nf4,
+}
+
+impl std::str::FromStr for Quantize {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Quantize> {
+        match s {
+            "none" => Ok(Quantize::None),
+            "keep" => Ok(Quantize::Keep),
+            "nf4" => Ok(Quantize::Nf4),
+            _ => Err(Error::Invalid(format!("unknown quantisation `{s}` (none, keep, nf4)"))),
+        }
+    }
+}
+
+/// Load a model from a GGUF file or a Hugging Face directory, projections in f32.
 pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
+    load_with(path, device, Quantize::None)
+}
+
+/// Load a model, holding its projection weights as `quantize` says.
+pub fn load_with(path: &Path, device: &Device, quantize: Quantize) -> Result<LoadedModel> {
     if path.is_dir() {
-        load_hf_dir(path, device)
+        let mut m = load_hf_dir(path, device)?;
+        match quantize {
+            Quantize::None => {}
+            Quantize::Keep => tracing::warn!(
+                "{}: safetensors hold no quantised blocks to keep; the projections stay f32",
+                path.display()
+            ),
+            Quantize::Nf4 => m.model.quantize_linears(QFormat::Nf4)?,
+        }
+        Ok(m)
     } else if path.exists() {
-        load_gguf(path, device)
+        load_gguf_with(path, device, quantize)
     } else {
         Err(Error::io(
             path,
@@ -124,11 +165,12 @@ pub fn permute_rope_rows(data: &[f32], n_heads: usize, row_len: usize) -> Vec<f3
 
 /// Undo llama.cpp's q/k row permutation for one head-major matrix (or bias) of `n_heads` heads:
 /// GGUF row `2*i + j` of a head holds rotate-half row `j * D/2 + i`.
-pub fn unpermute_rope_rows(data: &[f32], n_heads: usize, row_len: usize) -> Vec<f32> {
+/// Works on any row layout: f32 values, or the bytes of whole quantised blocks per row.
+pub fn unpermute_rope_rows<T: Copy + Default>(data: &[T], n_heads: usize, row_len: usize) -> Vec<T> {
     let rows = data.len() / row_len;
     let d = rows / n_heads;
     let half = d / 2;
-    let mut out = vec![0f32; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..n_heads {
         for j in 0..2 {
             for i in 0..half {
@@ -143,16 +185,22 @@ pub fn unpermute_rope_rows(data: &[f32], n_heads: usize, row_len: usize) -> Vec<
 
 /// Load a GGUF file: config, tokenizer and f32 weights.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
+    load_gguf_with(path, device, Quantize::None)
+}
+
+/// Load a GGUF file, holding the projections as `quantize` says. Each projection is quantised as
+/// it is read, so the dense model never exists in memory at once.
+pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Result<LoadedModel> {
     let g = Gguf::open(path)?;
     let cfg = ModelConfig::from_gguf(&g)?;
     let tokenizer = Tokenizer::from_gguf(&g)?;
     let mut weights = Weights::new();
+    let mut qweights = QWeights::new();
     for info in &g.tensors {
         let Some(name) = gguf_to_hf_name(&info.name) else {
             tracing::debug!("ignoring GGUF tensor {}", info.name);
             continue;
         };
-        let mut data = g.dequantize(info);
         // Rows are the slowest dimension; a 1-D tensor (a bias) has one element per row.
         let row_len = if info.shape.len() == 1 {
             1
@@ -162,14 +210,46 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
         // llama.cpp's converter permutes q/k only for LLaMA-style models (llama, mistral);
         // Qwen2 GGUFs keep the rotate-half layout.
         let permuted = cfg.architecture != "Qwen2ForCausalLM";
-        if permuted && name.contains("self_attn.q_proj") {
-            data = unpermute_rope_rows(&data, cfg.num_heads, row_len);
-        } else if permuted && name.contains("self_attn.k_proj") {
-            data = unpermute_rope_rows(&data, cfg.num_kv_heads, row_len);
+        let heads = if name.contains("self_attn.q_proj") {
+            Some(cfg.num_heads)
+        } else if name.contains("self_attn.k_proj") {
+            Some(cfg.num_kv_heads)
+        } else {
+            None
+        }
+        .filter(|_| permuted);
+        let projection = name.starts_with("model.layers.") && name.ends_with("_proj.weight") && info.shape.len() == 2;
+        let block_format = matches!(info.format, Format::Q4_0 | Format::Q4_1 | Format::Q8_0);
+        if projection && quantize == Quantize::Keep && block_format {
+            let row_bytes = info.format.bytes_for(row_len).unwrap_or(0);
+            let mut bytes = g.tensor_bytes(info).to_vec();
+            if let Some(h) = heads {
+                bytes = unpermute_rope_rows(&bytes, h, row_bytes);
+            }
+            let q = QMatrix::from_ggml(info.format, bytes, info.shape[0], row_len)
+                .map_err(|e| Error::format(path, format!("{name}: {e}")))?;
+            qweights.insert(name, q);
+            continue;
+        }
+        let mut data = g.dequantize(info);
+        if let Some(h) = heads {
+            data = unpermute_rope_rows(&data, h, row_len);
+        }
+        if projection && quantize == Quantize::Nf4 {
+            let q =
+                QMatrix::nf4(&data, info.shape[0], row_len).map_err(|e| Error::format(path, format!("{name}: {e}")))?;
+            qweights.insert(name, q);
+            continue;
         }
         weights.insert(name, Tensor::from_vec(data, info.shape.clone(), device)?);
     }
-    let model = Llama::from_weights(cfg, weights, device).map_err(|e| Error::format(path, e.to_string()))?;
+    if quantize == Quantize::Keep && qweights.is_empty() {
+        tracing::warn!(
+            "{}: no Q4_0 / Q4_1 / Q8_0 projections to keep; they stay f32",
+            path.display()
+        );
+    }
+    let model = Llama::from_parts(cfg, weights, qweights, device).map_err(|e| Error::format(path, e.to_string()))?;
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -258,7 +338,7 @@ pub fn export_hf(model: &Llama, tokenizer: &Tokenizer, out: &Path) -> Result<()>
         fsutil::write_atomic(&dir.join("tokenizer.json"), tokenizer.to_json()?.as_bytes())?;
         let tc = serde_json::to_string_pretty(&tokenizer.config_json()).map_err(|e| Error::Invalid(e.to_string()))?;
         fsutil::write_atomic(&dir.join("tokenizer_config.json"), tc.as_bytes())?;
-        write_safetensors(&dir.join("model.safetensors"), &model.named_weights())
+        write_safetensors(&dir.join("model.safetensors"), &model.named_weights()?)
     })
 }
 

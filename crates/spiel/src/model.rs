@@ -12,11 +12,13 @@
 //! heads, D head dim, V vocab.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::adapter::{AdapterSet, Delta};
 use crate::config::ModelConfig;
+use crate::qmatrix::{QFormat, QMatrix};
 use crate::{Error, Result};
 
 /// Named weight tensors, keyed by canonical Hugging Face names (`model.layers.0.mlp.up_proj.weight`).
@@ -43,14 +45,66 @@ pub struct Linear {
     /// Canonical module path, e.g. `model.layers.3.self_attn.q_proj`.
     pub name: String,
     /// Frozen base weight, `[out, in]`.
-    pub weight: Tensor,
+    pub weight: Weight,
     /// Optional frozen bias, `[out]`.
     pub bias: Option<Tensor>,
 }
 
+/// The base weight of a projection: dense f32 (trainable in full fine-tuning), or quantised and
+/// frozen, multiplied tile by tile without a dense copy ([`crate::qmatrix`]).
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// A dense `[out, in]` tensor.
+    Dense(Tensor),
+    /// Quantised blocks.
+    Quantized(Arc<QMatrix>),
+}
+
+impl Weight {
+    /// `(out, in)`.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            Weight::Dense(t) => {
+                let d = t.dims();
+                (d[0], d[1])
+            }
+            Weight::Quantized(q) => q.shape(),
+        }
+    }
+
+    /// The weight as a dense f32 tensor (a dequantised copy for a quantised one).
+    pub fn to_dense(&self, device: &Device) -> Result<Tensor> {
+        Ok(match self {
+            Weight::Dense(t) => t.clone(),
+            Weight::Quantized(q) => Tensor::from_vec(q.to_dense(), q.shape(), device)?,
+        })
+    }
+
+    /// Bytes the weight occupies.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Quantized(q) => q.bytes(),
+        }
+    }
+}
+
+/// Quantised projection weights by canonical name (`model.layers.0.mlp.up_proj.weight`).
+pub type QWeights = HashMap<String, QMatrix>;
+
 impl Linear {
-    fn load(w: &mut Weights, name: &str, bias: bool, shape: (usize, usize)) -> Result<Linear> {
-        let weight = take(w, &format!("{name}.weight"), &[shape.0, shape.1])?;
+    fn load(w: &mut Weights, qw: &mut QWeights, name: &str, bias: bool, shape: (usize, usize)) -> Result<Linear> {
+        let key = format!("{name}.weight");
+        let weight = match qw.remove(&key) {
+            Some(q) if q.shape() == shape => Weight::Quantized(Arc::new(q)),
+            Some(q) => {
+                return Err(Error::Invalid(format!(
+                    "model weights: tensor `{key}` has shape {:?}, expected {shape:?}",
+                    q.shape()
+                )))
+            }
+            None => Weight::Dense(take(w, &key, &[shape.0, shape.1])?),
+        };
         let bias = if bias {
             Some(take(w, &format!("{name}.bias"), &[shape.0])?)
         } else {
@@ -65,8 +119,7 @@ impl Linear {
 
     /// `(out, in)` of the weight.
     pub fn shape(&self) -> (usize, usize) {
-        let d = self.weight.dims();
-        (d[0], d[1])
+        self.weight.shape()
     }
 
     /// Apply to `x: [..., in]`, giving `[..., out]`, with the base weight plus every delta in
@@ -76,7 +129,10 @@ impl Linear {
         let (out, inp) = self.shape();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, inp))?;
-        let mut y = frozen_matmul_t(&x2, &self.weight)?;
+        let mut y = match &self.weight {
+            Weight::Dense(w) => frozen_matmul_t(&x2, w)?,
+            Weight::Quantized(q) => crate::qmatrix::qmatmul_t(&x2.contiguous()?, q)?,
+        };
         for d in deltas {
             y = (y + d.apply(&x2, grad)?)?;
         }
@@ -335,7 +391,13 @@ pub struct Llama {
 impl Llama {
     /// Build from canonical-named f32 weights. Every tensor the config implies must be present
     /// with the right shape; leftover tensors (e.g. rotary caches) are ignored.
-    pub fn from_weights(cfg: ModelConfig, mut w: Weights, device: &Device) -> Result<Llama> {
+    pub fn from_weights(cfg: ModelConfig, w: Weights, device: &Device) -> Result<Llama> {
+        Llama::from_parts(cfg, w, QWeights::new(), device)
+    }
+
+    /// Build from f32 weights plus projection weights already quantised (`qw`, which take
+    /// precedence over a dense tensor of the same name).
+    pub fn from_parts(cfg: ModelConfig, mut w: Weights, mut qw: QWeights, device: &Device) -> Result<Llama> {
         cfg.validate().map_err(Error::Invalid)?;
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
@@ -347,16 +409,16 @@ impl Llama {
             layers.push(Block {
                 input_layernorm: take(&mut w, &format!("{p}.input_layernorm.weight"), &[h])?,
                 self_attn: Attention {
-                    q_proj: Linear::load(&mut w, &format!("{p}.self_attn.q_proj"), bias, (q, h))?,
-                    k_proj: Linear::load(&mut w, &format!("{p}.self_attn.k_proj"), bias, (kv, h))?,
-                    v_proj: Linear::load(&mut w, &format!("{p}.self_attn.v_proj"), bias, (kv, h))?,
-                    o_proj: Linear::load(&mut w, &format!("{p}.self_attn.o_proj"), false, (h, q))?,
+                    q_proj: Linear::load(&mut w, &mut qw, &format!("{p}.self_attn.q_proj"), bias, (q, h))?,
+                    k_proj: Linear::load(&mut w, &mut qw, &format!("{p}.self_attn.k_proj"), bias, (kv, h))?,
+                    v_proj: Linear::load(&mut w, &mut qw, &format!("{p}.self_attn.v_proj"), bias, (kv, h))?,
+                    o_proj: Linear::load(&mut w, &mut qw, &format!("{p}.self_attn.o_proj"), false, (h, q))?,
                 },
                 post_attention_layernorm: take(&mut w, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 mlp: Mlp {
-                    gate_proj: Linear::load(&mut w, &format!("{p}.mlp.gate_proj"), false, (i, h))?,
-                    up_proj: Linear::load(&mut w, &format!("{p}.mlp.up_proj"), false, (i, h))?,
-                    down_proj: Linear::load(&mut w, &format!("{p}.mlp.down_proj"), false, (h, i))?,
+                    gate_proj: Linear::load(&mut w, &mut qw, &format!("{p}.mlp.gate_proj"), false, (i, h))?,
+                    up_proj: Linear::load(&mut w, &mut qw, &format!("{p}.mlp.up_proj"), false, (i, h))?,
+                    down_proj: Linear::load(&mut w, &mut qw, &format!("{p}.mlp.down_proj"), false, (h, i))?,
                 },
             });
         }
@@ -387,8 +449,8 @@ impl Llama {
         &self.device
     }
 
-    /// All weights under canonical names (for export and merging).
-    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+    /// All weights under canonical names (for export and merging), quantised ones dequantised.
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
         for (l, b) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
@@ -399,7 +461,7 @@ impl Llama {
             ));
         }
         for lin in self.linears() {
-            out.push((format!("{}.weight", lin.name), lin.weight.clone()));
+            out.push((format!("{}.weight", lin.name), lin.weight.to_dense(&self.device)?));
             if let Some(bias) = &lin.bias {
                 out.push((format!("{}.bias", lin.name), bias.clone()));
             }
@@ -408,7 +470,39 @@ impl Llama {
         if let Some(head) = &self.lm_head {
             out.push(("lm_head.weight".to_string(), head.clone()));
         }
-        out
+        Ok(out)
+    }
+
+    /// Hold every projection weight in `format` (dropping each dense copy as it goes).
+    pub fn quantize_linears(&mut self, format: QFormat) -> Result<()> {
+        for lin in self.linears_mut() {
+            if let Weight::Dense(t) = &lin.weight {
+                let (out, inp) = lin.shape();
+                let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                let q = QMatrix::quantize(format, &data, out, inp)
+                    .map_err(|e| Error::Invalid(format!("{}: {e}", lin.name)))?;
+                lin.weight = Weight::Quantized(Arc::new(q));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any projection weight is held quantised.
+    pub fn is_quantized(&self) -> bool {
+        self.linears().iter().any(|l| matches!(l.weight, Weight::Quantized(_)))
+    }
+
+    /// Bytes held by all weights (quantised projections at their packed size).
+    pub fn weight_bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut n = dense(&self.embed_tokens) + dense(&self.norm) + self.lm_head.as_ref().map_or(0, dense);
+        for b in &self.layers {
+            n += dense(&b.input_layernorm) + dense(&b.post_attention_layernorm);
+        }
+        for l in self.linears() {
+            n += l.weight.bytes() + l.bias.as_ref().map_or(0, dense);
+        }
+        n
     }
 
     /// Every projection inside the blocks, in layer order (q, k, v, o, gate, up, down).
@@ -445,7 +539,8 @@ impl Llama {
                 &mut p.down_proj,
             ] {
                 for d in adapters.get(&lin.name) {
-                    lin.weight = (&lin.weight + d.dense(lin.shape())?)?.detach();
+                    let dense = lin.weight.to_dense(&self.device)?;
+                    lin.weight = Weight::Dense((&dense + d.dense(lin.shape())?)?.detach());
                 }
             }
         }

@@ -43,6 +43,9 @@ pub struct TrainConfig {
     pub method: Method,
     /// GGUF file or Hugging Face directory (default: the fetched SmolLM2-135M-Instruct).
     pub model: Option<PathBuf>,
+    /// How to hold the frozen projection weights: none (f32), keep (a GGUF file's 4/8-bit
+    /// blocks), nf4. Adapter methods only.
+    pub quantize: crate::loader::Quantize,
     /// Alpaca JSON or chat JSONL (default: the fetched Alpaca demo data).
     pub data: Option<PathBuf>,
     /// Run directory.
@@ -113,6 +116,7 @@ impl Default for TrainConfig {
         TrainConfig {
             method: Method::SpielAg,
             model: None,
+            quantize: crate::loader::Quantize::None,
             data: None,
             out: PathBuf::from("runs/spiel-ag"),
             target_modules: [
@@ -198,6 +202,12 @@ impl TrainConfig {
         }
         if self.max_len < 2 {
             return bad("max_len", "must be at least 2");
+        }
+        if self.method == Method::Full && self.quantize != crate::loader::Quantize::None {
+            return bad(
+                "quantize",
+                "applies to adapter methods; full fine-tuning trains every weight in f32",
+            );
         }
         if self.method.is_sparse() && self.reselection_steps > 0 && self.accumulation_steps > self.reselection_steps {
             return bad("accumulation_steps", "must not exceed reselection_steps");
@@ -1048,7 +1058,7 @@ fn init_trainable(cfg: &TrainConfig, base: &Llama) -> Result<Trainable> {
         Method::Full => {
             let mut weights = Weights::new();
             let mut slots = Vec::new();
-            for (name, t) in base.named_weights() {
+            for (name, t) in base.named_weights()? {
                 let s = dense_slot(name.clone(), &t)?;
                 weights.insert(name, s.var.as_tensor().clone());
                 slots.push(s);

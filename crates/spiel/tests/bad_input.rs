@@ -157,6 +157,7 @@ fn bad_safetensors_are_reported() {
     let kept: Vec<_> = m
         .model
         .named_weights()
+        .unwrap()
         .into_iter()
         .filter(|(n, _)| !n.contains("layers.1.mlp.up_proj"))
         .collect();

@@ -1,0 +1,509 @@
+//! Frozen projection weights held quantised, and multiplied without ever forming the dense
+//! matrix: a tile of rows is dequantised into a small scratch buffer and handed to the GEMM, for
+//! the forward `y = x W^T` and for the input gradient `dx = dy W` alike.
+//!
+//! Formats:
+//! - NF4 (QLoRA, Dettmers et al. 2023): blocks of 64 weights along a row (the last block of a row
+//!   may be shorter), each weight one of 16
+//!   normal-quantile levels times the block's absmax; the absmax values are themselves quantised
+//!   ("double quantisation"): minus their mean, in groups of 256 blocks, to int8 with one f32
+//!   scale per group. Bitsandbytes stores the second level as 8-bit dynamic floats; spiel uses
+//!   linear int8, with the same storage (4.127 bits per weight). Nibbles: element `2j` in the
+//!   low half of byte `j`, `2j + 1` in the high half.
+//! - GGUF Q4_0, Q4_1 and Q8_0 blocks, kept exactly as the file stores them (see [`crate::quant`]).
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::quant::{self, Format};
+use crate::{Error, Result};
+
+/// The 16 NF4 levels: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero (QLoRA, App. E).
+pub const NF4_LEVELS: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+/// Weights per NF4 block.
+pub const NF4_BLOCK: usize = 64;
+/// NF4 blocks per group of the second-level (absmax) quantisation.
+pub const NF4_GROUP: usize = 256;
+
+/// How a [`QMatrix`] stores its weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QFormat {
+    /// 4-bit NormalFloat with double-quantised block scales.
+    Nf4,
+    /// A GGUF block format (Q4_0, Q4_1 or Q8_0), as loaded.
+    Ggml(Format),
+}
+
+impl QFormat {
+    /// Short name for messages and tables.
+    pub fn name(self) -> String {
+        match self {
+            QFormat::Nf4 => "NF4".into(),
+            QFormat::Ggml(f) => format!("{f:?}"),
+        }
+    }
+}
+
+/// A `[rows, cols]` weight matrix in a quantised format, row-major.
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    format: QFormat,
+    rows: usize,
+    cols: usize,
+    /// Packed weights: NF4 nibbles, or GGUF blocks.
+    data: Vec<u8>,
+    /// NF4 only: int8 code of each block's absmax.
+    absmax_codes: Vec<i8>,
+    /// NF4 only: f32 scale of each group of absmax codes.
+    group_scales: Vec<f32>,
+    /// NF4 only: the mean absmax, subtracted before the second-level quantisation.
+    absmax_offset: f32,
+}
+
+impl QMatrix {
+    /// Quantise `w` (`rows * cols` values, row-major) to NF4. Blocks run along rows (the last
+    /// block of a row may be shorter); `cols` must be even.
+    pub fn nf4(w: &[f32], rows: usize, cols: usize) -> Result<QMatrix> {
+        if w.len() != rows * cols || !cols.is_multiple_of(2) {
+            return Err(Error::Invalid(format!(
+                "NF4 needs an even row length and rows * cols values; got [{rows}, {cols}] and {}",
+                w.len()
+            )));
+        }
+        let absmax: Vec<f32> = w
+            .par_chunks(cols.max(1))
+            .flat_map_iter(|row| {
+                row.chunks(NF4_BLOCK)
+                    .map(|b| b.iter().fold(0f32, |m, x| m.max(x.abs())))
+            })
+            .collect();
+        let offset = (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
+        let mut absmax_codes = Vec::with_capacity(absmax.len());
+        let mut group_scales = Vec::with_capacity(absmax.len().div_ceil(NF4_GROUP));
+        for g in absmax.chunks(NF4_GROUP) {
+            let s = g.iter().fold(0f32, |m, a| m.max((a - offset).abs())) / 127.0;
+            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+            group_scales.push(s);
+            absmax_codes.extend(
+                g.iter()
+                    .map(|a| ((a - offset) * inv).round().clamp(-127.0, 127.0) as i8),
+            );
+        }
+        let mut q = QMatrix {
+            format: QFormat::Nf4,
+            rows,
+            cols,
+            data: vec![0u8; w.len() / 2],
+            absmax_codes,
+            group_scales,
+            absmax_offset: offset,
+        };
+        let bpr = cols.div_ceil(NF4_BLOCK);
+        let scales: Vec<f32> = (0..absmax.len()).map(|b| q.nf4_absmax(b)).collect();
+        q.data
+            .par_chunks_mut((cols / 2).max(1))
+            .zip(w.par_chunks(cols.max(1)))
+            .enumerate()
+            .for_each(|(r, (out, row))| {
+                for (k, (o, b)) in out.chunks_mut(NF4_BLOCK / 2).zip(row.chunks(NF4_BLOCK)).enumerate() {
+                    let a = scales[r * bpr + k];
+                    let inv = if a > 0.0 { 1.0 / a } else { 0.0 };
+                    for (j, byte) in o.iter_mut().enumerate() {
+                        *byte = nearest_nf4(b[2 * j] * inv) | (nearest_nf4(b[2 * j + 1] * inv) << 4);
+                    }
+                }
+            });
+        Ok(q)
+    }
+
+    /// Keep GGUF blocks (`Q4_0`, `Q4_1` or `Q8_0`) of a `[rows, cols]` matrix as they are.
+    pub fn from_ggml(format: Format, data: Vec<u8>, rows: usize, cols: usize) -> Result<QMatrix> {
+        if !matches!(format, Format::Q4_0 | Format::Q4_1 | Format::Q8_0) {
+            return Err(Error::Invalid(format!("{format:?} is not a quantised block format")));
+        }
+        let (per, _) = format.block();
+        if !cols.is_multiple_of(per) || format.bytes_for(rows * cols) != Some(data.len()) {
+            return Err(Error::Invalid(format!(
+                "{format:?} [{rows}, {cols}]: {} bytes do not hold whole-block rows",
+                data.len()
+            )));
+        }
+        Ok(QMatrix {
+            format: QFormat::Ggml(format),
+            rows,
+            cols,
+            data,
+            absmax_codes: Vec::new(),
+            group_scales: Vec::new(),
+            absmax_offset: 0.0,
+        })
+    }
+
+    /// Quantise `w` to `format` (NF4, Q4_0, Q4_1 or Q8_0).
+    pub fn quantize(format: QFormat, w: &[f32], rows: usize, cols: usize) -> Result<QMatrix> {
+        match format {
+            QFormat::Nf4 => QMatrix::nf4(w, rows, cols),
+            QFormat::Ggml(f) => {
+                let data = quant::quantize(f, w)
+                    .ok_or_else(|| Error::Invalid(format!("{f:?}: [{rows}, {cols}] is not whole blocks")))?;
+                QMatrix::from_ggml(f, data, rows, cols)
+            }
+        }
+    }
+
+    /// `(rows, cols)`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// The storage format.
+    pub fn format(&self) -> QFormat {
+        self.format
+    }
+
+    /// Bytes held (codes and scales).
+    pub fn bytes(&self) -> usize {
+        self.data.len() + self.absmax_codes.len() + 4 * self.group_scales.len()
+    }
+
+    /// The dequantised absmax of NF4 block `b`.
+    fn nf4_absmax(&self, b: usize) -> f32 {
+        self.absmax_codes[b] as f32 * self.group_scales[b / NF4_GROUP] + self.absmax_offset
+    }
+
+    /// Bytes of one stored row (GGUF formats) or nibble bytes (NF4).
+    fn row_bytes(&self) -> usize {
+        match self.format {
+            QFormat::Nf4 => self.cols / 2,
+            QFormat::Ggml(f) => f.bytes_for(self.cols).unwrap_or(0),
+        }
+    }
+
+    /// Dequantise rows `r0..r1` into `out` (`(r1 - r0) * cols` values), in parallel by row.
+    pub fn dequantize_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let (rb, cols) = (self.row_bytes(), self.cols);
+        out.par_chunks_mut(cols).enumerate().for_each(|(i, dst)| {
+            let r = r0 + i;
+            let src = &self.data[r * rb..(r + 1) * rb];
+            match self.format {
+                QFormat::Ggml(f) => quant::dequantize_serial(f, src, dst),
+                QFormat::Nf4 => {
+                    let blocks_per_row = cols.div_ceil(NF4_BLOCK);
+                    for (k, (d, s)) in dst.chunks_mut(NF4_BLOCK).zip(src.chunks(NF4_BLOCK / 2)).enumerate() {
+                        let a = self.nf4_absmax(r * blocks_per_row + k);
+                        for (j, &byte) in s.iter().enumerate() {
+                            d[2 * j] = NF4_LEVELS[(byte & 0xF) as usize] * a;
+                            d[2 * j + 1] = NF4_LEVELS[(byte >> 4) as usize] * a;
+                        }
+                    }
+                }
+            }
+        });
+        debug_assert_eq!(out.len(), (r1 - r0) * cols);
+    }
+
+    /// The whole matrix in f32 (for merging and export only; training never calls this).
+    pub fn to_dense(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        self.dequantize_rows(0, self.rows, &mut out);
+        out
+    }
+
+    /// Rows per dequantised tile: a few hundred kilobytes of scratch, reused across tiles.
+    fn tile_rows(&self) -> usize {
+        (65_536 / self.cols.max(1)).clamp(16, 256)
+    }
+
+    /// `y = x W^T` for `x: [n, cols]`, giving `y: [n, rows]`.
+    pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let (rows, cols) = (self.rows, self.cols);
+        let mut y = vec![0f32; n * rows];
+        let tile = self.tile_rows();
+        let mut scratch = vec![0f32; tile * cols];
+        for r0 in (0..rows).step_by(tile) {
+            let r1 = (r0 + tile).min(rows);
+            let w = &mut scratch[..(r1 - r0) * cols];
+            self.dequantize_rows(r0, r1, w);
+            // SAFETY: the pointers and strides describe in-bounds views: y[:, r0..r1] with row
+            // stride `rows`, x as [n, cols], and the tile transposed ([cols, r1 - r0]).
+            unsafe {
+                gemm::gemm(
+                    n,
+                    r1 - r0,
+                    cols,
+                    y.as_mut_ptr().add(r0),
+                    1,
+                    rows as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    w.as_ptr(),
+                    cols as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism(),
+                );
+            }
+        }
+        y
+    }
+
+    /// `dx = g W` for `g: [n, rows]`, giving `dx: [n, cols]` (the input gradient of [`Self::matmul_t`]).
+    pub fn matmul(&self, g: &[f32], n: usize) -> Vec<f32> {
+        let (rows, cols) = (self.rows, self.cols);
+        let mut dx = vec![0f32; n * cols];
+        let tile = self.tile_rows();
+        let mut scratch = vec![0f32; tile * cols];
+        for r0 in (0..rows).step_by(tile) {
+            let r1 = (r0 + tile).min(rows);
+            let w = &mut scratch[..(r1 - r0) * cols];
+            self.dequantize_rows(r0, r1, w);
+            // SAFETY: in-bounds views: dx as [n, cols], g[:, r0..r1] with row stride `rows`, and
+            // the tile as [r1 - r0, cols].
+            unsafe {
+                gemm::gemm(
+                    n,
+                    cols,
+                    r1 - r0,
+                    dx.as_mut_ptr(),
+                    1,
+                    cols as isize,
+                    r0 > 0,
+                    g.as_ptr().add(r0),
+                    1,
+                    rows as isize,
+                    w.as_ptr(),
+                    1,
+                    cols as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism(),
+                );
+            }
+        }
+        dx
+    }
+}
+
+fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// Index of the NF4 level nearest to `v` (ties to the lower level).
+fn nearest_nf4(v: f32) -> u8 {
+    let mut best = 0;
+    let mut dist = f32::INFINITY;
+    for (i, &l) in NF4_LEVELS.iter().enumerate() {
+        let d = (v - l).abs();
+        if d < dist {
+            best = i;
+            dist = d;
+        }
+    }
+    best as u8
+}
+
+/// `x W^T` for `x: [N, in]` and a quantised frozen `W`, differentiable in `x` only.
+pub fn qmatmul_t(x: &Tensor, w: &Arc<QMatrix>) -> Result<Tensor> {
+    Ok(x.apply_op1(QMatmulT { w: w.clone() })?)
+}
+
+/// Forward `x W^T`; backward `g W`, both by tiles.
+struct QMatmulT {
+    w: Arc<QMatrix>,
+}
+
+impl CustomOp1 for QMatmulT {
+    fn name(&self) -> &'static str {
+        "qmatmul-t"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = crate::ops::cpu_slice(s, l, "qmatmul-t")?;
+        let (n, k) = l.shape().dims2()?;
+        if k != self.w.cols {
+            candle_core::bail!("qmatmul-t: input has {k} columns, weight has {}", self.w.cols);
+        }
+        Ok((CpuStorage::F32(self.w.matmul_t(x, n)), Shape::from((n, self.w.rows))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            grad.contiguous()?.apply_op1_no_bwd(&QMatmul { w: self.w.clone() })?,
+        ))
+    }
+}
+
+/// `g W` (the input gradient of [`QMatmulT`]).
+struct QMatmul {
+    w: Arc<QMatrix>,
+}
+
+impl CustomOp1 for QMatmul {
+    fn name(&self) -> &'static str {
+        "qmatmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = crate::ops::cpu_slice(s, l, "qmatmul")?;
+        let (n, r) = l.shape().dims2()?;
+        if r != self.w.rows {
+            candle_core::bail!("qmatmul: gradient has {r} columns, weight has {} rows", self.w.rows);
+        }
+        Ok((CpuStorage::F32(self.w.matmul(g, n)), Shape::from((n, self.w.cols))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use rand::{Rng, SeedableRng};
+
+    /// Reference NF4 decoder: one element at a time, straight from the format's definition.
+    fn nf4_reference(q: &QMatrix) -> Vec<f64> {
+        let bpr = q.cols.div_ceil(NF4_BLOCK);
+        (0..q.rows * q.cols)
+            .map(|i| {
+                let block = (i / q.cols) * bpr + (i % q.cols) / NF4_BLOCK;
+                let absmax = q.absmax_codes[block] as f32 * q.group_scales[block / NF4_GROUP] + q.absmax_offset;
+                let byte = q.data[i / 2];
+                let nib = if i % 2 == 0 { byte & 0xF } else { byte >> 4 };
+                NF4_LEVELS[nib as usize] as f64 * absmax as f64
+            })
+            .collect()
+    }
+
+    fn random(n: usize, rng: &mut impl Rng) -> Vec<f32> {
+        // Mostly small with occasional outliers, as trained weights are.
+        (0..n)
+            .map(|_| {
+                let v: f32 = rng.gen_range(-0.05..0.05);
+                if rng.gen_bool(0.01) {
+                    v * 20.0
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn nf4_dequantize_is_bit_exact_and_error_within_bound() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        // Awkward shapes: one block, a row tail of groups, more than one group of 256 blocks.
+        // Awkward shapes: one block, ragged last blocks (96, 2), more than one group of 256.
+        for (rows, cols) in [(1, 64), (3, 192), (97, 576), (300, 128), (5, 96), (7, 2)] {
+            let w = random(rows * cols, &mut rng);
+            let q = QMatrix::nf4(&w, rows, cols).unwrap();
+            let blocks = rows * cols.div_ceil(64);
+            assert_eq!(q.bytes(), rows * cols / 2 + blocks + 4 * blocks.div_ceil(256));
+            let got = q.to_dense();
+            let want = nf4_reference(&q);
+            for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(*g, *r as f32, "[{rows}, {cols}] element {i}");
+            }
+            let row_blocks = |v: &[f32]| -> Vec<Vec<f32>> {
+                v.chunks(cols).flat_map(|r| r.chunks(64).map(|b| b.to_vec())).collect()
+            };
+            for (b, (x, y)) in row_blocks(&w).iter().zip(row_blocks(&got)).enumerate() {
+                let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let stored = q.nf4_absmax(b);
+                // Half the widest level gap, plus the absmax's own quantisation error.
+                let bound = 0.5 * (1.0 - 0.696_192_8) * stored.abs() + (amax - stored).abs() + 1e-7;
+                for (a, c) in x.iter().zip(y) {
+                    assert!((a - c).abs() <= bound, "block {b}: {a} vs {c} (bound {bound})");
+                }
+            }
+        }
+        assert!(QMatrix::nf4(&[0.0; 95], 1, 95).is_err());
+        let z = QMatrix::nf4(&[0.0; 64], 1, 64).unwrap();
+        assert!(z.to_dense().iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn ggml_blocks_kept_as_loaded_dequantize_like_the_file_reader() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        for f in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+            let (rows, cols) = (5, 96);
+            let w = random(rows * cols, &mut rng);
+            let bytes = quant::quantize(f, &w).unwrap();
+            let mut want = vec![0f32; rows * cols];
+            quant::dequantize(f, &bytes, &mut want);
+            let q = QMatrix::from_ggml(f, bytes, rows, cols).unwrap();
+            assert_eq!(q.to_dense(), want, "{f:?}");
+        }
+        assert!(QMatrix::from_ggml(Format::Q4_0, vec![0; 17], 1, 32).is_err());
+        assert!(QMatrix::from_ggml(Format::F16, vec![0; 64], 1, 32).is_err());
+    }
+
+    /// `x W^T` and its input gradient through the op match f64 products with the dequantised W,
+    /// on shapes that leave ragged tiles.
+    #[test]
+    fn tiled_products_and_gradient_match_f64_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for (format, n, rows, cols) in [
+            (QFormat::Nf4, 7, 300, 128),
+            (QFormat::Nf4, 2, 33, 96),
+            (QFormat::Ggml(Format::Q4_0), 3, 67, 1024),
+            (QFormat::Ggml(Format::Q8_0), 1, 5, 32),
+        ] {
+            let w = random(rows * cols, &mut rng);
+            let q = Arc::new(QMatrix::quantize(format, &w, rows, cols).unwrap());
+            let wd = q.to_dense();
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let g: Vec<f32> = (0..n * rows).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let xv = Var::from_vec(x.clone(), (n, cols), &Device::Cpu).unwrap();
+            let y = qmatmul_t(xv.as_tensor(), &q).unwrap();
+            let gt = Tensor::from_vec(g.clone(), (n, rows), &Device::Cpu).unwrap();
+            let grads = (&y * &gt).unwrap().sum_all().unwrap().backward().unwrap();
+            let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            let dx: Vec<f32> = grads.get(&xv).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            for i in 0..n {
+                for r in 0..rows {
+                    let want: f64 = (0..cols)
+                        .map(|c| x[i * cols + c] as f64 * wd[r * cols + c] as f64)
+                        .sum();
+                    assert!((y[i * rows + r] as f64 - want).abs() < 1e-4, "{format:?} y[{i},{r}]");
+                }
+                for c in 0..cols {
+                    let want: f64 = (0..rows)
+                        .map(|r| g[i * rows + r] as f64 * wd[r * cols + c] as f64)
+                        .sum();
+                    assert!((dx[i * cols + c] as f64 - want).abs() < 1e-4, "{format:?} dx[{i},{c}]");
+                }
+            }
+        }
+    }
+}
