@@ -98,6 +98,11 @@ enum Cmd {
         after_help = "Examples:\n  spiel train\n  spiel train --method spiel-ma --steps 100 --out runs/ma\n  spiel train --config configs/spiel-ag-smollm2.toml --lr 1e-3\n  spiel train --out runs/ma --resume"
     )]
     Train(Box<TrainArgs>),
+    /// Print the expected peak memory of a training run, by component, and whether it fits.
+    #[command(
+        after_help = "Examples:\n  spiel plan\n  spiel plan --method lora --batch-size 8 --seq-len 512 --quantize nf4"
+    )]
+    Plan(Box<TrainArgs>),
     /// Evaluate: held-out response loss, MMLU (k-shot log-likelihood) or GSM8K (k-shot CoT).
     #[command(
         after_help = "Examples:\n  spiel eval --task heldout --adapter runs/spiel-ag/adapter\n  spiel eval --task mmlu --limit 500\n  spiel eval --task gsm8k --limit 100 --json"
@@ -359,6 +364,9 @@ struct TrainArgs {
     /// Continue from the newest complete checkpoint in --out.
     #[arg(long)]
     resume: bool,
+    /// Train even when the memory plan exceeds the memory available.
+    #[arg(long)]
+    force: bool,
     /// spiel-ag, spiel-ma, lora or full.
     #[arg(long)]
     method: Option<String>,
@@ -410,7 +418,7 @@ struct TrainArgs {
     #[arg(long)]
     grad_accum: Option<usize>,
     /// Maximum tokens per example.
-    #[arg(long)]
+    #[arg(long, alias = "seq-len")]
     max_len: Option<usize>,
     /// Peak learning rate.
     #[arg(long)]
@@ -679,6 +687,16 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote Hugging Face model directory {}", out.display());
         }
         Cmd::Train(args) => run_train(&args, &home)?,
+        Cmd::Plan(args) => {
+            let cfg = args.resolve()?;
+            let (plan, fits) = memory_plan(&cfg, &home)?;
+            print!("{}", plan.render());
+            match fits {
+                Fit::Fits(avail) => println!("fits: {:.0} MiB available", mib(avail)),
+                Fit::Unknown => println!("available memory unknown (no /proc/meminfo)"),
+                Fit::TooBig { avail, hint } => println!("does not fit: {:.0} MiB available; {hint}", mib(avail)),
+            }
+        }
         Cmd::Eval(args) => run_eval(&args, &home)?,
         Cmd::Inspect { adapter, json } => {
             let report = spiel::inspect::inspect(&adapter)?;
@@ -785,6 +803,13 @@ fn run(cli: Cli) -> Result<()> {
                     if let Some(p) = &model.model {
                         cmd.arg("--model").arg(p);
                     }
+                    if let Some(q) = model.quantize {
+                        cmd.arg("--quantize").arg(match q {
+                            loader::Quantize::None => "none",
+                            loader::Quantize::Keep => "keep",
+                            loader::Quantize::Nf4 => "nf4",
+                        });
+                    }
                     if random_init {
                         cmd.arg("--random-init");
                     }
@@ -800,15 +825,15 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!(
-                    "batch {batch_size} x {seq_len} tokens, f32, {} threads, {steps} updates after warm-up, S = {reselection_steps}",
+                    "batch {batch_size} x {seq_len} tokens, f32 compute, {} threads, {steps} updates after warm-up, S = {reselection_steps}",
                     candle_core::utils::get_num_threads()
                 );
-                println!("| method | trainable | median s/step | plain | AG window | reselection | cycle mean s | tokens/s | GFLOP/s | peak RSS MiB |");
-                println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+                println!("| method | trainable | median s/step | plain | AG window | reselection | cycle mean s | tokens/s | GFLOP/s | peak RSS MiB | plan MiB |");
+                println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
                 let opt = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
                 for r in &rows {
                     println!(
-                        "| {} | {} | {:.3} | {:.3} | {} | {} | {:.3} | {:.0} | {:.1} | {:.0} |",
+                        "| {} | {} | {:.3} | {:.3} | {} | {} | {:.3} | {:.0} | {:.1} | {:.0} | {:.0} |",
                         r.method,
                         r.trainable,
                         r.median_s,
@@ -818,7 +843,8 @@ fn run(cli: Cli) -> Result<()> {
                         r.mean_cycle_s,
                         r.tokens_per_s,
                         r.gflops,
-                        r.peak_rss_mib
+                        r.peak_rss_mib,
+                        r.plan_mib
                     );
                 }
             }
@@ -882,8 +908,99 @@ fn say(bar: &indicatif::ProgressBar, line: String) {
     bar.suspend(|| eprintln!("{line}"));
 }
 
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+/// Whether a plan fits the memory available now.
+enum Fit {
+    Fits(u64),
+    Unknown,
+    TooBig { avail: u64, hint: String },
+}
+
+/// The memory plan of `cfg` (reading only the model's header) and whether it fits; when it does
+/// not, the flags that would.
+fn memory_plan(cfg: &TrainConfig, home: &Path) -> Result<(spiel::plan::Plan, Fit)> {
+    use spiel::plan::{plan, BaseFormat};
+    let path = match &cfg.model {
+        Some(p) => p.clone(),
+        None => assets::ensure(&assets::MODEL, home)?,
+    };
+    let (model_cfg, file_format) = if path.is_dir() {
+        (
+            spiel::config::ModelConfig::from_hf_file(&path.join("config.json"))?,
+            None,
+        )
+    } else {
+        let g = spiel::gguf::Gguf::open(&path)?;
+        let fmt = g.tensor("blk.0.attn_q.weight").map(|t| t.format);
+        (spiel::config::ModelConfig::from_gguf(&g)?, fmt)
+    };
+    let base_of = |q: loader::Quantize| match (q, file_format) {
+        (loader::Quantize::Nf4, _) => BaseFormat::Nf4,
+        (
+            loader::Quantize::Keep,
+            Some(f @ (spiel::quant::Format::Q4_0 | spiel::quant::Format::Q4_1 | spiel::quant::Format::Q8_0)),
+        ) => BaseFormat::Ggml(f),
+        _ => BaseFormat::F32,
+    };
+    let p = plan(&model_cfg, cfg, base_of(cfg.quantize));
+    let Some(avail) = spiel::plan::available_bytes() else {
+        return Ok((p, Fit::Unknown));
+    };
+    if p.total <= avail {
+        return Ok((p, Fit::Fits(avail)));
+    }
+    // Suggest the first of: a 4-bit base, then halving the batch, that fits.
+    let mut hints = Vec::new();
+    if cfg.quantize == loader::Quantize::None && cfg.method != spiel::adapter::Method::Full {
+        let q = TrainConfig {
+            quantize: loader::Quantize::Nf4,
+            ..cfg.clone()
+        };
+        if plan(&model_cfg, &q, BaseFormat::Nf4).total <= avail {
+            hints.push("--quantize nf4".to_string());
+        }
+    }
+    let mut b = cfg.batch_size;
+    while hints.is_empty() && b > 1 {
+        b /= 2;
+        let c = TrainConfig {
+            batch_size: b,
+            grad_accum: cfg.grad_accum * cfg.batch_size / b,
+            ..cfg.clone()
+        };
+        if plan(&model_cfg, &c, base_of(cfg.quantize)).total <= avail {
+            hints.push(format!("--batch-size {b} --grad-accum {}", c.grad_accum));
+        }
+    }
+    let hint = if hints.is_empty() {
+        "no smaller setting found; try a shorter --max-len".to_string()
+    } else {
+        format!("it would fit with {}", hints.join(" or "))
+    };
+    Ok((p, Fit::TooBig { avail, hint }))
+}
+
 fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
     let cfg = args.resolve()?;
+    let (plan, fit) = memory_plan(&cfg, home)?;
+    eprintln!("memory plan:\n{}", plan.render().trim_end());
+    if let Fit::TooBig { avail, hint } = fit {
+        if args.force {
+            eprintln!(
+                "warning: the plan exceeds the {:.0} MiB available; continuing (--force)",
+                mib(avail)
+            );
+        } else {
+            bail!(
+                "the memory plan ({:.0} MiB) exceeds the {:.0} MiB available; {hint}, or pass --force to try anyway",
+                mib(plan.total),
+                mib(avail)
+            );
+        }
+    }
     let m = load_model(
         &ModelArgs {
             model: cfg.model.clone(),

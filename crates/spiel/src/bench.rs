@@ -113,6 +113,8 @@ pub struct TrainBench {
     pub gflops: f64,
     /// Peak resident memory of the process so far (MiB).
     pub peak_rss_mib: f64,
+    /// What the memory plan ([`crate::plan`]) predicts for this run (MiB).
+    pub plan_mib: f64,
     /// Trainable parameters.
     pub trainable: usize,
 }
@@ -227,6 +229,8 @@ pub fn bench_train(
         flops_per_step: flops,
         gflops: flops / mean_cycle_s / 1e9,
         peak_rss_mib: peak_rss_mib(),
+        plan_mib: crate::plan::plan(&base.cfg, &sched, base.projection_format().into()).total as f64
+            / (1024.0 * 1024.0),
         trainable: t.trainable_parameters(),
     })
 }

@@ -22,6 +22,7 @@ pub mod loader;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod plan;
 pub mod plot;
 pub mod qmatrix;
 pub mod quant;

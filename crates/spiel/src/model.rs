@@ -487,6 +487,14 @@ impl Llama {
         Ok(())
     }
 
+    /// The storage format of the projection weights (`None`: dense f32).
+    pub fn projection_format(&self) -> Option<QFormat> {
+        self.linears().iter().find_map(|l| match &l.weight {
+            Weight::Quantized(q) => Some(q.format()),
+            Weight::Dense(_) => None,
+        })
+    }
+
     /// Whether any projection weight is held quantised.
     pub fn is_quantized(&self) -> bool {
         self.linears().iter().any(|l| matches!(l.weight, Weight::Quantized(_)))

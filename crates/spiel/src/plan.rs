@@ -1,0 +1,298 @@
+//! The memory model: expected peak bytes of a training run, by component, from the model's
+//! shape, the method, the base-weight format and the batch. It counts what spiel allocates:
+//! every intermediate tensor of the forward graph stays alive until backward (candle keeps each
+//! op's inputs), so activations are the sum of the outputs of the ops a block runs, per token;
+//! the model, adapter, optimizer and selector state are counted element by element.
+//! `spiel plan` prints it; `spiel train` prints it at start and refuses a run that would not fit.
+
+use serde::Serialize;
+
+use crate::adapter::Method;
+use crate::config::ModelConfig;
+use crate::qmatrix::{QFormat, NF4_BLOCK};
+use crate::quant::Format;
+use crate::train::TrainConfig;
+
+/// How the frozen projections are stored, for the plan.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BaseFormat {
+    /// f32.
+    F32,
+    /// NF4 with double-quantised scales.
+    Nf4,
+    /// GGUF blocks kept as loaded.
+    Ggml(Format),
+}
+
+impl BaseFormat {
+    /// Bytes per projection weight.
+    pub fn bytes_per_weight(self) -> f64 {
+        match self {
+            BaseFormat::F32 => 4.0,
+            // 4 bits + one int8 absmax code per block + one f32 per 256 blocks.
+            BaseFormat::Nf4 => 0.5 + 1.0 / NF4_BLOCK as f64 + 4.0 / (NF4_BLOCK * 256) as f64,
+            BaseFormat::Ggml(f) => {
+                let (per, bytes) = f.block();
+                bytes as f64 / per as f64
+            }
+        }
+    }
+}
+
+impl From<Option<QFormat>> for BaseFormat {
+    fn from(f: Option<QFormat>) -> BaseFormat {
+        match f {
+            None => BaseFormat::F32,
+            Some(QFormat::Nf4) => BaseFormat::Nf4,
+            Some(QFormat::Ggml(g)) => BaseFormat::Ggml(g),
+        }
+    }
+}
+
+/// One line of the plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct Item {
+    /// What it is.
+    pub what: &'static str,
+    /// Expected bytes.
+    pub bytes: u64,
+}
+
+/// Expected peak memory of a training run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// Components, in the order printed.
+    pub items: Vec<Item>,
+    /// Their sum.
+    pub total: u64,
+}
+
+/// Bytes of code, tokenizer, thread stacks and allocator slack measured for an idle process
+/// (`spiel generate` with a 1-token budget, minus its weights).
+const RUNTIME_BYTES: f64 = 90e6;
+
+/// The plan for `cfg` on a model of shape `m` with projections stored as `base`.
+pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
+    let f = 4.0f64;
+    let (h, i, v, l) = (
+        m.hidden_size as f64,
+        m.intermediate_size as f64,
+        m.vocab_size as f64,
+        m.num_layers as f64,
+    );
+    let q = (m.num_heads * m.head_dim) as f64;
+    let kv = (m.num_kv_heads * m.head_dim) as f64;
+    let nh = m.num_heads as f64;
+    // (short name, out, in) of the projections of one block.
+    let projections = [
+        ("q_proj", q, h),
+        ("k_proj", kv, h),
+        ("v_proj", kv, h),
+        ("o_proj", h, q),
+        ("gate_proj", i, h),
+        ("up_proj", i, h),
+        ("down_proj", h, i),
+    ];
+    let targeted = |name: &str| cfg.target_modules.iter().any(|t| t == name);
+    let proj_params: f64 = projections.iter().map(|(_, o, n)| o * n).sum::<f64>() * l;
+    let targeted_params: f64 = projections
+        .iter()
+        .filter(|(n, _, _)| targeted(n))
+        .map(|(_, o, n)| o * n)
+        .sum::<f64>()
+        * l;
+    let other_params = v * h * if m.tie_word_embeddings { 1.0 } else { 2.0 } + (2.0 * l + 1.0) * h;
+    let full = cfg.method == Method::Full;
+    let base_bytes = if full {
+        // The frozen base and the trainable copy.
+        2.0 * (proj_params + other_params) * f
+    } else {
+        proj_params * base.bytes_per_weight() + other_params * f
+    };
+
+    // Trainable entries, and the budget the sparse methods match.
+    let lora_params = |r: f64| -> f64 {
+        projections
+            .iter()
+            .filter(|(n, _, _)| targeted(n))
+            .map(|(_, o, n)| r * (o + n))
+            .sum::<f64>()
+            * l
+    };
+    let total_params = proj_params + other_params;
+    let trainable = match cfg.method {
+        Method::SpielAg | Method::SpielMa => match cfg.density {
+            Some(d) => (d * total_params).min(targeted_params),
+            None => lora_params(cfg.lora_equivalent_rank as f64).min(targeted_params),
+        },
+        Method::Lora => lora_params(cfg.lora_rank as f64),
+        Method::Full => total_params,
+    };
+    let (adapter, optimizer, selector) = match cfg.method {
+        // Values and u32 indices; AdamW m, v, age and the gradient buffer; window candidates
+        // with three f32 sums each, plus one module's dense gradient while a window is open.
+        Method::SpielAg => {
+            let largest = projections.iter().map(|(_, o, n)| o * n).fold(0.0, f64::max);
+            (trainable * 8.0, trainable * 16.0, trainable * 16.0 + largest * f)
+        }
+        // Values and indices; the gradient buffer plus SM3's row and column accumulators.
+        Method::SpielMa => {
+            let sm3: f64 = projections
+                .iter()
+                .filter(|(n, _, _)| targeted(n))
+                .map(|(_, o, n)| o + n)
+                .sum::<f64>()
+                * l;
+            (trainable * 8.0, trainable * 4.0 + sm3 * f, 0.0)
+        }
+        // A and B; AdamW m, v, age and the gradient buffer.
+        Method::Lora => (trainable * f, trainable * 16.0, 0.0),
+        // The trainable copy is counted with the base; AdamW state and gradient buffer.
+        Method::Full => (0.0, trainable * 16.0, 0.0),
+    };
+
+    // Activations: f32 outputs of the ops of one block, per token, kept until backward.
+    // A projection leaves its product (plus, for a frozen dense weight, the pass-through copy
+    // that carries its input-only backward), the adapter's output and the sum.
+    let lin = |name: &str, out: f64| -> f64 {
+        let quantized = !matches!(base, BaseFormat::F32);
+        match cfg.method {
+            Method::Full => out,
+            _ if !targeted(name) => out * if quantized { 1.0 } else { 2.0 },
+            _ => out * if quantized { 3.0 } else { 4.0 },
+        }
+    };
+    let s = cfg.max_len as f64;
+    let per_token_layer = h // input norm
+        + lin("q_proj", q) + q // rope
+        + lin("k_proj", kv) + kv // rope
+        + lin("v_proj", kv) + kv // contiguous v
+        + 2.0 * q // contiguous, scaled q
+        + 3.0 * nh * s // scores, masked scores, probabilities
+        + 2.0 * q // context, its re-layout
+        + lin("o_proj", h) + h // residual
+        + h // post-attention norm
+        + lin("gate_proj", i) + i // silu
+        + lin("up_proj", i) + i // gate * up
+        + lin("down_proj", h) + h; // residual
+    let tokens = (cfg.batch_size * cfg.max_len) as f64;
+    let activations = tokens * l * per_token_layer * f;
+    // Final norm, then logits, log-softmax and its gradient over the vocabulary per token.
+    let head = tokens * (h + 4.0 * v) * f;
+    // Backward frontier: about one block's activations of gradients in flight.
+    let transient = tokens * per_token_layer * f * 2.0;
+
+    let items = vec![
+        Item {
+            what: "base weights",
+            bytes: base_bytes as u64,
+        },
+        Item {
+            what: "adapter values",
+            bytes: adapter as u64,
+        },
+        Item {
+            what: "optimizer state",
+            bytes: optimizer as u64,
+        },
+        Item {
+            what: "selector state",
+            bytes: selector as u64,
+        },
+        Item {
+            what: "activations",
+            bytes: activations as u64,
+        },
+        Item {
+            what: "lm head and loss",
+            bytes: head as u64,
+        },
+        Item {
+            what: "transient buffers",
+            bytes: transient as u64,
+        },
+        Item {
+            what: "runtime",
+            bytes: RUNTIME_BYTES as u64,
+        },
+    ];
+    let total = items.iter().map(|i| i.bytes).sum();
+    Plan { items, total }
+}
+
+impl Plan {
+    /// A table in MiB.
+    pub fn render(&self) -> String {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let mut s = String::new();
+        for it in &self.items {
+            s.push_str(&format!("  {:<18} {:>9.0} MiB\n", it.what, mib(it.bytes)));
+        }
+        s.push_str(&format!("  {:<18} {:>9.0} MiB\n", "total", mib(self.total)));
+        s
+    }
+}
+
+/// Memory the system can give this process now (`MemAvailable`), if known.
+pub fn available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm() -> ModelConfig {
+        ModelConfig {
+            architecture: "LlamaForCausalLM".into(),
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_layers: 30,
+            num_heads: 9,
+            num_kv_heads: 3,
+            head_dim: 64,
+            vocab_size: 49152,
+            rope_theta: 100000.0,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
+            attention_bias: false,
+        }
+    }
+
+    #[test]
+    fn components_scale_as_they_should() {
+        let m = smollm();
+        let cfg = TrainConfig::default();
+        let f32p = plan(&m, &cfg, BaseFormat::F32);
+        let nf4 = plan(&m, &cfg, BaseFormat::Nf4);
+        let get = |p: &Plan, w: &str| p.items.iter().find(|i| i.what == w).unwrap().bytes as f64;
+        // 135M parameters, 28M in the embedding: f32 base ~540 MB; NF4 projections ~8x smaller.
+        assert!((get(&f32p, "base weights") / 1e6 - 538.0).abs() < 5.0);
+        let proj = 106_168_320.0;
+        let saved = get(&f32p, "base weights") - get(&nf4, "base weights");
+        assert!((saved - proj * (4.0 - BaseFormat::Nf4.bytes_per_weight())).abs() < 1e3);
+        // The LoRA-rank-8-equivalent budget: 2,442,240 values and indices.
+        assert_eq!(get(&f32p, "adapter values") as u64, 2_442_240 * 8);
+        // Activations are linear in the batch.
+        let b8 = TrainConfig {
+            batch_size: 8,
+            ..cfg.clone()
+        };
+        let p8 = plan(&m, &b8, BaseFormat::F32);
+        assert!((get(&p8, "activations") / get(&f32p, "activations") - 2.0).abs() < 1e-9);
+        assert_eq!(f32p.total, f32p.items.iter().map(|i| i.bytes).sum::<u64>());
+        assert!(f32p.render().contains("total"));
+    }
+
+    #[test]
+    fn nf4_bytes_per_weight_matches_the_storage() {
+        let w = vec![0.01f32; 64 * 256 * 4];
+        let q = crate::qmatrix::QMatrix::nf4(&w, 64, 1024).unwrap();
+        let want = BaseFormat::Nf4.bytes_per_weight() * w.len() as f64;
+        assert!((q.bytes() as f64 - want).abs() < 1.0, "{} vs {want}", q.bytes());
+    }
+}
