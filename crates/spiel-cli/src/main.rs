@@ -184,6 +184,11 @@ enum BenchCmd {
         /// Use a random initialisation of the model's config instead of its weights.
         #[arg(long)]
         random_init: bool,
+        /// Instead of a model file, a random LLaMA of this shape: `1b` (TinyLlama-1.1B's shape:
+        /// hidden 2048, 22 layers, 32/4 heads, vocab 32000), built with its projections
+        /// generated straight into `--quantize` (nf4 or none).
+        #[arg(long)]
+        random_shape: Option<String>,
         /// Print JSON (a list, one object per method).
         #[arg(long)]
         json: bool,
@@ -756,6 +761,7 @@ fn run(cli: Cli) -> Result<()> {
                     steps,
                     reselection_steps,
                     random_init,
+                    random_shape,
                     json,
                 },
         } => {
@@ -764,11 +770,42 @@ fn run(cli: Cli) -> Result<()> {
             }
             let mut rows: Vec<spiel::bench::TrainBench> = Vec::new();
             if methods.len() == 1 {
-                let m = load_model(&model, &home)?;
-                let base = if random_init {
-                    spiel::model::Llama::random(m.model.cfg.clone(), 0, &Device::Cpu)?
+                let base = if let Some(shape) = &random_shape {
+                    let cfg = match shape.as_str() {
+                        "1b" => spiel::config::ModelConfig {
+                            hidden_size: 2048,
+                            intermediate_size: 5632,
+                            num_layers: 22,
+                            num_heads: 32,
+                            num_kv_heads: 4,
+                            head_dim: 64,
+                            vocab_size: 32000,
+                            max_position_embeddings: 2048,
+                            tie_word_embeddings: false,
+                            ..spiel::model::tiny_config()
+                        },
+                        other => bail!("--random-shape: unknown shape `{other}` (1b)"),
+                    };
+                    let q = match model.quantize.unwrap_or_default() {
+                        loader::Quantize::Nf4 => Some(spiel::qmatrix::QFormat::Nf4),
+                        loader::Quantize::None => None,
+                        loader::Quantize::Keep => {
+                            bail!("--random-shape has no file blocks to keep; use --quantize nf4")
+                        }
+                    };
+                    eprintln!(
+                        "building a random {shape} model ({} parameters) ...",
+                        cfg.num_parameters()
+                    );
+                    let (w, qw) = spiel::model::random_parts(&cfg, 0, &Device::Cpu, q)?;
+                    spiel::model::Llama::from_parts(cfg, w, qw, &Device::Cpu)?
                 } else {
-                    m.model
+                    let m = load_model(&model, &home)?;
+                    if random_init {
+                        spiel::model::Llama::random(m.model.cfg.clone(), 0, &Device::Cpu)?
+                    } else {
+                        m.model
+                    }
                 };
                 let cfg = TrainConfig {
                     method: methods[0].parse()?,
@@ -812,6 +849,9 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     if random_init {
                         cmd.arg("--random-init");
+                    }
+                    if let Some(shape) = &random_shape {
+                        cmd.arg("--random-shape").arg(shape);
                     }
                     let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
                     if !out.status.success() {
@@ -986,20 +1026,21 @@ fn memory_plan(cfg: &TrainConfig, home: &Path) -> Result<(spiel::plan::Plan, Fit
 fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
     let cfg = args.resolve()?;
     let (plan, fit) = memory_plan(&cfg, home)?;
-    eprintln!("memory plan:\n{}", plan.render().trim_end());
-    if let Fit::TooBig { avail, hint } = fit {
-        if args.force {
-            eprintln!(
-                "warning: the plan exceeds the {:.0} MiB available; continuing (--force)",
-                mib(avail)
-            );
-        } else {
+    if let Fit::TooBig { avail, hint } = &fit {
+        if !args.force {
             bail!(
-                "the memory plan ({:.0} MiB) exceeds the {:.0} MiB available; {hint}, or pass --force to try anyway",
+                "the memory plan ({:.0} MiB; `spiel plan` with the same flags shows it) exceeds the {:.0} MiB available; {hint}, or pass --force to try anyway",
                 mib(plan.total),
-                mib(avail)
+                mib(*avail)
             );
         }
+    }
+    eprintln!("memory plan:\n{}", plan.render().trim_end());
+    if let Fit::TooBig { avail, .. } = fit {
+        eprintln!(
+            "warning: the plan exceeds the {:.0} MiB available; continuing (--force)",
+            mib(avail)
+        );
     }
     let m = load_model(
         &ModelArgs {

@@ -660,3 +660,51 @@ gsm8k_max_new_tokens = 4
     .unwrap();
     assert_clean_error(&spiel(&["compare", "--config", config.to_str().unwrap()]), "cmp.toml");
 }
+
+/// The memory plan: `spiel plan` prints every component and the total; `spiel train` refuses a
+/// run that cannot fit, naming the flags that would, and `--force` is the way past it.
+#[test]
+fn plan_prints_components_and_train_refuses_what_cannot_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let m = model.to_str().unwrap();
+    let o = spiel(&["plan", "--model", m, "--batch-size", "4", "--seq-len", "64"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    for part in [
+        "base weights",
+        "adapter values",
+        "optimizer state",
+        "activations",
+        "total",
+        "fits",
+    ] {
+        assert!(text.contains(part), "{part} missing:\n{text}");
+    }
+    // Millions of examples of 2048 tokens: terabytes of activations.
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, "{\"instruction\": \"a\", \"output\": \"b\"}\n".repeat(4)).unwrap();
+    let out = dir.path().join("run");
+    let args = [
+        "train",
+        "--model",
+        m,
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "4000000",
+        "--max-len",
+        "2048",
+        "--heldout",
+        "1",
+        "--steps",
+        "1",
+    ];
+    let o = spiel(&args);
+    assert_clean_error(&o, "exceeds");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--force"), "{err}");
+    assert!(!out.join("checkpoints").exists());
+}

@@ -698,18 +698,33 @@ impl Llama {
 
 /// Random canonical-named weights for `cfg` (normal, std 0.02; norm weights 1).
 pub fn random_weights(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Weights> {
+    Ok(random_parts(cfg, seed, device, None)?.0)
+}
+
+/// Random weights with the projections generated straight into `quantize` (one projection's
+/// f32 values at a time), so a model far larger than memory in f32 can be built: the dense
+/// tensors (embeddings, norms) and the quantised projections.
+pub fn random_parts(
+    cfg: &ModelConfig,
+    seed: u64,
+    device: &Device,
+    quantize: Option<QFormat>,
+) -> Result<(Weights, QWeights)> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut normal = |shape: &[usize]| -> Result<Tensor> {
-        let n: usize = shape.iter().product();
+    let mut values = |n: usize| -> Vec<f32> {
         // Box-Muller from two uniforms: plain and dependency-free.
-        let v: Vec<f32> = (0..n)
+        (0..n)
             .map(|_| {
                 let (u1, u2): (f64, f64) = (rng.gen_range(1e-12..1.0), rng.gen());
                 ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * 0.02) as f32
             })
-            .collect();
-        Ok(Tensor::from_vec(v, shape, device)?)
+            .collect()
+    };
+    let mut qw = QWeights::new();
+    let mut normal = |shape: &[usize]| -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        Ok(Tensor::from_vec(values(n), shape, device)?)
     };
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
@@ -726,7 +741,17 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<W
             ("mlp.up_proj", [i, h]),
             ("mlp.down_proj", [h, i]),
         ] {
-            w.insert(format!("{p}.{name}.weight"), normal(&shape)?);
+            let key = format!("{p}.{name}.weight");
+            match quantize {
+                Some(f) => {
+                    let t = normal(&shape)?;
+                    let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                    qw.insert(key, QMatrix::quantize(f, &data, shape[0], shape[1])?);
+                }
+                None => {
+                    w.insert(key, normal(&shape)?);
+                }
+            }
         }
         if cfg.attention_bias {
             for (name, n) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
@@ -746,7 +771,7 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<W
     if !cfg.tie_word_embeddings {
         w.insert("lm_head.weight".into(), normal(&[cfg.vocab_size, h])?);
     }
-    Ok(w)
+    Ok((w, qw))
 }
 
 /// A small config for tests: 2 layers, hidden 64, GQA 4/2 heads of 16, vocab 97.

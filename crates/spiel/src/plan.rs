@@ -177,8 +177,11 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
         + lin("down_proj", h) + h; // residual
     let tokens = (cfg.batch_size * cfg.max_len) as f64;
     let activations = tokens * l * per_token_layer * f;
-    // Final norm, then logits, log-softmax and its gradient over the vocabulary per token.
-    let head = tokens * (h + 4.0 * v) * f;
+    // The head and loss over the vocabulary, per token: forward keeps the logits, their
+    // pass-through copy, the max-shifted logits, their exp and the log-softmax (5V); backward
+    // holds about six more V-sized tensors at once (incoming gradient, the exp and shift
+    // gradients, the max mask, the summed gradient, the logits gradient).
+    let head = tokens * (h + 11.0 * v) * f;
     // Backward frontier: about one block's activations of gradients in flight.
     let transient = tokens * per_token_layer * f * 2.0;
 
