@@ -1025,6 +1025,20 @@ fn memory_plan(cfg: &TrainConfig, home: &Path) -> Result<(spiel::plan::Plan, Fit
 
 fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
     let cfg = args.resolve()?;
+    // Never train over a user's earlier run by accident.
+    if !args.resume && spiel::checkpoint::list(&cfg.out)?.last().is_some() {
+        bail!(
+            "{} already holds checkpoints of a run; continue it with `spiel train --out {} --resume` (same flags), or choose another --out",
+            cfg.out.display(),
+            cfg.out.display()
+        );
+    }
+    if !args.resume && cfg.out.join("summary.json").exists() {
+        bail!(
+            "{} already holds a finished run; choose another --out (or delete it to train again)",
+            cfg.out.display()
+        );
+    }
     let (plan, fit) = memory_plan(&cfg, home)?;
     if let Fit::TooBig { avail, hint } = &fit {
         if !args.force {
@@ -1059,13 +1073,6 @@ fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    if !args.resume && spiel::checkpoint::list(&cfg.out)?.last().is_some() {
-        bail!(
-            "{} already holds checkpoints of a run; continue it with `spiel train --out {} --resume` (same flags), or choose another --out",
-            cfg.out.display(),
-            cfg.out.display()
-        );
-    }
     let (mut trainer, stats) = train::Trainer::new(cfg.clone(), m.model, &base_name, &m.tokenizer, &convs)?;
     catch_interrupt();
     let bar = indicatif::ProgressBar::new(cfg.steps as u64);

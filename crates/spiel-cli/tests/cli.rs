@@ -708,3 +708,37 @@ fn plan_prints_components_and_train_refuses_what_cannot_fit() {
     assert!(err.contains("--force"), "{err}");
     assert!(!out.join("checkpoints").exists());
 }
+
+/// A finished run is never trained over by accident: a second `spiel train` into the same --out
+/// is refused, and the first run's adapter is untouched.
+#[test]
+fn train_refuses_to_overwrite_a_finished_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, "{\"instruction\": \"a b\", \"output\": \"c d\"}\n".repeat(6)).unwrap();
+    let out = dir.path().join("run");
+    let args = [
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--heldout",
+        "2",
+        "--save-every",
+        "0",
+    ];
+    let o = spiel(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let before = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_clean_error(&spiel(&args), "already holds a finished run");
+    assert_eq!(
+        std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap(),
+        before
+    );
+}

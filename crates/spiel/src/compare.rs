@@ -68,7 +68,7 @@ impl CompareConfig {
     pub fn from_toml_file(path: &Path) -> Result<CompareConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let c: CompareConfig =
-            toml::from_str(&text).map_err(|e| Error::format(path, e.to_string().replace('\n', " ")))?;
+            toml::from_str(&text).map_err(|e| Error::format(path, crate::train::toml_message(&text, &e)))?;
         if c.methods.is_empty() || c.seeds.is_empty() {
             return Err(Error::format(path, "`methods` and `seeds` must each name at least one"));
         }

@@ -162,11 +162,23 @@ impl Default for TrainConfig {
     }
 }
 
+/// A TOML error as one line: `line N: message`, without the source excerpt.
+pub fn toml_message(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => format!(
+            "line {}: {}",
+            text[..span.start.min(text.len())].matches('\n').count() + 1,
+            e.message().trim()
+        ),
+        None => e.message().trim().to_string(),
+    }
+}
+
 impl TrainConfig {
     /// Read a TOML config (any subset of the fields).
     pub fn from_toml_file(path: &Path) -> Result<TrainConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        toml::from_str(&text).map_err(|e| Error::format(path, e.to_string().replace('\n', " ")))
+        toml::from_str(&text).map_err(|e| Error::format(path, toml_message(&text, &e)))
     }
 
     /// The config as TOML (what `config.toml` of a run holds).
