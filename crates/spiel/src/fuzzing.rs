@@ -109,7 +109,7 @@ impl Target {
                 copy("tokenizer.json")?;
                 let shard = "model-00001-of-00001.safetensors";
                 std::fs::copy(fx.hf.join("model.safetensors"), case.join(shard))
-                    .map_err(|e| Error::io(&case.join(shard), e))?;
+                    .map_err(|e| Error::io(case.join(shard), e))?;
                 write("model.safetensors.index.json", bytes)?;
                 loader::load_hf_dir(&case, &cpu)?;
             }
