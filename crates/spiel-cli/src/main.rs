@@ -1049,13 +1049,6 @@ fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
             );
         }
     }
-    eprintln!("memory plan:\n{}", plan.render().trim_end());
-    if let Fit::TooBig { avail, .. } = fit {
-        eprintln!(
-            "warning: the plan exceeds the {:.0} MiB available; continuing (--force)",
-            mib(avail)
-        );
-    }
     let m = load_model(
         &ModelArgs {
             model: cfg.model.clone(),
@@ -1074,6 +1067,14 @@ fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let (mut trainer, stats) = train::Trainer::new(cfg.clone(), m.model, &base_name, &m.tokenizer, &convs)?;
+    // Printed once the inputs are known good, so a bad file is still a one-line error.
+    eprintln!("memory plan:\n{}", plan.render().trim_end());
+    if let Fit::TooBig { avail, .. } = fit {
+        eprintln!(
+            "warning: the plan exceeds the {:.0} MiB available; continuing (--force)",
+            mib(avail)
+        );
+    }
     catch_interrupt();
     let bar = indicatif::ProgressBar::new(cfg.steps as u64);
     bar.set_style(
