@@ -234,16 +234,24 @@ impl QMatrix {
         (65_536 / self.cols.max(1)).clamp(16, 256)
     }
 
+    /// Call `f(r0, r1, tile)` for consecutive row ranges, `tile` holding rows `r0..r1`
+    /// dequantised (one scratch buffer reused for every tile).
+    fn for_each_tile(&self, mut f: impl FnMut(usize, usize, &[f32])) {
+        let tile = self.tile_rows();
+        let mut scratch = vec![0f32; tile * self.cols];
+        for r0 in (0..self.rows).step_by(tile) {
+            let r1 = (r0 + tile).min(self.rows);
+            let w = &mut scratch[..(r1 - r0) * self.cols];
+            self.dequantize_rows(r0, r1, w);
+            f(r0, r1, w);
+        }
+    }
+
     /// `y = x W^T` for `x: [n, cols]`, giving `y: [n, rows]`.
     pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
         let (rows, cols) = (self.rows, self.cols);
         let mut y = vec![0f32; n * rows];
-        let tile = self.tile_rows();
-        let mut scratch = vec![0f32; tile * cols];
-        for r0 in (0..rows).step_by(tile) {
-            let r1 = (r0 + tile).min(rows);
-            let w = &mut scratch[..(r1 - r0) * cols];
-            self.dequantize_rows(r0, r1, w);
+        self.for_each_tile(|r0, r1, w| {
             // SAFETY: the pointers and strides describe in-bounds views: y[:, r0..r1] with row
             // stride `rows`, x as [n, cols], and the tile transposed ([cols, r1 - r0]).
             unsafe {
@@ -269,7 +277,7 @@ impl QMatrix {
                     parallelism(),
                 );
             }
-        }
+        });
         y
     }
 
@@ -277,12 +285,7 @@ impl QMatrix {
     pub fn matmul(&self, g: &[f32], n: usize) -> Vec<f32> {
         let (rows, cols) = (self.rows, self.cols);
         let mut dx = vec![0f32; n * cols];
-        let tile = self.tile_rows();
-        let mut scratch = vec![0f32; tile * cols];
-        for r0 in (0..rows).step_by(tile) {
-            let r1 = (r0 + tile).min(rows);
-            let w = &mut scratch[..(r1 - r0) * cols];
-            self.dequantize_rows(r0, r1, w);
+        self.for_each_tile(|r0, r1, w| {
             // SAFETY: in-bounds views: dx as [n, cols], g[:, r0..r1] with row stride `rows`, and
             // the tile as [r1 - r0, cols].
             unsafe {
@@ -308,7 +311,7 @@ impl QMatrix {
                     parallelism(),
                 );
             }
-        }
+        });
         dx
     }
 }
