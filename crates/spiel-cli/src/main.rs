@@ -189,6 +189,9 @@ enum BenchCmd {
         /// generated straight into `--quantize` (nf4 or none).
         #[arg(long)]
         random_shape: Option<String>,
+        /// Recompute each block's forward in the backward instead of keeping its activations.
+        #[arg(long)]
+        checkpoint_activations: bool,
         /// Print JSON (a list, one object per method).
         #[arg(long)]
         json: bool,
@@ -425,6 +428,9 @@ struct TrainArgs {
     /// Maximum tokens per example.
     #[arg(long, alias = "seq-len")]
     max_len: Option<usize>,
+    /// Recompute each block's forward in the backward instead of keeping its activations.
+    #[arg(long)]
+    checkpoint_activations: bool,
     /// Peak learning rate.
     #[arg(long)]
     lr: Option<f64>,
@@ -502,6 +508,12 @@ impl TrainArgs {
         if let Some(q) = self.model.quantize {
             c.quantize = q;
         }
+        if let Some(d) = self.model.dtype {
+            c.dtype = d;
+        }
+        if self.checkpoint_activations {
+            c.checkpoint_activations = true;
+        }
         if self.data.is_some() {
             c.data = self.data.clone();
         }
@@ -543,6 +555,10 @@ struct ModelArgs {
     /// nf4 (4-bit NormalFloat, double-quantised scales) [default: none].
     #[arg(long)]
     quantize: Option<loader::Quantize>,
+    /// Element type of the frozen base's dense matrices: f32 or bf16 (compute stays f32)
+    /// [default: f32].
+    #[arg(long)]
+    dtype: Option<loader::Dtype>,
 }
 
 fn home(cli_home: &Option<PathBuf>) -> PathBuf {
@@ -560,11 +576,11 @@ fn load_model(args: &ModelArgs, home: &Path) -> Result<LoadedModel> {
             assets::ensure(&assets::MODEL, home)?
         }
     };
-    Ok(loader::load_with(
-        &path,
-        &Device::Cpu,
-        args.quantize.unwrap_or_default(),
-    )?)
+    let mut m = loader::load_with(&path, &Device::Cpu, args.quantize.unwrap_or_default())?;
+    if args.dtype == Some(loader::Dtype::Bf16) {
+        m.model.hold_in_bf16()?;
+    }
+    Ok(m)
 }
 
 /// Load adapter directories for `m` into one additive set.
@@ -762,6 +778,7 @@ fn run(cli: Cli) -> Result<()> {
                     reselection_steps,
                     random_init,
                     random_shape,
+                    checkpoint_activations,
                     json,
                 },
         } => {
@@ -798,11 +815,23 @@ fn run(cli: Cli) -> Result<()> {
                         cfg.num_parameters()
                     );
                     let (w, qw) = spiel::model::random_parts(&cfg, 0, &Device::Cpu, q)?;
-                    spiel::model::Llama::from_parts(cfg, w, qw, &Device::Cpu)?
+                    let mut m = spiel::model::Llama::from_parts(cfg, w, qw, &Device::Cpu)?;
+                    if model.dtype == Some(loader::Dtype::Bf16) {
+                        m.hold_in_bf16()?;
+                    }
+                    m
                 } else {
                     let m = load_model(&model, &home)?;
                     if random_init {
-                        spiel::model::Llama::random(m.model.cfg.clone(), 0, &Device::Cpu)?
+                        // The same shape and storage, random values.
+                        let mut r = spiel::model::Llama::random(m.model.cfg.clone(), 0, &Device::Cpu)?;
+                        if let Some(f) = m.model.projection_format() {
+                            r.quantize_linears(f)?;
+                        }
+                        if model.dtype == Some(loader::Dtype::Bf16) {
+                            r.hold_in_bf16()?;
+                        }
+                        r
                     } else {
                         m.model
                     }
@@ -812,6 +841,8 @@ fn run(cli: Cli) -> Result<()> {
                     batch_size,
                     reselection_steps,
                     accumulation_steps: 5.min(reselection_steps),
+                    checkpoint_activations,
+                    dtype: model.dtype.unwrap_or_default(),
                     ..TrainConfig::default()
                 };
                 rows.push(spiel::bench::bench_train(&base, cfg, seq_len, steps)?);
@@ -849,6 +880,12 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     if random_init {
                         cmd.arg("--random-init");
+                    }
+                    if checkpoint_activations {
+                        cmd.arg("--checkpoint-activations");
+                    }
+                    if model.dtype == Some(loader::Dtype::Bf16) {
+                        cmd.args(["--dtype", "bf16"]);
                     }
                     if let Some(shape) = &random_shape {
                         cmd.arg("--random-shape").arg(shape);
@@ -1003,6 +1040,15 @@ fn memory_plan(cfg: &TrainConfig, home: &Path) -> Result<(spiel::plan::Plan, Fit
             hints.push("--quantize nf4".to_string());
         }
     }
+    if hints.is_empty() && !cfg.checkpoint_activations {
+        let c = TrainConfig {
+            checkpoint_activations: true,
+            ..cfg.clone()
+        };
+        if plan(&model_cfg, &c, base_of(cfg.quantize)).total <= avail {
+            hints.push("--checkpoint-activations".to_string());
+        }
+    }
     let mut b = cfg.batch_size;
     while hints.is_empty() && b > 1 {
         b /= 2;
@@ -1053,6 +1099,7 @@ fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
         &ModelArgs {
             model: cfg.model.clone(),
             quantize: Some(cfg.quantize),
+            dtype: Some(cfg.dtype),
         },
         home,
     )?;
@@ -1259,6 +1306,7 @@ fn run_compare(config: &Path, home: &Path, threads: Option<usize>) -> Result<()>
         &ModelArgs {
             model: first.model.clone(),
             quantize: Some(first.quantize),
+            dtype: Some(first.dtype),
         },
         home,
     )?;

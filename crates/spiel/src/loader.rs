@@ -32,7 +32,7 @@ pub struct LoadedModel {
 }
 
 /// How to hold the projection weights (q, k, v, o, gate, up, down) of a loaded model. Embeddings,
-/// norms and the head stay f32 whatever the choice.
+/// norms and the head stay in the model's [`Dtype`] whatever the choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Quantize {
@@ -53,6 +53,29 @@ impl std::str::FromStr for Quantize {
             "keep" => Ok(Quantize::Keep),
             "nf4" => Ok(Quantize::Nf4),
             _ => Err(Error::Invalid(format!("unknown quantisation `{s}` (none, keep, nf4)"))),
+        }
+    }
+}
+
+/// The element type of the frozen base's dense matrices (embeddings, head, and projections not
+/// held quantised). Activations, adapters and optimizer state are f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Dtype {
+    /// f32.
+    #[default]
+    F32,
+    /// bf16, widened to f32 a tile at a time inside each product.
+    Bf16,
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Dtype> {
+        match s {
+            "f32" => Ok(Dtype::F32),
+            "bf16" => Ok(Dtype::Bf16),
+            _ => Err(Error::Invalid(format!("unknown dtype `{s}` (f32, bf16)"))),
         }
     }
 }

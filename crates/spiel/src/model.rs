@@ -14,7 +14,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Module, Tensor, Var};
 
 use crate::adapter::{AdapterSet, Delta};
 use crate::config::ModelConfig;
@@ -380,11 +381,12 @@ impl Block {
 pub struct Llama {
     /// Shape of the model.
     pub cfg: ModelConfig,
-    embed_tokens: Tensor,
+    /// Token embeddings `[V, H]` (also the head when tied).
+    embed_tokens: Weight,
     layers: Vec<Block>,
     norm: Tensor,
     /// Separate head weight `[V, H]`; `None` when tied to the embeddings.
-    lm_head: Option<Tensor>,
+    lm_head: Option<Weight>,
     device: Device,
 }
 
@@ -401,7 +403,7 @@ impl Llama {
         cfg.validate().map_err(Error::Invalid)?;
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-        let embed_tokens = take(&mut w, "model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let embed_tokens = Weight::Dense(take(&mut w, "model.embed_tokens.weight", &[cfg.vocab_size, h])?);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
@@ -426,7 +428,7 @@ impl Llama {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(take(&mut w, "lm_head.weight", &[cfg.vocab_size, h])?)
+            Some(Weight::Dense(take(&mut w, "lm_head.weight", &[cfg.vocab_size, h])?))
         };
         Ok(Llama {
             cfg,
@@ -451,7 +453,10 @@ impl Llama {
 
     /// All weights under canonical names (for export and merging), quantised ones dequantised.
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.to_dense(&self.device)?,
+        )];
         for (l, b) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
             out.push((format!("{p}.input_layernorm.weight"), b.input_layernorm.clone()));
@@ -468,7 +473,7 @@ impl Llama {
         }
         out.push(("model.norm.weight".to_string(), self.norm.clone()));
         if let Some(head) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), head.clone()));
+            out.push(("lm_head.weight".to_string(), head.to_dense(&self.device)?));
         }
         Ok(out)
     }
@@ -483,6 +488,31 @@ impl Llama {
                     .map_err(|e| Error::Invalid(format!("{}: {e}", lin.name)))?;
                 lin.weight = Weight::Quantized(Arc::new(q));
             }
+        }
+        Ok(())
+    }
+
+    /// Hold every frozen matrix (embeddings, head and the projections still dense) in bf16, rows
+    /// converted to f32 a tile at a time inside each product, as quantised ones are. Norms and
+    /// biases stay f32. Halves the base's memory; the CPU computes in f32 either way.
+    pub fn hold_in_bf16(&mut self) -> Result<()> {
+        let to_bf16 = |w: &mut Weight, name: &str| -> Result<()> {
+            if let Weight::Dense(t) = w {
+                let (rows, cols) = t.dims2()?;
+                let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                let q = QMatrix::quantize(QFormat::Ggml(crate::quant::Format::BF16), &data, rows, cols)
+                    .map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
+                *w = Weight::Quantized(Arc::new(q));
+            }
+            Ok(())
+        };
+        to_bf16(&mut self.embed_tokens, "model.embed_tokens.weight")?;
+        if let Some(head) = &mut self.lm_head {
+            to_bf16(head, "lm_head.weight")?;
+        }
+        for lin in self.linears_mut() {
+            let name = format!("{}.weight", lin.name);
+            to_bf16(&mut lin.weight, &name)?;
         }
         Ok(())
     }
@@ -503,7 +533,7 @@ impl Llama {
     /// Bytes held by all weights (quantised projections at their packed size).
     pub fn weight_bytes(&self) -> usize {
         let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let mut n = dense(&self.embed_tokens) + dense(&self.norm) + self.lm_head.as_ref().map_or(0, dense);
+        let mut n = self.embed_tokens.bytes() + dense(&self.norm) + self.lm_head.as_ref().map_or(0, Weight::bytes);
         for b in &self.layers {
             n += dense(&b.input_layernorm) + dense(&b.post_attention_layernorm);
         }
@@ -584,16 +614,23 @@ impl Llama {
     /// Logits `[N, V]` for final hidden rows `[N, H]` (the output of [`Llama::forward_hidden`],
     /// gathered at the positions that need a prediction).
     pub fn logits(&self, rows: &Tensor) -> Result<Tensor> {
-        frozen_matmul_t(rows, self.lm_head.as_ref().unwrap_or(&self.embed_tokens))
+        match self.lm_head.as_ref().unwrap_or(&self.embed_tokens) {
+            Weight::Dense(w) => frozen_matmul_t(rows, w),
+            Weight::Quantized(q) => crate::qmatrix::qmatmul_t(&rows.contiguous()?, q),
+        }
     }
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let flat = ids.flatten_all()?;
-        Ok(self
-            .embed_tokens
-            .index_select(&flat, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?)
+        let rows = match &self.embed_tokens {
+            Weight::Dense(w) => w.index_select(&flat, 0)?,
+            Weight::Quantized(q) => {
+                let rows = q.gather_rows(&flat.to_vec1::<u32>()?)?;
+                Tensor::from_vec(rows, (b * t, self.cfg.hidden_size), &self.device)?
+            }
+        };
+        Ok(rows.reshape((b, t, self.cfg.hidden_size))?)
     }
 
     /// Final hidden states `[B, T, H]` (after the last norm) for right-padded `ids: [B, T]` (u32),
@@ -620,6 +657,62 @@ impl Llama {
             x = block.forward(&self.cfg, &x, &inp, None)?;
         }
         rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, grad)
+    }
+
+    /// Forward and backward with activation checkpointing per block. The forward keeps only each
+    /// block's input `[B, T, H]`; the backward recomputes one block at a time from its input and
+    /// back-propagates its output's gradient through it, so one block's activations are alive at
+    /// a time instead of all of them. `loss` maps the final hidden states (after the last norm) to
+    /// the scalar to differentiate, which is scaled by `scale` before the backward. `on_grads`
+    /// receives each segment's gradients (head, blocks from last to first, then the embeddings
+    /// when they are trainable); they add up to those of one plain backward. Returns the loss.
+    pub fn checkpointed_backward(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        adapters: &AdapterSet,
+        loss: impl FnOnce(&Tensor) -> Result<Tensor>,
+        scale: f64,
+        mut on_grads: impl FnMut(&GradStore) -> Result<()>,
+    ) -> Result<f32> {
+        let (b, t) = ids.dims2()?;
+        let (cos, sin) = rope_tables(&self.cfg, 0, t, &self.device)?;
+        let additive = self.additive_mask(b, t, mask)?;
+        let inp = AttnInputs {
+            cos: &cos,
+            sin: &sin,
+            mask: Some(&additive),
+            grad: Grad::Yes,
+            adapters,
+        };
+        let embedded = self.embed(ids)?;
+        // Block inputs as leaf variables: their gradient is what flows into the block below.
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut x = Var::from_tensor(&embedded.detach())?;
+        for block in &self.layers {
+            let y = block.forward(&self.cfg, x.as_tensor(), &inp, None)?;
+            inputs.push(x);
+            x = Var::from_tensor(&y.detach())?;
+        }
+        let missing = || Error::Invalid("checkpointed backward: no gradient reached a block boundary".into());
+        let h = rms_norm(x.as_tensor(), &self.norm, self.cfg.rms_norm_eps, Grad::Yes)?;
+        let l = loss(&h)?;
+        let value = l.to_scalar::<f32>()?;
+        let grads = (l * scale)?.backward()?;
+        let mut g = grads.get(x.as_tensor()).ok_or_else(missing)?.clone();
+        on_grads(&grads)?;
+        drop(grads);
+        for (block, x) in self.layers.iter().zip(inputs).rev() {
+            let y = block.forward(&self.cfg, x.as_tensor(), &inp, None)?;
+            let grads = (y * &g)?.sum_all()?.backward()?;
+            g = grads.get(x.as_tensor()).ok_or_else(missing)?.clone();
+            on_grads(&grads)?;
+        }
+        if embedded.track_op() {
+            // Trainable embeddings (full fine-tuning): their rows receive the last gradient.
+            on_grads(&(embedded * &g)?.sum_all()?.backward()?)?;
+        }
+        Ok(value)
     }
 
     /// Logits `[B, T, V]` for every position; see [`Llama::forward_hidden`].

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::adapter::Method;
 use crate::config::ModelConfig;
+use crate::loader::Dtype;
 use crate::qmatrix::{QFormat, NF4_BLOCK};
 use crate::quant::Format;
 use crate::train::TrainConfig;
@@ -107,7 +108,12 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
         // The frozen base and the trainable copy.
         2.0 * (proj_params + other_params) * f
     } else {
-        proj_params * base.bytes_per_weight() + other_params * f
+        let (proj, other) = match (cfg.dtype, base) {
+            (Dtype::Bf16, BaseFormat::F32) => (2.0, 2.0),
+            (Dtype::Bf16, b) => (b.bytes_per_weight(), 2.0),
+            (Dtype::F32, b) => (b.bytes_per_weight(), f),
+        };
+        proj_params * proj + other_params * other
     };
 
     // Trainable entries, and the budget the sparse methods match.
@@ -155,7 +161,8 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     // A projection leaves its product (plus, for a frozen dense weight, the pass-through copy
     // that carries its input-only backward), the adapter's output and the sum.
     let lin = |name: &str, out: f64| -> f64 {
-        let quantized = !matches!(base, BaseFormat::F32);
+        // Tiled (quantised or bf16) products leave no pass-through copy.
+        let quantized = !matches!(base, BaseFormat::F32) || cfg.dtype == Dtype::Bf16;
         match cfg.method {
             Method::Full => out,
             _ if !targeted(name) => out * if quantized { 1.0 } else { 2.0 },
@@ -176,7 +183,13 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
         + lin("up_proj", i) + i // gate * up
         + lin("down_proj", h) + h; // residual
     let tokens = (cfg.batch_size * cfg.max_len) as f64;
-    let activations = tokens * l * per_token_layer * f;
+    // With checkpointing only each block's input stays, plus one block's activations at a time
+    // (its forward recomputed in the backward).
+    let activations = if cfg.checkpoint_activations {
+        tokens * (l * h + per_token_layer) * f
+    } else {
+        tokens * l * per_token_layer * f
+    };
     // The head and loss over the vocabulary, per token: forward keeps the logits, their
     // pass-through copy, the max-shifted logits, their exp and the log-softmax (5V); backward
     // holds about six more V-sized tensors at once (incoming gradient, the exp and shift
@@ -287,6 +300,15 @@ mod tests {
         };
         let p8 = plan(&m, &b8, BaseFormat::F32);
         assert!((get(&p8, "activations") / get(&f32p, "activations") - 2.0).abs() < 1e-9);
+        // Checkpointing keeps one hidden state per layer instead of all of a layer's activations.
+        let ck = TrainConfig {
+            checkpoint_activations: true,
+            ..cfg.clone()
+        };
+        let pc = plan(&m, &ck, BaseFormat::F32);
+        let per_layer = get(&f32p, "activations") / m.num_layers as f64;
+        let want = per_layer + (cfg.batch_size * cfg.max_len * m.hidden_size * m.num_layers * 4) as f64;
+        assert!((get(&pc, "activations") - want).abs() < 1.0);
         assert_eq!(f32p.total, f32p.items.iter().map(|i| i.bytes).sum::<u64>());
         assert!(f32p.render().contains("total"));
     }

@@ -10,7 +10,8 @@
 //!   scale per group. Bitsandbytes stores the second level as 8-bit dynamic floats; spiel uses
 //!   linear int8, with the same storage (4.127 bits per weight). Nibbles: element `2j` in the
 //!   low half of byte `j`, `2j + 1` in the high half.
-//! - GGUF Q4_0, Q4_1 and Q8_0 blocks, kept exactly as the file stores them (see [`crate::quant`]).
+//! - GGUF Q4_0, Q4_1 and Q8_0 blocks, kept exactly as the file stores them (see [`crate::quant`]);
+//! - F16 and BF16 rows (`--dtype bf16`), widened to f32 the same way, a tile at a time.
 
 use std::sync::Arc;
 
@@ -50,7 +51,7 @@ pub const NF4_GROUP: usize = 256;
 pub enum QFormat {
     /// 4-bit NormalFloat with double-quantised block scales.
     Nf4,
-    /// A GGUF block format (Q4_0, Q4_1 or Q8_0), as loaded.
+    /// A GGUF block format (Q4_0, Q4_1 or Q8_0), as loaded, or 16-bit floats (F16, BF16).
     Ggml(Format),
 }
 
@@ -136,10 +137,14 @@ impl QMatrix {
         Ok(q)
     }
 
-    /// Keep GGUF blocks (`Q4_0`, `Q4_1` or `Q8_0`) of a `[rows, cols]` matrix as they are.
+    /// Keep GGUF blocks (`Q4_0`, `Q4_1`, `Q8_0`, or 16-bit `F16` / `BF16` values) of a
+    /// `[rows, cols]` matrix as they are.
     pub fn from_ggml(format: Format, data: Vec<u8>, rows: usize, cols: usize) -> Result<QMatrix> {
-        if !matches!(format, Format::Q4_0 | Format::Q4_1 | Format::Q8_0) {
-            return Err(Error::Invalid(format!("{format:?} is not a quantised block format")));
+        if !matches!(
+            format,
+            Format::Q4_0 | Format::Q4_1 | Format::Q8_0 | Format::F16 | Format::BF16
+        ) {
+            return Err(Error::Invalid(format!("{format:?} is not a block or 16-bit format")));
         }
         let (per, _) = format.block();
         if !cols.is_multiple_of(per) || format.bytes_for(rows * cols) != Some(data.len()) {
@@ -159,7 +164,7 @@ impl QMatrix {
         })
     }
 
-    /// Quantise `w` to `format` (NF4, Q4_0, Q4_1 or Q8_0).
+    /// Quantise `w` to `format` (NF4, Q4_0, Q4_1, Q8_0, F16 or BF16).
     pub fn quantize(format: QFormat, w: &[f32], rows: usize, cols: usize) -> Result<QMatrix> {
         match format {
             QFormat::Nf4 => QMatrix::nf4(w, rows, cols),
@@ -220,6 +225,21 @@ impl QMatrix {
             }
         });
         debug_assert_eq!(out.len(), (r1 - r0) * cols);
+    }
+
+    /// Rows `ids` in f32, one after another (an embedding lookup), `ids.len() * cols` values.
+    pub fn gather_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.rows) {
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the {} rows of the embedding table",
+                self.rows
+            )));
+        }
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (&i, dst) in ids.iter().zip(out.chunks_mut(self.cols.max(1))) {
+            self.dequantize_rows(i as usize, i as usize + 1, dst);
+        }
+        Ok(out)
     }
 
     /// The whole matrix in f32 (for merging and export only; training never calls this).
@@ -458,7 +478,7 @@ mod tests {
     #[test]
     fn ggml_blocks_kept_as_loaded_dequantize_like_the_file_reader() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(4);
-        for f in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+        for f in [Format::Q4_0, Format::Q4_1, Format::Q8_0, Format::F16, Format::BF16] {
             let (rows, cols) = (5, 96);
             let w = random(rows * cols, &mut rng);
             let bytes = quant::quantize(f, &w).unwrap();
@@ -468,7 +488,33 @@ mod tests {
             assert_eq!(q.to_dense(), want, "{f:?}");
         }
         assert!(QMatrix::from_ggml(Format::Q4_0, vec![0; 17], 1, 32).is_err());
-        assert!(QMatrix::from_ggml(Format::F16, vec![0; 64], 1, 32).is_err());
+        assert!(QMatrix::from_ggml(Format::F32, vec![0; 128], 1, 32).is_err());
+        assert!(QMatrix::from_ggml(Format::BF16, vec![0; 62], 1, 32).is_err());
+    }
+
+    /// Gathering rows (the embedding lookup of a bf16 table) gives the dequantised rows, and an
+    /// id past the table is an error, not a panic.
+    #[test]
+    fn gathered_rows_are_the_dequantised_rows() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let (rows, cols) = (37, 18);
+        let w = random(rows * cols, &mut rng);
+        for format in [QFormat::Ggml(Format::BF16), QFormat::Nf4] {
+            let q = QMatrix::quantize(format, &w, rows, cols).unwrap();
+            let dense = q.to_dense();
+            let ids = [36u32, 0, 5, 5, 17];
+            let got = q.gather_rows(&ids).unwrap();
+            for (k, &i) in ids.iter().enumerate() {
+                let i = i as usize;
+                assert_eq!(&got[k * cols..(k + 1) * cols], &dense[i * cols..(i + 1) * cols]);
+            }
+            assert!(q.gather_rows(&[37]).unwrap_err().to_string().contains("37"));
+        }
+        // bf16 keeps 8 mantissa bits: relative error at most 2^-8 of each value.
+        let q = QMatrix::quantize(QFormat::Ggml(Format::BF16), &w, rows, cols).unwrap();
+        for (a, b) in w.iter().zip(q.to_dense()) {
+            assert!((a - b).abs() <= a.abs() / 256.0, "{a} vs {b}");
+        }
     }
 
     /// `x W^T` and its input gradient through the op match f64 products with the dequantised W,
@@ -481,6 +527,7 @@ mod tests {
             (QFormat::Nf4, 2, 33, 96),
             (QFormat::Ggml(Format::Q4_0), 3, 67, 1024),
             (QFormat::Ggml(Format::Q8_0), 1, 5, 32),
+            (QFormat::Ggml(Format::BF16), 4, 259, 50),
         ] {
             let w = random(rows * cols, &mut rng);
             let q = Arc::new(QMatrix::quantize(format, &w, rows, cols).unwrap());

@@ -46,6 +46,8 @@ pub struct TrainConfig {
     /// How to hold the frozen projection weights: none (f32), keep (a GGUF file's 4/8-bit
     /// blocks), nf4. Adapter methods only.
     pub quantize: crate::loader::Quantize,
+    /// Element type of the frozen base's dense matrices: f32 or bf16. Adapter methods only.
+    pub dtype: crate::loader::Dtype,
     /// Alpaca JSON or chat JSONL (default: the fetched Alpaca demo data).
     pub data: Option<PathBuf>,
     /// Run directory.
@@ -78,6 +80,9 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     /// Longest example in tokens (longer ones are truncated).
     pub max_len: usize,
+    /// Recompute each transformer block's forward in the backward instead of keeping its
+    /// activations (same gradients, less memory, about one more forward of compute).
+    pub checkpoint_activations: bool,
     /// Peak learning rate (default depends on the method).
     pub lr: Option<f64>,
     /// Decay after warm-up.
@@ -117,6 +122,7 @@ impl Default for TrainConfig {
             method: Method::SpielAg,
             model: None,
             quantize: crate::loader::Quantize::None,
+            dtype: crate::loader::Dtype::F32,
             data: None,
             out: PathBuf::from("runs/spiel-ag"),
             target_modules: [
@@ -143,6 +149,7 @@ impl Default for TrainConfig {
             batch_size: 4,
             grad_accum: 1,
             max_len: 256,
+            checkpoint_activations: false,
             lr: None,
             lr_schedule: LrSchedule::Linear,
             warmup_ratio: 0.03,
@@ -218,6 +225,12 @@ impl TrainConfig {
         if self.method == Method::Full && self.quantize != crate::loader::Quantize::None {
             return bad(
                 "quantize",
+                "applies to adapter methods; full fine-tuning trains every weight in f32",
+            );
+        }
+        if self.method == Method::Full && self.dtype != crate::loader::Dtype::F32 {
+            return bad(
+                "dtype",
                 "applies to adapter methods; full fine-tuning trains every weight in f32",
             );
         }
@@ -393,6 +406,20 @@ fn batch_logits(model: &Llama, adapters: &AdapterSet, b: &data::Batch, grad: Gra
     let (bs, t, hid) = h.dims3()?;
     let rows = h.reshape((bs * t, hid))?.index_select(&b.positions, 0)?;
     model.logits(&rows)
+}
+
+/// Trainable variables with the gradient buffers they accumulate into.
+type GradSink<'a> = Vec<(&'a Var, &'a mut Vec<f32>)>;
+
+/// Add the gradients in `grads` of every variable in `sink` to its buffer.
+fn add_grads(sink: &mut GradSink, grads: &candle_core::backprop::GradStore) -> Result<()> {
+    for (var, dst) in sink.iter_mut() {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
+            dst.iter_mut().zip(g).for_each(|(d, x)| *d += x);
+        }
+    }
+    Ok(())
 }
 
 struct SparseSlot {
@@ -607,20 +634,34 @@ impl Trainer {
         for micro in 0..ga {
             let idx = self.micro_batch(self.step * ga + micro);
             let refs: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
-            let (model, adapters) = self.model_and_adapters(true);
-            let b = data::make_batch(&refs, self.pad_id, model.device())?;
+            let b = data::make_batch(&refs, self.pad_id, self.base.device())?;
             tokens += b.n_tokens;
-            let logits = batch_logits(model, &adapters, &b, Grad::Yes)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &b.targets)?;
-            let lv = loss.to_scalar::<f32>()? as f64;
+            let scale = 1.0 / ga as f64;
+            let checkpointed = self.cfg.checkpoint_activations;
+            let adapters = self.model_and_adapters(true).1;
+            let (model, mut sink) = self.model_and_grad_sink();
+            let lv = if checkpointed {
+                let loss = |h: &Tensor| -> Result<Tensor> {
+                    let (bs, t, hid) = h.dims3()?;
+                    let rows = h.reshape((bs * t, hid))?.index_select(&b.positions, 0)?;
+                    Ok(candle_nn::loss::cross_entropy(&model.logits(&rows)?, &b.targets)?)
+                };
+                model.checkpointed_backward(&b.ids, Some(&b.mask), &adapters, loss, scale, |g| {
+                    add_grads(&mut sink, g)
+                })?
+            } else {
+                let logits = batch_logits(model, &adapters, &b, Grad::Yes)?;
+                let loss = candle_nn::loss::cross_entropy(&logits, &b.targets)?;
+                let lv = loss.to_scalar::<f32>()?;
+                add_grads(&mut sink, &(loss * scale)?.backward()?)?;
+                lv
+            } as f64;
             if !lv.is_finite() {
                 return Err(Error::Invalid(format!(
                     "the training loss became {lv} at step {c}; stopping"
                 )));
             }
             loss_sum += lv;
-            let grads = (loss / ga as f64)?.backward()?;
-            self.collect_grads(&grads)?;
         }
         if let Trainable::Sparse(slots) = &self.trainable {
             for s in slots {
@@ -653,21 +694,19 @@ impl Trainer {
         })
     }
 
-    fn collect_grads(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
-        let add = |dst: &mut Vec<f32>, var: &Var| -> Result<()> {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
-                dst.iter_mut().zip(g).for_each(|(d, x)| *d += x);
-            }
-            Ok(())
-        };
+    /// The model to run and, for every trainable tensor, its variable with the buffer its
+    /// gradients add into (borrowed apart, so gradients can be collected while the model runs).
+    fn model_and_grad_sink(&mut self) -> (&Llama, GradSink<'_>) {
         match &mut self.trainable {
-            Trainable::Sparse(slots) => slots.iter_mut().try_for_each(|s| add(&mut s.grad, &s.var)),
-            Trainable::Lora(slots) => slots.iter_mut().try_for_each(|s| {
-                add(&mut s.a.grad, &s.a.var)?;
-                add(&mut s.b.grad, &s.b.var)
-            }),
-            Trainable::Full { slots, .. } => slots.iter_mut().try_for_each(|s| add(&mut s.grad, &s.var)),
+            Trainable::Sparse(slots) => (&self.base, slots.iter_mut().map(|s| (&s.var, &mut s.grad)).collect()),
+            Trainable::Lora(slots) => (
+                &self.base,
+                slots
+                    .iter_mut()
+                    .flat_map(|s| [(&s.a.var, &mut s.a.grad), (&s.b.var, &mut s.b.grad)])
+                    .collect(),
+            ),
+            Trainable::Full { slots, model } => (model, slots.iter_mut().map(|s| (&s.var, &mut s.grad)).collect()),
         }
     }
 

@@ -364,6 +364,30 @@ fn adapters_train_over_a_quantised_base() {
             assert!(common::max_abs_diff(&ml, &with) < 1e-4);
         }
     }
+    // A bf16 base: adapters train and merge the same way.
+    let mut m = spiel::loader::load(&f32_path, &Device::Cpu).unwrap();
+    m.model.hold_in_bf16().unwrap();
+    for method in [Method::SpielMa, Method::Lora] {
+        let out = dir.path().join(format!("bf16-{}", method.as_str()));
+        let c = TrainConfig {
+            dtype: spiel::loader::Dtype::Bf16,
+            ..config(method, &out)
+        };
+        let metrics = run(&m, c, false);
+        let (first, last) = (metrics[0].eval_loss.unwrap(), metrics[12].eval_loss.unwrap());
+        assert!(last < first, "bf16 {method:?}: held-out loss {first} -> {last}");
+        let a = Adapter::load(&out.join("adapter"), &m.model).unwrap();
+        let with = logits(&m, &a.to_set());
+        let merged = m.model.merged(&a.to_set()).unwrap();
+        let ids = Tensor::new(&[[1u32, 40, 50, 60, 70, 2, 100]], &Device::Cpu).unwrap();
+        let ml = merged.forward(&ids, None, Grad::No, &AdapterSet::none()).unwrap();
+        assert!(common::max_abs_diff(&ml, &with) < 1e-4);
+    }
+    let bad = TrainConfig {
+        dtype: spiel::loader::Dtype::Bf16,
+        ..config(Method::Full, &dir.path().join("full-bf16"))
+    };
+    assert!(bad.validate().unwrap_err().to_string().contains("dtype"));
     // Full fine-tuning over a quantised base is refused with the field named.
     let bad = TrainConfig {
         quantize: spiel::loader::Quantize::Nf4,
@@ -371,4 +395,66 @@ fn adapters_train_over_a_quantised_base() {
     };
     let e = bad.validate().unwrap_err().to_string();
     assert!(e.contains("quantize"), "{e}");
+}
+
+#[test]
+fn checkpointed_training_gives_the_same_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let nf4 = spiel::loader::load_with(
+        &dir.path().join("tiny.gguf"),
+        &Device::Cpu,
+        spiel::loader::Quantize::Nf4,
+    )
+    .unwrap();
+    let cases = [
+        (Method::SpielAg, &m),
+        (Method::SpielMa, &m),
+        (Method::Lora, &m),
+        (Method::Full, &m),
+        (Method::SpielAg, &nf4),
+    ];
+    for (i, (method, model)) in cases.into_iter().enumerate() {
+        let quantize = if model.model.is_quantized() {
+            spiel::loader::Quantize::Nf4
+        } else {
+            spiel::loader::Quantize::None
+        };
+        let metrics = |checkpoint_activations: bool| {
+            let out = dir.path().join(format!("{i}-{checkpoint_activations}"));
+            let c = TrainConfig {
+                checkpoint_activations,
+                quantize,
+                ..config(method, &out)
+            };
+            (
+                run(model, c, false),
+                Adapter::load(&out.join("adapter"), &model.model).ok(),
+            )
+        };
+        let (plain, plain_adapter) = metrics(false);
+        let (ckpt, ckpt_adapter) = metrics(true);
+        assert_eq!(plain.len(), ckpt.len());
+        let mut compared = 0;
+        for (a, b) in plain.iter().zip(&ckpt) {
+            for (x, y) in [(a.loss, b.loss), (a.eval_loss, b.eval_loss)] {
+                if let (Some(x), Some(y)) = (x, y) {
+                    assert!(
+                        (x - y).abs() < 1e-5,
+                        "{method:?} {quantize:?} step {}: {x} vs {y}",
+                        a.step
+                    );
+                    compared += 1;
+                }
+            }
+        }
+        assert!(compared >= 12 + 4, "{method:?}: only {compared} losses compared");
+        // The trained deltas agree too (full fine-tuning writes a model, not an adapter).
+        if let (Some(p), Some(c)) = (plain_adapter, ckpt_adapter) {
+            let (a, b) = (p.to_set(), c.to_set());
+            assert!(common::max_abs_diff(&logits(model, &a), &logits(model, &b)) < 1e-4);
+        } else {
+            assert_eq!(method, Method::Full);
+        }
+    }
 }
