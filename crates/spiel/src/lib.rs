@@ -17,6 +17,7 @@ pub mod fsutil;
 pub mod fuzzing;
 pub mod generate;
 pub mod gguf;
+pub mod head;
 pub mod inspect;
 pub mod loader;
 pub mod model;

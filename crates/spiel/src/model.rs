@@ -620,6 +620,20 @@ impl Llama {
         }
     }
 
+    /// Mean cross-entropy of `targets` (u32, one per row) for final hidden rows `[N, H]`. A frozen
+    /// head runs fused with the loss a chunk of rows at a time ([`crate::head`]); a trainable
+    /// one (full fine-tuning) through the plain logits.
+    pub fn head_loss(&self, rows: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let head = match self.lm_head.as_ref().unwrap_or(&self.embed_tokens) {
+            Weight::Dense(w) if w.is_variable() => {
+                return Ok(candle_nn::loss::cross_entropy(&self.logits(rows)?, targets)?);
+            }
+            Weight::Dense(w) => crate::head::HeadWeight::Dense(w.clone()),
+            Weight::Quantized(q) => crate::head::HeadWeight::Quantized(q.clone()),
+        };
+        crate::head::head_cross_entropy(rows, &head, &targets.to_vec1::<u32>()?)
+    }
+
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let flat = ids.flatten_all()?;

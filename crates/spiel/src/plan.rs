@@ -190,11 +190,17 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     } else {
         tokens * l * per_token_layer * f
     };
-    // The head and loss over the vocabulary, per token: forward keeps the logits, their
-    // pass-through copy, the max-shifted logits, their exp and the log-softmax (5V); backward
-    // holds about six more V-sized tensors at once (incoming gradient, the exp and shift
-    // gradients, the max mask, the summed gradient, the logits gradient).
-    let head = tokens * (h + 11.0 * v) * f;
+    // The head and loss over the vocabulary. Full fine-tuning (a trainable head) runs the plain
+    // path, per token: the logits, their pass-through copy, the max-shifted logits, their exp
+    // and the log-softmax (5V) kept for the backward, which holds about six more V-sized tensors
+    // at once. A frozen head runs fused with the loss ([`crate::head`]): the gathered rows and
+    // their gradient, and one chunk of logits at a time (two while the backward forms `p W`).
+    let head = if full {
+        tokens * (h + 11.0 * v) * f
+    } else {
+        let chunk_rows = (crate::head::CHUNK_FLOATS as f64 / v).floor().max(1.0).min(tokens);
+        tokens * 2.0 * h * f + 2.0 * chunk_rows * v * f
+    };
     // Backward frontier: about one block's activations of gradients in flight.
     let transient = tokens * per_token_layer * f * 2.0;
 

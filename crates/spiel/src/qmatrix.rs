@@ -269,35 +269,9 @@ impl QMatrix {
 
     /// `y = x W^T` for `x: [n, cols]`, giving `y: [n, rows]`.
     pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let (rows, cols) = (self.rows, self.cols);
+        let rows = self.rows;
         let mut y = vec![0f32; n * rows];
-        self.for_each_tile(|r0, r1, w| {
-            // SAFETY: the pointers and strides describe in-bounds views: y[:, r0..r1] with row
-            // stride `rows`, x as [n, cols], and the tile transposed ([cols, r1 - r0]).
-            unsafe {
-                gemm::gemm(
-                    n,
-                    r1 - r0,
-                    cols,
-                    y.as_mut_ptr().add(r0),
-                    1,
-                    rows as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    cols as isize,
-                    w.as_ptr(),
-                    cols as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism(),
-                );
-            }
-        });
+        self.for_each_tile(|r0, r1, w| gemm_xwt(&mut y, r0, rows, x, n, w, r1 - r0));
         y
     }
 
@@ -305,34 +279,79 @@ impl QMatrix {
     pub fn matmul(&self, g: &[f32], n: usize) -> Vec<f32> {
         let (rows, cols) = (self.rows, self.cols);
         let mut dx = vec![0f32; n * cols];
-        self.for_each_tile(|r0, r1, w| {
-            // SAFETY: in-bounds views: dx as [n, cols], g[:, r0..r1] with row stride `rows`, and
-            // the tile as [r1 - r0, cols].
-            unsafe {
-                gemm::gemm(
-                    n,
-                    cols,
-                    r1 - r0,
-                    dx.as_mut_ptr(),
-                    1,
-                    cols as isize,
-                    r0 > 0,
-                    g.as_ptr().add(r0),
-                    1,
-                    rows as isize,
-                    w.as_ptr(),
-                    1,
-                    cols as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism(),
-                );
-            }
-        });
+        self.for_each_tile(|r0, r1, w| gemm_gw(&mut dx, r0 > 0, g, r0, rows, n, w, r1 - r0));
         dx
+    }
+}
+
+/// `y[:, c0 .. c0 + r] = x w^T` for `x: [n, k]` and `w: [r, k]` (row-major, `k = w.len() / r`),
+/// into `y` with row stride `ldy`.
+pub(crate) fn gemm_xwt(y: &mut [f32], c0: usize, ldy: usize, x: &[f32], n: usize, w: &[f32], r: usize) {
+    let k = w.len() / r.max(1);
+    if n == 0 || r == 0 {
+        return;
+    }
+    assert!(x.len() >= n * k && c0 + r <= ldy && y.len() >= (n - 1) * ldy + c0 + r);
+    // SAFETY: the asserts bound every access: y[i * ldy + c0 + j] for i < n, j < r; x as [n, k];
+    // w read transposed as [k, r].
+    unsafe {
+        gemm::gemm(
+            n,
+            r,
+            k,
+            y.as_mut_ptr().add(c0),
+            1,
+            ldy as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+}
+
+/// `dx (+)= g[:, c0 .. c0 + r] w` for `g` with row stride `ldg`, `w: [r, k]` and `dx: [n, k]`;
+/// adds to `dx` when `accumulate`, else overwrites it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_gw(dx: &mut [f32], accumulate: bool, g: &[f32], c0: usize, ldg: usize, n: usize, w: &[f32], r: usize) {
+    let k = w.len() / r.max(1);
+    if n == 0 || r == 0 {
+        return;
+    }
+    assert!(dx.len() >= n * k && c0 + r <= ldg && g.len() >= (n - 1) * ldg + c0 + r);
+    // SAFETY: the asserts bound every access: dx as [n, k], g[i * ldg + c0 + j] for i < n,
+    // j < r, and w as [r, k].
+    unsafe {
+        gemm::gemm(
+            n,
+            k,
+            r,
+            dx.as_mut_ptr(),
+            1,
+            k as isize,
+            accumulate,
+            g.as_ptr().add(c0),
+            1,
+            ldg as isize,
+            w.as_ptr(),
+            1,
+            k as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
     }
 }
 

@@ -391,21 +391,24 @@ pub fn eval_loss(
         if b.n_targets == 0 {
             continue;
         }
-        let logits = batch_logits(model, adapters, &b, Grad::No)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &b.targets)?.to_scalar::<f32>()? as f64;
+        let loss = batch_loss(model, adapters, &b, Grad::No)?.to_scalar::<f32>()? as f64;
         total += loss * b.n_targets as f64;
         n += b.n_targets;
     }
     Ok(total / n.max(1) as f64)
 }
 
-/// Logits `[n_targets, V]` at the batch's target positions only: the head and the softmax over the
-/// vocabulary run only where there is a loss.
-fn batch_logits(model: &Llama, adapters: &AdapterSet, b: &data::Batch, grad: Grad) -> Result<Tensor> {
+/// Mean NLL of the batch's targets: the head and the loss run only at target positions.
+fn batch_loss(model: &Llama, adapters: &AdapterSet, b: &data::Batch, grad: Grad) -> Result<Tensor> {
     let h = model.forward_hidden(&b.ids, Some(&b.mask), grad, adapters)?;
+    target_loss(model, &h, b)
+}
+
+/// Mean NLL of the batch's targets given the final hidden states `[B, T, H]`.
+fn target_loss(model: &Llama, h: &Tensor, b: &data::Batch) -> Result<Tensor> {
     let (bs, t, hid) = h.dims3()?;
     let rows = h.reshape((bs * t, hid))?.index_select(&b.positions, 0)?;
-    model.logits(&rows)
+    model.head_loss(&rows, &b.targets)
 }
 
 /// Trainable variables with the gradient buffers they accumulate into.
@@ -641,17 +644,12 @@ impl Trainer {
             let adapters = self.model_and_adapters(true).1;
             let (model, mut sink) = self.model_and_grad_sink();
             let lv = if checkpointed {
-                let loss = |h: &Tensor| -> Result<Tensor> {
-                    let (bs, t, hid) = h.dims3()?;
-                    let rows = h.reshape((bs * t, hid))?.index_select(&b.positions, 0)?;
-                    Ok(candle_nn::loss::cross_entropy(&model.logits(&rows)?, &b.targets)?)
-                };
+                let loss = |h: &Tensor| target_loss(model, h, &b);
                 model.checkpointed_backward(&b.ids, Some(&b.mask), &adapters, loss, scale, |g| {
                     add_grads(&mut sink, g)
                 })?
             } else {
-                let logits = batch_logits(model, &adapters, &b, Grad::Yes)?;
-                let loss = candle_nn::loss::cross_entropy(&logits, &b.targets)?;
+                let loss = batch_loss(model, &adapters, &b, Grad::Yes)?;
                 let lv = loss.to_scalar::<f32>()?;
                 add_grads(&mut sink, &(loss * scale)?.backward()?)?;
                 lv
