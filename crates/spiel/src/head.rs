@@ -10,71 +10,20 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::qmatrix::{gemm_gw, gemm_xwt, QMatrix};
+use crate::qmatrix::Frozen;
+#[cfg(test)]
+use crate::qmatrix::QMatrix;
 use crate::{Error, Result};
 
 /// Floats of logits held at once (32 MiB).
 pub const CHUNK_FLOATS: usize = 8 << 20;
 
-/// A frozen head weight `[V, H]`: dense f32, or held quantised / bf16.
-#[derive(Clone)]
-pub enum HeadWeight {
-    /// A dense f32 tensor (not a variable).
-    Dense(Tensor),
-    /// Quantised or 16-bit rows, widened a tile at a time.
-    Quantized(Arc<QMatrix>),
-}
-
-impl HeadWeight {
-    fn rows(&self) -> usize {
-        match self {
-            HeadWeight::Dense(t) => t.dims()[0],
-            HeadWeight::Quantized(q) => q.shape().0,
-        }
-    }
-
-    /// Logits `[n, V]` of the rows `x: [n, H]`.
-    fn logits(&self, x: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
-        match self {
-            HeadWeight::Quantized(q) => Ok(q.matmul_t(x, n)),
-            HeadWeight::Dense(t) => with_slice(t, |w| {
-                let v = t.dims()[0];
-                let mut y = vec![0f32; n * v];
-                gemm_xwt(&mut y, 0, v, x, n, w, v);
-                y
-            }),
-        }
-    }
-
-    /// `g W` for `g: [n, V]`, giving `[n, H]`.
-    fn input_grad(&self, g: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
-        match self {
-            HeadWeight::Quantized(q) => Ok(q.matmul(g, n)),
-            HeadWeight::Dense(t) => with_slice(t, |w| {
-                let (v, h) = (t.dims()[0], t.dims()[1]);
-                let mut dx = vec![0f32; n * h];
-                gemm_gw(&mut dx, false, g, 0, v, n, w, v);
-                dx
-            }),
-        }
-    }
-}
-
-/// Run `f` on the f32 data of a contiguous CPU tensor, without copying it.
-fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("fused head: CPU tensors only");
-    };
-    Ok(f(crate::ops::cpu_slice(cpu, layout, "fused head")?))
-}
-
 /// Mean cross-entropy of `targets` (one per row) under the logits `rows W^T`, for `rows: [N, H]`,
 /// differentiable in `rows`; the `[N, V]` logits are never all held at once.
-pub fn head_cross_entropy(rows: &Tensor, w: &HeadWeight, targets: &[u32]) -> Result<Tensor> {
+pub fn head_cross_entropy(rows: &Tensor, w: &Frozen, targets: &[u32]) -> Result<Tensor> {
     let (n, _) = rows.dims2()?;
     if n != targets.len() || n == 0 {
         return Err(Error::Invalid(format!(
@@ -82,7 +31,7 @@ pub fn head_cross_entropy(rows: &Tensor, w: &HeadWeight, targets: &[u32]) -> Res
             targets.len()
         )));
     }
-    let v = w.rows();
+    let v = w.shape().0;
     if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
         return Err(Error::Invalid(format!(
             "target id {bad} is outside the vocabulary of {v}"
@@ -95,14 +44,14 @@ pub fn head_cross_entropy(rows: &Tensor, w: &HeadWeight, targets: &[u32]) -> Res
 }
 
 struct HeadLoss {
-    w: HeadWeight,
+    w: Frozen,
     targets: Arc<Vec<u32>>,
 }
 
 impl HeadLoss {
     /// Rows per chunk.
     fn chunk(&self) -> usize {
-        (CHUNK_FLOATS / self.w.rows().max(1)).max(1)
+        (CHUNK_FLOATS / self.w.shape().0.max(1)).max(1)
     }
 }
 
@@ -126,11 +75,11 @@ impl CustomOp1 for HeadLoss {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = crate::ops::cpu_slice(s, l, "head-cross-entropy")?;
         let (n, h) = l.shape().dims2()?;
-        let v = self.w.rows();
+        let v = self.w.shape().0;
         let mut total = 0f64;
         for (c, xs) in x.chunks(self.chunk() * h).enumerate() {
             let m = xs.len() / h;
-            let logits = self.w.logits(xs, m)?;
+            let logits = self.w.matmul_t(xs, m)?;
             for (i, ((mx, lse), row)) in row_stats(&logits, v).into_iter().zip(logits.chunks(v)).enumerate() {
                 let t = self.targets[c * self.chunk() + i] as usize;
                 total += (mx + lse - row[t]) as f64;
@@ -141,13 +90,13 @@ impl CustomOp1 for HeadLoss {
 
     fn bwd(&self, rows: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let (n, h) = rows.dims2()?;
-        let v = self.w.rows();
+        let v = self.w.shape().0;
         let scale = grad.to_scalar::<f32>()? / n as f32;
         let x: Vec<f32> = rows.flatten_all()?.to_vec1()?;
         let mut dx = Vec::with_capacity(n * h);
         for (c, xs) in x.chunks(self.chunk() * h).enumerate() {
             let m = xs.len() / h;
-            let mut p = self.w.logits(xs, m)?;
+            let mut p = self.w.matmul_t(xs, m)?;
             let stats = row_stats(&p, v);
             let first = c * self.chunk();
             // softmax - onehot(target), times the incoming gradient over N.
@@ -156,7 +105,7 @@ impl CustomOp1 for HeadLoss {
                 row.iter_mut().for_each(|x| *x = (*x - mx - lse).exp() * scale);
                 row[self.targets[first + i] as usize] -= scale;
             });
-            dx.extend(self.w.input_grad(&p, m)?);
+            dx.extend(self.w.matmul(&p, m)?);
         }
         Ok(Some(Tensor::from_vec(dx, (n, h), rows.device())?))
     }
@@ -178,16 +127,19 @@ mod tests {
             let w: Vec<f32> = (0..v * h).map(|_| rng.gen_range(-0.5..0.5)).collect();
             let x: Vec<f32> = (0..n * h).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let targets: Vec<u32> = (0..n).map(|_| rng.gen_range(0..v as u32)).collect();
-            let dense = HeadWeight::Dense(Tensor::from_vec(w.clone(), (v, h), &Device::Cpu).unwrap());
-            let bf16 = HeadWeight::Quantized(Arc::new(
+            let dense = Frozen::Dense(Tensor::from_vec(w.clone(), (v, h), &Device::Cpu).unwrap());
+            let bf16 = Frozen::Quantized(Arc::new(
                 QMatrix::quantize(crate::qmatrix::QFormat::Ggml(crate::quant::Format::BF16), &w, v, h).unwrap(),
             ));
             for (head, wq) in [
                 (&dense, w.clone()),
-                (&bf16, match &bf16 {
-                    HeadWeight::Quantized(q) => q.to_dense(),
-                    HeadWeight::Dense(_) => unreachable!(),
-                }),
+                (
+                    &bf16,
+                    match &bf16 {
+                        Frozen::Quantized(q) => q.to_dense(),
+                        Frozen::Dense(_) => unreachable!(),
+                    },
+                ),
             ] {
                 let xv = Var::from_vec(x.clone(), (n, h), &Device::Cpu).unwrap();
                 let loss = head_cross_entropy(xv.as_tensor(), head, &targets).unwrap();
@@ -212,9 +164,15 @@ mod tests {
                     }
                 }
                 want_loss /= n as f64;
-                assert!((got_loss - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0), "n={n}: {got_loss} vs {want_loss}");
+                assert!(
+                    (got_loss - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0),
+                    "n={n}: {got_loss} vs {want_loss}"
+                );
                 for (j, (g, r)) in got.iter().zip(&want).enumerate() {
-                    assert!((*g as f64 - r).abs() < 1e-6 + 1e-4 * r.abs(), "n={n} dx[{j}]: {g} vs {r}");
+                    assert!(
+                        (*g as f64 - r).abs() < 1e-6 + 1e-4 * r.abs(),
+                        "n={n} dx[{j}]: {g} vs {r}"
+                    );
                 }
             }
         }
@@ -222,10 +180,13 @@ mod tests {
 
     #[test]
     fn mismatched_or_out_of_range_targets_are_errors() {
-        let w = HeadWeight::Dense(Tensor::zeros((10, 4), candle_core::DType::F32, &Device::Cpu).unwrap());
+        let w = Frozen::Dense(Tensor::zeros((10, 4), candle_core::DType::F32, &Device::Cpu).unwrap());
         let x = Tensor::zeros((2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert!(head_cross_entropy(&x, &w, &[1]).is_err());
-        assert!(head_cross_entropy(&x, &w, &[1, 10]).unwrap_err().to_string().contains("10"));
+        assert!(head_cross_entropy(&x, &w, &[1, 10])
+            .unwrap_err()
+            .to_string()
+            .contains("10"));
         // A uniform distribution over 10 tokens: loss ln 10.
         let l = head_cross_entropy(&x, &w, &[1, 2]).unwrap().to_scalar::<f32>().unwrap();
         assert!((l - 10f32.ln()).abs() < 1e-6);

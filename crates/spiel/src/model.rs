@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 
 use crate::adapter::{AdapterSet, Delta};
 use crate::config::ModelConfig;
-use crate::qmatrix::{QFormat, QMatrix};
+use crate::qmatrix::{frozen_matmul_t, Frozen, QFormat, QMatrix};
 use crate::{Error, Result};
 
 /// Named weight tensors, keyed by canonical Hugging Face names (`model.layers.0.mlp.up_proj.weight`).
@@ -81,6 +81,25 @@ impl Weight {
         })
     }
 
+    /// The weight for the frozen products, or `None` when it is a trainable variable.
+    pub fn frozen(&self) -> Option<Frozen> {
+        match self {
+            Weight::Dense(t) if t.is_variable() => None,
+            Weight::Dense(t) => Some(Frozen::Dense(t.clone())),
+            Weight::Quantized(q) => Some(Frozen::Quantized(q.clone())),
+        }
+    }
+
+    /// `x W^T` for `x: [N, in]`: the frozen product (backward `grad W` only), or an ordinary
+    /// matmul for a trainable weight.
+    pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) if w.is_variable() => Ok(x.matmul(&w.t()?)?),
+            Weight::Dense(w) => frozen_matmul_t(x, &Frozen::Dense(w.clone())),
+            Weight::Quantized(q) => frozen_matmul_t(x, &Frozen::Quantized(q.clone())),
+        }
+    }
+
     /// Bytes the weight occupies.
     pub fn bytes(&self) -> usize {
         match self {
@@ -130,10 +149,7 @@ impl Linear {
         let (out, inp) = self.shape();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, inp))?;
-        let mut y = match &self.weight {
-            Weight::Dense(w) => frozen_matmul_t(&x2, w)?,
-            Weight::Quantized(q) => crate::qmatrix::qmatmul_t(&x2.contiguous()?, q)?,
-        };
+        let mut y = self.weight.matmul_t(&x2)?;
         for d in deltas {
             y = (y + d.apply(&x2, grad)?)?;
         }
@@ -143,50 +159,6 @@ impl Linear {
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank >= 1") = out;
         Ok(y.reshape(out_dims)?)
-    }
-}
-
-/// `x W^T` for `x: [N, in]`, `w: [out, in]`. When `w` is frozen (not a variable) the backward
-/// computes only `grad_x = grad W`: candle's own matmul backward would also form the `[out, in]`
-/// weight gradient, as costly as the forward, for every frozen projection and the vocabulary head.
-pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let y = x.detach().matmul(&w.t()?)?;
-    if w.is_variable() || !x.track_op() {
-        // A trainable weight (full fine-tuning) or no graph to extend: ordinary matmul.
-        return Ok(if w.is_variable() { x.matmul(&w.t()?)? } else { y });
-    }
-    Ok(x.apply_op2(&y, FrozenGrad { w: w.clone() })?)
-}
-
-/// Passes a precomputed `x W^T` through, with the backward `grad_x = grad W` only.
-struct FrozenGrad {
-    w: Tensor,
-}
-
-impl candle_core::CustomOp2 for FrozenGrad {
-    fn name(&self) -> &'static str {
-        "frozen-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        y: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let data = crate::ops::cpu_slice(y, l, "frozen-matmul")?;
-        Ok((candle_core::CpuStorage::F32(data.to_vec()), l.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(&self.w)?), None))
     }
 }
 
@@ -614,24 +586,17 @@ impl Llama {
     /// Logits `[N, V]` for final hidden rows `[N, H]` (the output of [`Llama::forward_hidden`],
     /// gathered at the positions that need a prediction).
     pub fn logits(&self, rows: &Tensor) -> Result<Tensor> {
-        match self.lm_head.as_ref().unwrap_or(&self.embed_tokens) {
-            Weight::Dense(w) => frozen_matmul_t(rows, w),
-            Weight::Quantized(q) => crate::qmatrix::qmatmul_t(&rows.contiguous()?, q),
-        }
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens).matmul_t(rows)
     }
 
     /// Mean cross-entropy of `targets` (u32, one per row) for final hidden rows `[N, H]`. A frozen
     /// head runs fused with the loss a chunk of rows at a time ([`crate::head`]); a trainable
     /// one (full fine-tuning) through the plain logits.
     pub fn head_loss(&self, rows: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let head = match self.lm_head.as_ref().unwrap_or(&self.embed_tokens) {
-            Weight::Dense(w) if w.is_variable() => {
-                return Ok(candle_nn::loss::cross_entropy(&self.logits(rows)?, targets)?);
-            }
-            Weight::Dense(w) => crate::head::HeadWeight::Dense(w.clone()),
-            Weight::Quantized(q) => crate::head::HeadWeight::Quantized(q.clone()),
-        };
-        crate::head::head_cross_entropy(rows, &head, &targets.to_vec1::<u32>()?)
+        match self.lm_head.as_ref().unwrap_or(&self.embed_tokens).frozen() {
+            Some(head) => crate::head::head_cross_entropy(rows, &head, &targets.to_vec1::<u32>()?),
+            None => Ok(candle_nn::loss::cross_entropy(&self.logits(rows)?, targets)?),
+        }
     }
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {

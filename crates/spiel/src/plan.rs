@@ -158,15 +158,13 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     };
 
     // Activations: f32 outputs of the ops of one block, per token, kept until backward.
-    // A projection leaves its product (plus, for a frozen dense weight, the pass-through copy
-    // that carries its input-only backward), the adapter's output and the sum.
+    // A projection leaves its product, plus, when an adapter is attached, the adapter's output
+    // and the sum.
     let lin = |name: &str, out: f64| -> f64 {
-        // Tiled (quantised or bf16) products leave no pass-through copy.
-        let quantized = !matches!(base, BaseFormat::F32) || cfg.dtype == Dtype::Bf16;
         match cfg.method {
             Method::Full => out,
-            _ if !targeted(name) => out * if quantized { 1.0 } else { 2.0 },
-            _ => out * if quantized { 3.0 } else { 4.0 },
+            _ if !targeted(name) => out,
+            _ => out * 3.0,
         }
     };
     let s = cfg.max_len as f64;

@@ -322,7 +322,16 @@ pub(crate) fn gemm_xwt(y: &mut [f32], c0: usize, ldy: usize, x: &[f32], n: usize
 /// `dx (+)= g[:, c0 .. c0 + r] w` for `g` with row stride `ldg`, `w: [r, k]` and `dx: [n, k]`;
 /// adds to `dx` when `accumulate`, else overwrites it.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_gw(dx: &mut [f32], accumulate: bool, g: &[f32], c0: usize, ldg: usize, n: usize, w: &[f32], r: usize) {
+pub(crate) fn gemm_gw(
+    dx: &mut [f32],
+    accumulate: bool,
+    g: &[f32],
+    c0: usize,
+    ldg: usize,
+    n: usize,
+    w: &[f32],
+    r: usize,
+) {
     let k = w.len() / r.max(1);
     if n == 0 || r == 0 {
         return;
@@ -376,54 +385,117 @@ fn nearest_nf4(v: f32) -> u8 {
     best as u8
 }
 
-/// `x W^T` for `x: [N, in]` and a quantised frozen `W`, differentiable in `x` only.
-pub fn qmatmul_t(x: &Tensor, w: &Arc<QMatrix>) -> Result<Tensor> {
-    Ok(x.apply_op1(QMatmulT { w: w.clone() })?)
+/// A frozen `[rows, cols]` weight for the products below: a dense f32 tensor, used in place, or
+/// quantised / 16-bit rows widened a tile at a time.
+#[derive(Debug, Clone)]
+pub enum Frozen {
+    /// A dense f32 CPU tensor (not a variable).
+    Dense(Tensor),
+    /// A [`QMatrix`].
+    Quantized(Arc<QMatrix>),
 }
 
-/// Forward `x W^T`; backward `g W`, both by tiles.
-struct QMatmulT {
-    w: Arc<QMatrix>,
+impl Frozen {
+    /// `(rows, cols)`.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            Frozen::Dense(t) => {
+                let d = t.dims();
+                (d[0], d.get(1).copied().unwrap_or(1))
+            }
+            Frozen::Quantized(q) => q.shape(),
+        }
+    }
+
+    /// `x W^T` for `x: [n, cols]`.
+    pub(crate) fn matmul_t(&self, x: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
+        match self {
+            Frozen::Quantized(q) => Ok(q.matmul_t(x, n)),
+            Frozen::Dense(t) => with_slice(t, |w| {
+                let rows = t.dims()[0];
+                let mut y = vec![0f32; n * rows];
+                gemm_xwt(&mut y, 0, rows, x, n, w, rows);
+                y
+            }),
+        }
+    }
+
+    /// `g W` for `g: [n, rows]`.
+    pub(crate) fn matmul(&self, g: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
+        match self {
+            Frozen::Quantized(q) => Ok(q.matmul(g, n)),
+            Frozen::Dense(t) => with_slice(t, |w| {
+                let (rows, cols) = self.shape();
+                let mut dx = vec![0f32; n * cols];
+                gemm_gw(&mut dx, false, g, 0, rows, n, w, rows);
+                dx
+            }),
+        }
+    }
 }
 
-impl CustomOp1 for QMatmulT {
+/// Run `f` on the f32 data of a contiguous CPU tensor, without copying it.
+fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("frozen weight: CPU tensors only");
+    };
+    Ok(f(crate::ops::cpu_slice(cpu, layout, "frozen weight")?))
+}
+
+/// `x W^T` for `x: [N, in]` and a frozen `W`, differentiable in `x` only: the backward forms
+/// `grad W` and never the `[out, in]` weight gradient (which would cost as much as the forward
+/// for every frozen projection and the vocabulary head).
+pub fn frozen_matmul_t(x: &Tensor, w: &Frozen) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(FrozenMatmulT { w: w.clone() })?)
+}
+
+/// Forward `x W^T`; backward `g W`.
+struct FrozenMatmulT {
+    w: Frozen,
+}
+
+impl CustomOp1 for FrozenMatmulT {
     fn name(&self) -> &'static str {
-        "qmatmul-t"
+        "frozen-matmul-t"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = crate::ops::cpu_slice(s, l, "qmatmul-t")?;
+        let x = crate::ops::cpu_slice(s, l, "frozen-matmul-t")?;
         let (n, k) = l.shape().dims2()?;
-        if k != self.w.cols {
-            candle_core::bail!("qmatmul-t: input has {k} columns, weight has {}", self.w.cols);
+        let (rows, cols) = self.w.shape();
+        if k != cols {
+            candle_core::bail!("frozen-matmul-t: input has {k} columns, weight has {cols}");
         }
-        Ok((CpuStorage::F32(self.w.matmul_t(x, n)), Shape::from((n, self.w.rows))))
+        Ok((CpuStorage::F32(self.w.matmul_t(x, n)?), Shape::from((n, rows))))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(
-            grad.contiguous()?.apply_op1_no_bwd(&QMatmul { w: self.w.clone() })?,
+            grad.contiguous()?
+                .apply_op1_no_bwd(&FrozenMatmul { w: self.w.clone() })?,
         ))
     }
 }
 
-/// `g W` (the input gradient of [`QMatmulT`]).
-struct QMatmul {
-    w: Arc<QMatrix>,
+/// `g W` (the input gradient of [`FrozenMatmulT`]).
+struct FrozenMatmul {
+    w: Frozen,
 }
 
-impl CustomOp1 for QMatmul {
+impl CustomOp1 for FrozenMatmul {
     fn name(&self) -> &'static str {
-        "qmatmul"
+        "frozen-matmul"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = crate::ops::cpu_slice(s, l, "qmatmul")?;
+        let g = crate::ops::cpu_slice(s, l, "frozen-matmul")?;
         let (n, r) = l.shape().dims2()?;
-        if r != self.w.rows {
-            candle_core::bail!("qmatmul: gradient has {r} columns, weight has {} rows", self.w.rows);
+        let (rows, cols) = self.w.shape();
+        if r != rows {
+            candle_core::bail!("frozen-matmul: gradient has {r} columns, weight has {rows} rows");
         }
-        Ok((CpuStorage::F32(self.w.matmul(g, n)), Shape::from((n, self.w.cols))))
+        Ok((CpuStorage::F32(self.w.matmul(g, n)?), Shape::from((n, cols))))
     }
 }
 
@@ -551,26 +623,30 @@ mod tests {
             let w = random(rows * cols, &mut rng);
             let q = Arc::new(QMatrix::quantize(format, &w, rows, cols).unwrap());
             let wd = q.to_dense();
+            // The same values as a dense tensor, used in place, go through the same products.
+            let dense = Tensor::from_vec(wd.clone(), (rows, cols), &Device::Cpu).unwrap();
             let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let g: Vec<f32> = (0..n * rows).map(|_| rng.gen_range(-1.0..1.0)).collect();
-            let xv = Var::from_vec(x.clone(), (n, cols), &Device::Cpu).unwrap();
-            let y = qmatmul_t(xv.as_tensor(), &q).unwrap();
-            let gt = Tensor::from_vec(g.clone(), (n, rows), &Device::Cpu).unwrap();
-            let grads = (&y * &gt).unwrap().sum_all().unwrap().backward().unwrap();
-            let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
-            let dx: Vec<f32> = grads.get(&xv).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            for i in 0..n {
-                for r in 0..rows {
-                    let want: f64 = (0..cols)
-                        .map(|c| x[i * cols + c] as f64 * wd[r * cols + c] as f64)
-                        .sum();
-                    assert!((y[i * rows + r] as f64 - want).abs() < 1e-4, "{format:?} y[{i},{r}]");
-                }
-                for c in 0..cols {
-                    let want: f64 = (0..rows)
-                        .map(|r| g[i * rows + r] as f64 * wd[r * cols + c] as f64)
-                        .sum();
-                    assert!((dx[i * cols + c] as f64 - want).abs() < 1e-4, "{format:?} dx[{i},{c}]");
+            for weight in [Frozen::Quantized(q.clone()), Frozen::Dense(dense)] {
+                let xv = Var::from_vec(x.clone(), (n, cols), &Device::Cpu).unwrap();
+                let y = frozen_matmul_t(xv.as_tensor(), &weight).unwrap();
+                let gt = Tensor::from_vec(g.clone(), (n, rows), &Device::Cpu).unwrap();
+                let grads = (&y * &gt).unwrap().sum_all().unwrap().backward().unwrap();
+                let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+                let dx: Vec<f32> = grads.get(&xv).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                for i in 0..n {
+                    for r in 0..rows {
+                        let want: f64 = (0..cols)
+                            .map(|c| x[i * cols + c] as f64 * wd[r * cols + c] as f64)
+                            .sum();
+                        assert!((y[i * rows + r] as f64 - want).abs() < 1e-4, "{format:?} y[{i},{r}]");
+                    }
+                    for c in 0..cols {
+                        let want: f64 = (0..rows)
+                            .map(|r| g[i * rows + r] as f64 * wd[r * cols + c] as f64)
+                            .sum();
+                        assert!((dx[i * cols + c] as f64 - want).abs() < 1e-4, "{format:?} dx[{i},{c}]");
+                    }
                 }
             }
         }
