@@ -192,6 +192,9 @@ enum BenchCmd {
         /// Recompute each block's forward in the backward instead of keeping its activations.
         #[arg(long)]
         checkpoint_activations: bool,
+        /// Also time each phase of the step and set it against its modelled FLOPs and bytes.
+        #[arg(long)]
+        profile: bool,
         /// Print JSON (a list, one object per method).
         #[arg(long)]
         json: bool,
@@ -779,6 +782,7 @@ fn run(cli: Cli) -> Result<()> {
                     random_init,
                     random_shape,
                     checkpoint_activations,
+                    profile,
                     json,
                 },
         } => {
@@ -845,7 +849,7 @@ fn run(cli: Cli) -> Result<()> {
                     dtype: model.dtype.unwrap_or_default(),
                     ..TrainConfig::default()
                 };
-                rows.push(spiel::bench::bench_train(&base, cfg, seq_len, steps)?);
+                rows.push(spiel::bench::bench_train(&base, cfg, seq_len, steps, profile)?);
             } else {
                 // One process per method, so each peak RSS is that method's alone.
                 for method in &methods {
@@ -883,6 +887,9 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     if checkpoint_activations {
                         cmd.arg("--checkpoint-activations");
+                    }
+                    if profile {
+                        cmd.arg("--profile");
                     }
                     if model.dtype == Some(loader::Dtype::Bf16) {
                         cmd.args(["--dtype", "bf16"]);
@@ -923,6 +930,31 @@ fn run(cli: Cli) -> Result<()> {
                         r.peak_rss_mib,
                         r.plan_mib
                     );
+                }
+                for r in &rows {
+                    let Some(phases) = &r.phases else { continue };
+                    println!("\n{} by phase (mean per update):", r.method);
+                    println!("| phase | s | share | GFLOP | GB | GFLOP/s | GB/s |");
+                    println!("|---|---:|---:|---:|---:|---:|---:|");
+                    for p in phases {
+                        let rate = |x: f64| {
+                            if x > 0.0 && p.secs_per_step > 0.0 {
+                                format!("{:.1}", x / p.secs_per_step)
+                            } else {
+                                "-".into()
+                            }
+                        };
+                        println!(
+                            "| {} | {:.3} | {:.1}% | {:.2} | {:.2} | {} | {} |",
+                            p.phase,
+                            p.secs_per_step,
+                            100.0 * p.share,
+                            p.gflop_per_step,
+                            p.gb_per_step,
+                            rate(p.gflop_per_step),
+                            rate(p.gb_per_step)
+                        );
+                    }
                 }
             }
         }

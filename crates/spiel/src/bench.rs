@@ -117,6 +117,100 @@ pub struct TrainBench {
     pub plan_mib: f64,
     /// Trainable parameters.
     pub trainable: usize,
+    /// Time, FLOPs and bytes by phase of the step (with `--profile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phases: Option<Vec<PhaseRow>>,
+}
+
+/// One phase of the step in a profile: measured time and the modelled work.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct PhaseRow {
+    /// The phase (`other` is the step time no phase accounts for).
+    pub phase: String,
+    /// Mean seconds per update.
+    pub secs_per_step: f64,
+    /// Share of the mean update time.
+    pub share: f64,
+    /// Modelled GFLOP per update (mean over the measured updates).
+    pub gflop_per_step: f64,
+    /// Modelled GB moved per update (mean over the measured updates).
+    pub gb_per_step: f64,
+}
+
+/// The work of each phase of one update, `(phase, FLOPs, bytes)`, averaged over updates with
+/// `window` and `reselection` the fractions of updates inside AG windows and at reselections.
+/// A model to set measured times against, not a count: element-wise phases count their passes
+/// over f32 tensors, GEMM phases their multiply-adds and the weights and activations they read.
+fn phase_work(
+    base: &Llama,
+    cfg: &crate::train::TrainConfig,
+    seq: usize,
+    trainable: usize,
+    window: f64,
+    reselection: f64,
+) -> Vec<(crate::profile::Phase, f64, f64)> {
+    use crate::adapter::Method;
+    use crate::profile::Phase;
+    let m = &base.cfg;
+    let (h, l, v) = (m.hidden_size as f64, m.num_layers as f64, m.vocab_size as f64);
+    let q = (m.num_heads * m.head_dim) as f64;
+    let kv = (m.num_kv_heads * m.head_dim) as f64;
+    let i = m.intermediate_size as f64;
+    let b = (cfg.batch_size * cfg.grad_accum) as f64;
+    let s = seq as f64;
+    let t = b * s;
+    let n = b * (s - 1.0);
+    let k = trainable as f64;
+    let proj = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)];
+    let params: f64 = proj.iter().map(|(o, n)| o * n).sum::<f64>() * l;
+    let io: f64 = proj.iter().map(|(o, n)| o + n).sum::<f64>() * l;
+    let wbytes = base.linears().iter().map(|x| x.weight.bytes()).sum::<usize>() as f64;
+    let head_bytes = v * h * if base.is_quantized() { 2.0 } else { 4.0 };
+    let f = 4.0;
+    let sparse = cfg.method.is_sparse();
+    let norms = (2.0 * l + 1.0) * t * h;
+    let rope = l * t * (q + kv);
+    let probs = l * b * m.num_heads as f64 * s * s;
+    vec![
+        (Phase::Embedding, 0.0, 2.0 * t * h * f),
+        (Phase::Norms, 12.0 * norms, 6.0 * norms * f),
+        (Phase::Rope, 6.0 * rope, 4.0 * rope * f),
+        (Phase::Softmax, 9.0 * probs, 5.0 * probs * f),
+        (Phase::ProjectionsForward, 2.0 * t * params, wbytes + t * io * f),
+        (Phase::ProjectionsInputGrad, 2.0 * t * params, wbytes + t * io * f),
+        (
+            Phase::SparseProducts,
+            if sparse { 4.0 * t * k } else { 0.0 },
+            if sparse { 2.0 * (8.0 * k + t * io * f) } else { 0.0 },
+        ),
+        (
+            Phase::Sddmm,
+            if sparse { (1.0 - window) * 2.0 * t * k } else { 0.0 },
+            if sparse {
+                (1.0 - window) * (8.0 * k + t * io * f)
+            } else {
+                0.0
+            },
+        ),
+        (
+            Phase::AgDenseGradients,
+            if cfg.method == Method::SpielAg {
+                window * 2.0 * t * params
+            } else {
+                0.0
+            },
+            if cfg.method == Method::SpielAg {
+                window * (3.0 * params * f + t * io * f)
+            } else {
+                0.0
+            },
+        ),
+        (Phase::HeadForward, 2.0 * n * h * v, head_bytes + 2.0 * n * v * f),
+        (Phase::HeadBackward, 4.0 * n * h * v, 2.0 * head_bytes + 4.0 * n * v * f),
+        (Phase::GradientCollection, k, 3.0 * k * f),
+        (Phase::Optimizer, 15.0 * k, 7.0 * k * f),
+        (Phase::Selection, reselection * 30.0 * k, reselection * 10.0 * k * f),
+    ]
 }
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`), 0 where unknown.
@@ -150,12 +244,13 @@ pub fn train_flops(cfg: &crate::config::ModelConfig, tokens: usize, seq: usize, 
 }
 
 /// Time `steps` updates of `method` on synthetic examples of exactly `seq_len` tokens (all
-/// predicted), after one warm-up update.
+/// predicted), after one warm-up update; with `profile`, also the time of each phase.
 pub fn bench_train(
     base: &Llama,
     mut cfg: crate::train::TrainConfig,
     seq_len: usize,
     steps: usize,
+    profile: bool,
 ) -> Result<TrainBench> {
     use crate::data::Example;
     cfg.steps = steps + 1;
@@ -175,6 +270,7 @@ pub fn bench_train(
     let schedule = cfg.schedule();
     let method = cfg.method;
     let mut t = crate::train::Trainer::from_examples(cfg, base.clone(), "bench", 0, examples, Vec::new())?;
+    crate::profile::enable(profile);
     let mut plain = Vec::new();
     let mut window = Vec::new();
     let mut resel = Vec::new();
@@ -184,6 +280,7 @@ pub fn bench_train(
         t.step()?;
         let secs = t0.elapsed().as_secs_f64();
         if c == 1 {
+            crate::profile::reset();
             continue;
         }
         all.push(secs);
@@ -214,7 +311,43 @@ pub fn bench_train(
     } else {
         median(all.clone())
     };
+    crate::profile::enable(false);
     let tokens = sched.batch_size * sched.grad_accum * seq_len;
+    let phases = profile.then(|| {
+        let mean_step = all.iter().sum::<f64>() / all.len().max(1) as f64;
+        let measured = all.len().max(1) as f64;
+        let work = phase_work(
+            base,
+            &sched,
+            seq_len,
+            t.trainable_parameters(),
+            (window.len() + resel.len() * usize::from(method == crate::adapter::Method::SpielAg)) as f64 / measured,
+            resel.len() as f64 / measured,
+        );
+        let mut rows: Vec<PhaseRow> = crate::profile::totals()
+            .into_iter()
+            .zip(work)
+            .map(|((phase, secs), (_, flops, bytes))| PhaseRow {
+                phase: serde_json::to_value(phase)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+                secs_per_step: secs / measured,
+                share: secs / measured / mean_step,
+                gflop_per_step: flops / 1e9,
+                gb_per_step: bytes / 1e9,
+            })
+            .collect();
+        let accounted: f64 = rows.iter().map(|r| r.secs_per_step).sum();
+        rows.push(PhaseRow {
+            phase: "other".into(),
+            secs_per_step: mean_step - accounted,
+            share: (mean_step - accounted) / mean_step,
+            gflop_per_step: 0.0,
+            gb_per_step: 0.0,
+        });
+        rows
+    });
     let flops = train_flops(&base.cfg, tokens, seq_len, method == crate::adapter::Method::Full);
     Ok(TrainBench {
         method: method.as_str().to_string(),
@@ -232,6 +365,7 @@ pub fn bench_train(
         plan_mib: crate::plan::plan(&base.cfg, &sched, base.projection_format().into()).total as f64
             / (1024.0 * 1024.0),
         trainable: t.trainable_parameters(),
+        phases,
     })
 }
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::profile::{span, Phase};
 use crate::qmatrix::Frozen;
 #[cfg(test)]
 use crate::qmatrix::QMatrix;
@@ -73,6 +74,7 @@ impl CustomOp1 for HeadLoss {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = span(Phase::HeadForward);
         let x = crate::ops::cpu_slice(s, l, "head-cross-entropy")?;
         let (n, h) = l.shape().dims2()?;
         let v = self.w.shape().0;
@@ -89,6 +91,7 @@ impl CustomOp1 for HeadLoss {
     }
 
     fn bwd(&self, rows: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _t = span(Phase::HeadBackward);
         let (n, h) = rows.dims2()?;
         let v = self.w.shape().0;
         let scale = grad.to_scalar::<f32>()? / n as f32;

@@ -25,6 +25,7 @@ pub mod ops;
 pub mod optim;
 pub mod plan;
 pub mod plot;
+pub mod profile;
 pub mod qmatrix;
 pub mod quant;
 pub mod score;

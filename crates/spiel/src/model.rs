@@ -600,6 +600,7 @@ impl Llama {
     }
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let _t = crate::profile::span(crate::profile::Phase::Embedding);
         let (b, t) = ids.dims2()?;
         let flat = ids.flatten_all()?;
         let rows = match &self.embed_tokens {

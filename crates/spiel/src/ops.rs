@@ -9,6 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::profile::{span, Phase};
 use crate::Result;
 
 /// The f32 data of a contiguous CPU storage, or an error naming the op (`what`).
@@ -45,6 +46,7 @@ impl CustomOp2 for RmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = span(Phase::Norms);
         let x = cpu_slice(s1, l1, "rms-norm")?;
         let w = cpu_slice(s2, l2, "rms-norm")?;
         let d = w.len();
@@ -69,6 +71,7 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let _t = span(Phase::Norms);
         let (xs, ws, gs) = (vec_of(x)?, vec_of(w)?, vec_of(g)?);
         let d = ws.len();
         let mut gx = vec![0f32; xs.len()];
@@ -118,6 +121,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = span(Phase::Softmax);
         let x = cpu_slice(s, l, "softmax")?;
         let d = *l.shape().dims().last().unwrap_or(&1);
         let mut y = vec![0f32; x.len()];
@@ -135,6 +139,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, x: &Tensor, res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _t = span(Phase::Softmax);
         let (ys, gs) = (vec_of(res)?, vec_of(g)?);
         let d = *x.dims().last().unwrap_or(&1);
         let mut gx = vec![0f32; ys.len()];
@@ -194,6 +199,7 @@ impl CustomOp1 for Rope {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = span(Phase::Rope);
         let x = cpu_slice(s, l, "rope")?;
         let (_, _, t, d) = l.shape().dims4()?;
         if self.cos.len() != t * d / 2 {
@@ -206,6 +212,7 @@ impl CustomOp1 for Rope {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _t = span(Phase::Rope);
         let (_, _, t, d) = x.dims4()?;
         let inv = Rope {
             cos: self.cos.clone(),

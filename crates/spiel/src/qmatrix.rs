@@ -18,6 +18,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::profile::{span, Phase};
 use crate::quant::{self, Format};
 use crate::{Error, Result};
 
@@ -461,6 +462,7 @@ impl CustomOp1 for FrozenMatmulT {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = span(Phase::ProjectionsForward);
         let x = crate::ops::cpu_slice(s, l, "frozen-matmul-t")?;
         let (n, k) = l.shape().dims2()?;
         let (rows, cols) = self.w.shape();
@@ -489,6 +491,7 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = span(Phase::ProjectionsInputGrad);
         let g = crate::ops::cpu_slice(s, l, "frozen-matmul")?;
         let (n, r) = l.shape().dims2()?;
         let (rows, cols) = self.w.shape();

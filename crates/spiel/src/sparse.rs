@@ -12,6 +12,7 @@
 //!
 //! Shapes: N rows (tokens), IN input features, OUT output features, K active entries.
 
+use crate::profile::{span, Phase};
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
@@ -145,6 +146,7 @@ impl CustomOp2 for SparseDeltaOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = span(Phase::SparseProducts);
         let x = cpu_slice(s1, l1, "sparse-delta x")?;
         let v = cpu_slice(s2, l2, "sparse-delta values")?;
         let (n, inp) = l1.shape().dims2()?;
@@ -173,12 +175,19 @@ impl CustomOp2 for SparseDeltaOp {
         let gy = vec_of(grad)?;
         let v: Vec<f32> = values.to_vec1()?;
         let mut gx = vec![0f32; n * self.in_dim];
-        spmm_t_add(&mut gx, &gy, &self.indices, &v, self.in_dim, self.out_dim);
+        {
+            let _t = span(Phase::SparseProducts);
+            spmm_t_add(&mut gx, &gy, &self.indices, &v, self.in_dim, self.out_dim);
+        }
         let xs = vec_of(x)?;
         let mut gv = vec![0f32; self.indices.len()];
         match &self.hook {
-            None => sddmm(&mut gv, &gy, &xs, &self.indices, n, self.in_dim, self.out_dim),
+            None => {
+                let _t = span(Phase::Sddmm);
+                sddmm(&mut gv, &gy, &xs, &self.indices, n, self.in_dim, self.out_dim)
+            }
             Some(hook) => {
+                let _t = span(Phase::AgDenseGradients);
                 // Inside an AG window: the dense gradient once, then gather the active entries.
                 let dense: Vec<f32> = grad
                     .t()?

@@ -416,6 +416,7 @@ type GradSink<'a> = Vec<(&'a Var, &'a mut Vec<f32>)>;
 
 /// Add the gradients in `grads` of every variable in `sink` to its buffer.
 fn add_grads(sink: &mut GradSink, grads: &candle_core::backprop::GradStore) -> Result<()> {
+    let _t = crate::profile::span(crate::profile::Phase::GradientCollection);
     for (var, dst) in sink.iter_mut() {
         if let Some(g) = grads.get(var.as_tensor()) {
             let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
@@ -731,6 +732,7 @@ impl Trainer {
     }
 
     fn optimizer_step(&mut self, lr: f64) -> Result<()> {
+        let _t = crate::profile::span(crate::profile::Phase::Optimizer);
         let h = self.cfg.adamw(lr);
         let dense_step = |s: &mut DenseSlot| -> Result<()> {
             let mut v: Vec<f32> = s.var.as_tensor().flatten_all()?.to_vec1()?;
@@ -775,6 +777,7 @@ impl Trainer {
     }
 
     fn reselect(&mut self, fraction: f64) -> Result<ReselectStats> {
+        let _t = crate::profile::span(crate::profile::Phase::Selection);
         let h = self.cfg.adamw(self.cfg.peak_lr());
         let mut total = ReselectStats::default();
         let Trainable::Sparse(slots) = &mut self.trainable else {
