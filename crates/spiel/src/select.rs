@@ -167,15 +167,25 @@ pub fn top_k_abs(x: &[f32], k: usize) -> Vec<u32> {
 /// by slot.
 pub fn prune(values: &[f32], indices: &[u32], n: usize) -> Vec<usize> {
     let mut slots: Vec<usize> = (0..values.len()).collect();
-    slots.sort_by(|&a, &b| {
+    smallest_n(&mut slots, n, |&a, &b| {
         values[a]
             .abs()
             .total_cmp(&values[b].abs())
             .then(indices[a].cmp(&indices[b]))
     });
-    let mut d: Vec<usize> = slots.into_iter().take(n).collect();
-    d.sort_unstable();
-    d
+    slots.sort_unstable();
+    slots
+}
+
+/// Keep in `v` only its `n` first elements under the total order `cmp` (in no particular order):
+/// a linear-time selection instead of a sort of the whole vector.
+fn smallest_n<T>(v: &mut Vec<T>, n: usize, mut cmp: impl FnMut(&T, &T) -> Ordering) {
+    if n == 0 {
+        v.clear();
+    } else if n < v.len() {
+        v.select_nth_unstable_by(n - 1, &mut cmp);
+        v.truncate(n);
+    }
 }
 
 /// SpIEL-AG regrowth: candidates that are not staying active, best `n` by `|g_sum|`.
@@ -184,13 +194,14 @@ pub fn regrow_ag(window: &AgWindow, staying: &[u32], n: usize) -> Vec<usize> {
     let mut pool: Vec<usize> = (0..window.candidates.len())
         .filter(|&j| staying.binary_search(&window.candidates[j]).is_err())
         .collect();
-    pool.sort_by(|&a, &b| {
+    let order = |&a: &usize, &b: &usize| {
         better(
             (window.g_sum[a].abs(), window.candidates[a]),
             (window.g_sum[b].abs(), window.candidates[b]),
         )
-    });
-    pool.truncate(n);
+    };
+    smallest_n(&mut pool, n, order);
+    pool.sort_by(order);
     pool
 }
 

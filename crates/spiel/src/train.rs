@@ -783,16 +783,23 @@ impl Trainer {
         let Trainable::Sparse(slots) = &mut self.trainable else {
             return Ok(total);
         };
-        for s in slots.iter_mut() {
-            let n = (s.state.indices.len() as f64 * fraction).floor() as usize;
-            let st = match (&s.sm3, s.window.take()) {
-                (Some(sm3), _) => select::reselect_ma(&mut s.state, &sm3.row, &sm3.col, n),
-                (None, Some(w)) => {
-                    let w = w.0.lock().unwrap_or_else(|e| e.into_inner());
-                    select::reselect_ag(&mut s.state, &w, n, &h)
+        // Modules reselect independently: in parallel.
+        use rayon::prelude::*;
+        let stats: Vec<ReselectStats> = slots
+            .par_iter_mut()
+            .map(|s| {
+                let n = (s.state.indices.len() as f64 * fraction).floor() as usize;
+                match (&s.sm3, s.window.take()) {
+                    (Some(sm3), _) => select::reselect_ma(&mut s.state, &sm3.row, &sm3.col, n),
+                    (None, Some(w)) => {
+                        let w = w.0.lock().unwrap_or_else(|e| e.into_inner());
+                        select::reselect_ag(&mut s.state, &w, n, &h)
+                    }
+                    (None, None) => ReselectStats::default(),
                 }
-                (None, None) => ReselectStats::default(),
-            };
+            })
+            .collect();
+        for (s, st) in slots.iter_mut().zip(stats) {
             total.dropped += st.dropped;
             total.grown += st.grown;
             total.cancelled += st.cancelled;
