@@ -912,12 +912,12 @@ fn run(cli: Cli) -> Result<()> {
                     "batch {batch_size} x {seq_len} tokens, f32 compute, {} threads, {steps} updates after warm-up, S = {reselection_steps}",
                     candle_core::utils::get_num_threads()
                 );
-                println!("| method | trainable | median s/step | plain | AG window | reselection | cycle mean s | tokens/s | GFLOP/s | peak RSS MiB | plan MiB |");
-                println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+                println!("| method | trainable | median s/step | plain | AG window | reselection | cycle mean s | tokens/s | GFLOP/s | RSS at start MiB | peak RSS MiB | plan MiB |");
+                println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
                 let opt = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
                 for r in &rows {
                     println!(
-                        "| {} | {} | {:.3} | {:.3} | {} | {} | {:.3} | {:.0} | {:.1} | {:.0} | {:.0} |",
+                        "| {} | {} | {:.3} | {:.3} | {} | {} | {:.3} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} |",
                         r.method,
                         r.trainable,
                         r.median_s,
@@ -927,6 +927,7 @@ fn run(cli: Cli) -> Result<()> {
                         r.mean_cycle_s,
                         r.tokens_per_s,
                         r.gflops,
+                        r.start_rss_mib,
                         r.peak_rss_mib,
                         r.plan_mib
                     );

@@ -113,6 +113,9 @@ pub struct TrainBench {
     pub gflops: f64,
     /// Peak resident memory of the process so far (MiB).
     pub peak_rss_mib: f64,
+    /// Resident memory when training started: the loaded model and the runtime (MiB).
+    #[serde(default)]
+    pub start_rss_mib: f64,
     /// What the memory plan ([`crate::plan`]) predicts for this run (MiB).
     pub plan_mib: f64,
     /// Trainable parameters.
@@ -215,11 +218,20 @@ fn phase_work(
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`), 0 where unknown.
 pub fn peak_rss_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+/// Resident set size of this process now, in MiB (Linux `VmRSS`), 0 where unknown.
+pub fn rss_mib() -> f64 {
+    status_mib("VmRSS:")
+}
+
+fn status_mib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<f64>().ok()))
         })
         .map(|kb| kb / 1024.0)
@@ -253,6 +265,7 @@ pub fn bench_train(
     profile: bool,
 ) -> Result<TrainBench> {
     use crate::data::Example;
+    let start_rss_mib = rss_mib();
     cfg.steps = steps + 1;
     cfg.eval_every = 0;
     cfg.save_every = 0;
@@ -362,6 +375,7 @@ pub fn bench_train(
         flops_per_step: flops,
         gflops: flops / mean_cycle_s / 1e9,
         peak_rss_mib: peak_rss_mib(),
+        start_rss_mib,
         plan_mib: crate::plan::plan(&base.cfg, &sched, base.projection_format().into()).total as f64
             / (1024.0 * 1024.0),
         trainable: t.trainable_parameters(),

@@ -785,8 +785,8 @@ pub fn random_parts(
 ) -> Result<(Weights, QWeights)> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut values = |n: usize| -> Vec<f32> {
-        // Box-Muller from two uniforms: plain and dependency-free.
+    // Box-Muller from two uniforms: plain and dependency-free.
+    let values = |rng: &mut rand::rngs::StdRng, n: usize| -> Vec<f32> {
         (0..n)
             .map(|_| {
                 let (u1, u2): (f64, f64) = (rng.gen_range(1e-12..1.0), rng.gen());
@@ -795,14 +795,17 @@ pub fn random_parts(
             .collect()
     };
     let mut qw = QWeights::new();
-    let mut normal = |shape: &[usize]| -> Result<Tensor> {
+    let normal = |rng: &mut rand::rngs::StdRng, shape: &[usize]| -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        Ok(Tensor::from_vec(values(n), shape, device)?)
+        Ok(Tensor::from_vec(values(rng, n), shape, device)?)
     };
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
     let mut w = Weights::new();
-    w.insert("model.embed_tokens.weight".into(), normal(&[cfg.vocab_size, h])?);
+    w.insert(
+        "model.embed_tokens.weight".into(),
+        normal(&mut rng, &[cfg.vocab_size, h])?,
+    );
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
         for (name, shape) in [
@@ -817,18 +820,18 @@ pub fn random_parts(
             let key = format!("{p}.{name}.weight");
             match quantize {
                 Some(f) => {
-                    let t = normal(&shape)?;
-                    let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                    // Straight from the generator into the format: one f32 matrix at a time.
+                    let data = values(&mut rng, shape[0] * shape[1]);
                     qw.insert(key, QMatrix::quantize(f, &data, shape[0], shape[1])?);
                 }
                 None => {
-                    w.insert(key, normal(&shape)?);
+                    w.insert(key, normal(&mut rng, &shape)?);
                 }
             }
         }
         if cfg.attention_bias {
             for (name, n) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
-                w.insert(format!("{p}.self_attn.{name}.bias"), normal(&[n])?);
+                w.insert(format!("{p}.self_attn.{name}.bias"), normal(&mut rng, &[n])?);
             }
         }
         w.insert(
@@ -842,7 +845,7 @@ pub fn random_parts(
     }
     w.insert("model.norm.weight".into(), Tensor::ones(h, DType::F32, device)?);
     if !cfg.tie_word_embeddings {
-        w.insert("lm_head.weight".into(), normal(&[cfg.vocab_size, h])?);
+        w.insert("lm_head.weight".into(), normal(&mut rng, &[cfg.vocab_size, h])?);
     }
     Ok((w, qw))
 }
