@@ -56,13 +56,14 @@ impl HeadLoss {
     }
 }
 
-/// Per row of `logits` (`[n, v]`), `(max, ln(sum(exp(l - max))))`.
+/// Per row of `logits` (`[n, v]`), `(max, ln(sum(exp(l - max))))`; exponentials in f32 (each
+/// at most 1), summed in f64.
 fn row_stats(logits: &[f32], v: usize) -> Vec<(f32, f32)> {
     logits
         .par_chunks(v)
         .map(|row| {
             let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let s: f64 = row.iter().map(|&x| ((x - m) as f64).exp()).sum();
+            let s: f64 = row.iter().map(|&x| (x - m).exp() as f64).sum();
             (m, s.ln() as f32)
         })
         .collect()
@@ -100,12 +101,17 @@ impl CustomOp1 for HeadLoss {
         for (c, xs) in x.chunks(self.chunk() * h).enumerate() {
             let m = xs.len() / h;
             let mut p = self.w.matmul_t(xs, m)?;
-            let stats = row_stats(&p, v);
             let first = c * self.chunk();
-            // softmax - onehot(target), times the incoming gradient over N.
+            // softmax - onehot(target), times the incoming gradient over N: one exp per logit.
             p.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
-                let (mx, lse) = stats[i];
-                row.iter_mut().for_each(|x| *x = (*x - mx - lse).exp() * scale);
+                let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let mut sum = 0f64;
+                for x in row.iter_mut() {
+                    *x = (*x - mx).exp();
+                    sum += *x as f64;
+                }
+                let k = scale / sum as f32;
+                row.iter_mut().for_each(|x| *x *= k);
                 row[self.targets[first + i] as usize] -= scale;
             });
             dx.extend(self.w.matmul(&p, m)?);
