@@ -208,8 +208,9 @@ fn phase_work(
                 0.0
             },
         ),
-        (Phase::HeadForward, 2.0 * n * h * v, head_bytes + 2.0 * n * v * f),
-        (Phase::HeadBackward, 4.0 * n * h * v, 2.0 * head_bytes + 4.0 * n * v * f),
+        // The fused head forms the input gradient in its forward; the backward only scales it.
+        (Phase::HeadForward, 4.0 * n * h * v, 2.0 * head_bytes + 3.0 * n * v * f),
+        (Phase::HeadBackward, n * h, 2.0 * n * h * f),
         (Phase::GradientCollection, k, 3.0 * k * f),
         (Phase::Optimizer, 15.0 * k, 7.0 * k * f),
         (Phase::Selection, reselection * 30.0 * k, reselection * 10.0 * k * f),

@@ -3,12 +3,13 @@
 //! The plain path forms the `[N, V]` logits, keeps them (and their log-softmax) for the backward
 //! and forms an `[N, V]` gradient: about 11 vocabulary-sized floats per target, 2.1 GB for
 //! 1,020 targets of SmolLM2's 49,152-token vocabulary. Here the forward computes each chunk's
-//! logits, reduces them to `logsumexp - logit[target]` and drops them; the backward recomputes
-//! the chunk's logits, turns them into `softmax - onehot` in place and multiplies by the head
-//! weight. Memory: one `[chunk, V]` buffer. Cost: one more head GEMM per step. The head weight is
-//! frozen (adapter methods); full fine-tuning, which trains it, keeps the plain path.
+//! logits, turns them in place into `(softmax - onehot) / N`, adds up the loss terms and, when a
+//! backward will follow, multiplies the chunk by the head weight into the input gradient, kept
+//! for the backward (which only scales it). Memory: one `[chunk, V]` buffer and the `[N, H]`
+//! gradient. Cost: the same two head GEMMs as the plain path. The head weight is frozen (adapter
+//! methods); full fine-tuning, which trains it, keeps the plain path.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -41,12 +42,17 @@ pub fn head_cross_entropy(rows: &Tensor, w: &Frozen, targets: &[u32]) -> Result<
     Ok(rows.contiguous()?.apply_op1(HeadLoss {
         w: w.clone(),
         targets: Arc::new(targets.to_vec()),
+        eager: rows.track_op().then(|| Mutex::new(None)),
     })?)
 }
 
 struct HeadLoss {
     w: Frozen,
     targets: Arc<Vec<u32>>,
+    /// When a backward will follow: the input gradient for an incoming gradient of 1, formed
+    /// in the forward while each chunk's probabilities are at hand (so the backward needs no
+    /// second pass over the vocabulary).
+    eager: Option<Mutex<Option<Vec<f32>>>>,
 }
 
 impl HeadLoss {
@@ -54,19 +60,6 @@ impl HeadLoss {
     fn chunk(&self) -> usize {
         (CHUNK_FLOATS / self.w.shape().0.max(1)).max(1)
     }
-}
-
-/// Per row of `logits` (`[n, v]`), `(max, ln(sum(exp(l - max))))`; exponentials in f32 (each
-/// at most 1), summed in f64.
-fn row_stats(logits: &[f32], v: usize) -> Vec<(f32, f32)> {
-    logits
-        .par_chunks(v)
-        .map(|row| {
-            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let s: f64 = row.iter().map(|&x| (x - m).exp() as f64).sum();
-            (m, s.ln() as f32)
-        })
-        .collect()
 }
 
 impl CustomOp1 for HeadLoss {
@@ -80,13 +73,32 @@ impl CustomOp1 for HeadLoss {
         let (n, h) = l.shape().dims2()?;
         let v = self.w.shape().0;
         let mut total = 0f64;
+        let mut dx = Vec::with_capacity(if self.eager.is_some() { n * h } else { 0 });
         for (c, xs) in x.chunks(self.chunk() * h).enumerate() {
             let m = xs.len() / h;
-            let logits = self.w.matmul_t(xs, m)?;
-            for (i, ((mx, lse), row)) in row_stats(&logits, v).into_iter().zip(logits.chunks(v)).enumerate() {
-                let t = self.targets[c * self.chunk() + i] as usize;
-                total += (mx + lse - row[t]) as f64;
+            let first = c * self.chunk();
+            let mut p = self.w.matmul_t(xs, m)?;
+            // Each row becomes its softmax, scaled by 1/N, minus 1/N at the target (the gradient
+            // of the mean loss); its loss term is kept.
+            let inv_n = 1.0 / n as f32;
+            let losses: Vec<f64> = p
+                .par_chunks_mut(v)
+                .enumerate()
+                .map(|(i, row)| {
+                    let t = self.targets[first + i] as usize;
+                    let target_logit = row[t];
+                    let (mx, sum) = softmax_in_place(row, inv_n);
+                    row[t] -= inv_n;
+                    (mx as f64 + sum.ln()) - target_logit as f64
+                })
+                .collect();
+            total += losses.iter().sum::<f64>();
+            if self.eager.is_some() {
+                dx.extend(self.w.matmul(&p, m)?);
             }
+        }
+        if let Some(slot) = &self.eager {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(dx);
         }
         Ok((CpuStorage::F32(vec![(total / n as f64) as f32]), Shape::from(())))
     }
@@ -94,30 +106,51 @@ impl CustomOp1 for HeadLoss {
     fn bwd(&self, rows: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let _t = span(Phase::HeadBackward);
         let (n, h) = rows.dims2()?;
-        let v = self.w.shape().0;
-        let scale = grad.to_scalar::<f32>()? / n as f32;
-        let x: Vec<f32> = rows.flatten_all()?.to_vec1()?;
-        let mut dx = Vec::with_capacity(n * h);
-        for (c, xs) in x.chunks(self.chunk() * h).enumerate() {
-            let m = xs.len() / h;
-            let mut p = self.w.matmul_t(xs, m)?;
-            let first = c * self.chunk();
-            // softmax - onehot(target), times the incoming gradient over N: one exp per logit.
-            p.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
-                let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut sum = 0f64;
-                for x in row.iter_mut() {
-                    *x = (*x - mx).exp();
-                    sum += *x as f64;
+        let g = grad.to_scalar::<f32>()?;
+        let stored = self
+            .eager
+            .as_ref()
+            .and_then(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let dx = match stored {
+            Some(mut dx) => {
+                dx.iter_mut().for_each(|d| *d *= g);
+                dx
+            }
+            // A second backward through the same graph: recompute chunk by chunk.
+            None => {
+                let v = self.w.shape().0;
+                let x: Vec<f32> = rows.flatten_all()?.to_vec1()?;
+                let mut dx = Vec::with_capacity(n * h);
+                for (c, xs) in x.chunks(self.chunk() * h).enumerate() {
+                    let m = xs.len() / h;
+                    let mut p = self.w.matmul_t(xs, m)?;
+                    let first = c * self.chunk();
+                    let scale = g / n as f32;
+                    p.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
+                        softmax_in_place(row, scale);
+                        row[self.targets[first + i] as usize] -= scale;
+                    });
+                    dx.extend(self.w.matmul(&p, m)?);
                 }
-                let k = scale / sum as f32;
-                row.iter_mut().for_each(|x| *x *= k);
-                row[self.targets[first + i] as usize] -= scale;
-            });
-            dx.extend(self.w.matmul(&p, m)?);
-        }
+                dx
+            }
+        };
         Ok(Some(Tensor::from_vec(dx, (n, h), rows.device())?))
     }
+}
+
+/// Replace `row` by `scale * softmax(row)`; returns the row's max and `sum(exp(row - max))`
+/// (exponentials in f32, each at most 1, summed in f64).
+fn softmax_in_place(row: &mut [f32], scale: f32) -> (f32, f64) {
+    let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0f64;
+    for x in row.iter_mut() {
+        *x = (*x - mx).exp();
+        sum += *x as f64;
+    }
+    let k = scale / sum as f32;
+    row.iter_mut().for_each(|x| *x *= k);
+    (mx, sum)
 }
 
 #[cfg(test)]
@@ -155,6 +188,12 @@ mod tests {
                 let grads = (&loss * 3.0).unwrap().backward().unwrap();
                 let got_loss = loss.to_scalar::<f32>().unwrap() as f64;
                 let got: Vec<f32> = grads.get(&xv).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                // A second backward through the same graph recomputes instead of reusing.
+                let again = (&loss * 3.0).unwrap().backward().unwrap();
+                let again: Vec<f32> = again.get(&xv).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                for (a, b) in got.iter().zip(&again) {
+                    assert!((a - b).abs() <= 1e-6 + 1e-4 * a.abs(), "n={n}: {a} vs {b}");
+                }
                 // Reference: per row, logits in f64, softmax, loss and 3/N (p - onehot) W.
                 let mut want_loss = 0f64;
                 let mut want = vec![0f64; n * h];

@@ -30,9 +30,9 @@ pub enum Phase {
     Sddmm,
     /// Inside SpIEL-AG windows: the dense `[out, in]` gradients and their accumulation.
     AgDenseGradients,
-    /// The vocabulary head and cross-entropy, forward.
+    /// The vocabulary head and cross-entropy, forward (with the input gradient, `p W`).
     HeadForward,
-    /// The vocabulary head and cross-entropy, backward (recompute and `p W`).
+    /// The vocabulary head and cross-entropy, backward (scaling the stored gradient).
     HeadBackward,
     /// Gathering gradients into the optimizer's buffers.
     GradientCollection,
