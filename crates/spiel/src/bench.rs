@@ -179,6 +179,7 @@ fn phase_work(
         (Phase::Norms, 12.0 * norms, 6.0 * norms * f),
         (Phase::Rope, 6.0 * rope, 4.0 * rope * f),
         (Phase::Softmax, 9.0 * probs, 5.0 * probs * f),
+        (Phase::SwiGlu, 20.0 * l * t * i, 8.0 * l * t * i * f),
         (Phase::ProjectionsForward, 2.0 * t * params, wbytes + t * io * f),
         (Phase::ProjectionsInputGrad, 2.0 * t * params, wbytes + t * io * f),
         (

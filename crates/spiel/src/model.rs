@@ -342,8 +342,11 @@ impl Block {
         let x = (x + self.attention(cfg, &h, inp, cache)?)?;
         let h = rms_norm(&x, &self.post_attention_layernorm, cfg.rms_norm_eps, inp.grad)?;
         let m = &self.mlp;
-        let gate = candle_nn::Activation::Silu.forward(&inp.linear(&m.gate_proj, &h)?)?;
-        let act = (gate * inp.linear(&m.up_proj, &h)?)?;
+        let (gate, up) = (inp.linear(&m.gate_proj, &h)?, inp.linear(&m.up_proj, &h)?);
+        let act = match inp.grad {
+            Grad::Yes => crate::ops::swiglu(&gate, &up)?,
+            Grad::No => (candle_nn::Activation::Silu.forward(&gate)? * up)?,
+        };
         Ok((x + inp.linear(&m.down_proj, &act)?)?)
     }
 }

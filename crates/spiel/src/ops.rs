@@ -1,5 +1,5 @@
-//! Fused differentiable ops for the transformer: RMSNorm, softmax over the last dimension and
-//! rotate-half RoPE, each one pass forward and one pass backward over raw slices (candle's own
+//! Fused differentiable ops for the transformer: RMSNorm, softmax over the last dimension,
+//! rotate-half RoPE and SwiGLU's gate, each one pass forward and one pass backward over raw slices (candle's own
 //! fused versions record no backward; its differentiable compositions take several full passes
 //! and buffers each). Each is tested against candle's composition on random inputs.
 //!
@@ -237,6 +237,76 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(op)?)
 }
 
+/// SwiGLU's gate: `silu(g) * u` element-wise, in one pass forward and one backward
+/// (`dg = d u silu'(g)`, `du = d silu(g)`), without keeping `silu(g)`.
+struct SwiGlu;
+
+fn silu_parts(g: f32) -> (f32, f32) {
+    let sig = 1.0 / (1.0 + (-g).exp());
+    (g * sig, sig * (1.0 + g * (1.0 - sig)))
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = span(Phase::SwiGlu);
+        let (g, u) = (cpu_slice(s1, l1, "swiglu")?, cpu_slice(s2, l2, "swiglu")?);
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("swiglu: gate {:?} vs up {:?}", l1.shape(), l2.shape());
+        }
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(4096)
+            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+            .for_each(|(y, (g, u))| {
+                for ((o, &gv), &uv) in y.iter_mut().zip(g).zip(u) {
+                    *o = silu_parts(gv).0 * uv;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        d: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let _t = span(Phase::SwiGlu);
+        let (gs, us, ds) = (vec_of(g)?, vec_of(u)?, vec_of(d)?);
+        let mut dg = vec![0f32; gs.len()];
+        let mut du = vec![0f32; gs.len()];
+        dg.par_chunks_mut(4096)
+            .zip(du.par_chunks_mut(4096))
+            .zip(gs.par_chunks(4096).zip(us.par_chunks(4096)).zip(ds.par_chunks(4096)))
+            .for_each(|((dg, du), ((g, u), d))| {
+                for i in 0..g.len() {
+                    let (silu, dsilu) = silu_parts(g[i]);
+                    dg[i] = d[i] * u[i] * dsilu;
+                    du[i] = d[i] * silu;
+                }
+            });
+        Ok((
+            Some(Tensor::from_vec(dg, g.shape(), g.device())?),
+            Some(Tensor::from_vec(du, u.shape(), u.device())?),
+        ))
+    }
+}
+
+/// Differentiable `silu(gate) * up` (SwiGLU), both of the same shape.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,6 +378,18 @@ mod tests {
                 |t| softmax_last_dim(&t[0]).unwrap(),
                 |t| candle_nn::ops::softmax(&t[0], D::Minus1).unwrap(),
                 5,
+            );
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_candle_composition() {
+        for shape in [vec![1], vec![3, 7], vec![2, 5, 1536], vec![4097]] {
+            check(
+                &[(randn(&shape, 9) * 4.0).unwrap(), randn(&shape, 10)],
+                |t| swiglu(&t[0], &t[1]).unwrap(),
+                |t| (candle_nn::ops::silu(&t[0]).unwrap() * &t[1]).unwrap(),
+                11,
             );
         }
     }

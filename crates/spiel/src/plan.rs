@@ -177,8 +177,8 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
         + 2.0 * q // context, its re-layout
         + lin("o_proj", h) + h // residual
         + h // post-attention norm
-        + lin("gate_proj", i) + i // silu
-        + lin("up_proj", i) + i // gate * up
+        + lin("gate_proj", i)
+        + lin("up_proj", i) + i // silu(gate) * up, fused
         + lin("down_proj", h) + h; // residual
     let tokens = (cfg.batch_size * cfg.max_len) as f64;
     // With checkpointing only each block's input stays, plus one block's activations at a time

@@ -20,6 +20,8 @@ pub enum Phase {
     Rope,
     /// Attention softmax forward and backward.
     Softmax,
+    /// SwiGLU's `silu(gate) * up`, forward and backward.
+    SwiGlu,
     /// The frozen projections' forward products `x W^T`.
     ProjectionsForward,
     /// Their input-gradient products `g W`.
@@ -43,11 +45,12 @@ pub enum Phase {
 }
 
 /// Every phase, in the order printed.
-pub const PHASES: [Phase; 14] = [
+pub const PHASES: [Phase; 15] = [
     Phase::Embedding,
     Phase::Norms,
     Phase::Rope,
     Phase::Softmax,
+    Phase::SwiGlu,
     Phase::ProjectionsForward,
     Phase::ProjectionsInputGrad,
     Phase::SparseProducts,
