@@ -168,7 +168,13 @@ fn phase_work(
     let params: f64 = proj.iter().map(|(o, n)| o * n).sum::<f64>() * l;
     let io: f64 = proj.iter().map(|(o, n)| o + n).sum::<f64>() * l;
     let wbytes = base.linears().iter().map(|x| x.weight.bytes()).sum::<usize>() as f64;
-    let head_bytes = v * h * if base.is_quantized() { 2.0 } else { 4.0 };
+    let head_bytes = v
+        * h
+        * if cfg.dtype == crate::loader::Dtype::Bf16 {
+            2.0
+        } else {
+            4.0
+        };
     let f = 4.0;
     let sparse = cfg.method.is_sparse();
     let norms = (2.0 * l + 1.0) * t * h;

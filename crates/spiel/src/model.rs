@@ -625,9 +625,7 @@ impl Llama {
         grad: Grad,
         adapters: &AdapterSet,
     ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let (cos, sin) = rope_tables(&self.cfg, 0, t, &self.device)?;
-        let additive = self.additive_mask(b, t, mask)?;
+        let (cos, sin, additive) = self.batch_tables(ids, mask)?;
         let inp = AttnInputs {
             cos: &cos,
             sin: &sin,
@@ -658,9 +656,7 @@ impl Llama {
         scale: f64,
         mut on_grads: impl FnMut(&GradStore) -> Result<()>,
     ) -> Result<f32> {
-        let (b, t) = ids.dims2()?;
-        let (cos, sin) = rope_tables(&self.cfg, 0, t, &self.device)?;
-        let additive = self.additive_mask(b, t, mask)?;
+        let (cos, sin, additive) = self.batch_tables(ids, mask)?;
         let inp = AttnInputs {
             cos: &cos,
             sin: &sin,
@@ -701,6 +697,13 @@ impl Llama {
     /// Logits `[B, T, V]` for every position; see [`Llama::forward_hidden`].
     pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>, grad: Grad, adapters: &AdapterSet) -> Result<Tensor> {
         self.head(&self.forward_hidden(ids, mask, grad, adapters)?)
+    }
+
+    /// RoPE cos and sin tables and the additive attention mask of a batch starting at position 0.
+    fn batch_tables(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t) = ids.dims2()?;
+        let (cos, sin) = rope_tables(&self.cfg, 0, t, &self.device)?;
+        Ok((cos, sin, self.additive_mask(b, t, mask)?))
     }
 
     /// Causal + key-padding additive mask `[B, 1, T, T]`.
