@@ -31,6 +31,10 @@ pub struct SparseDelta {
     pub values: Tensor,
     /// Dense-gradient observer while a SpIEL-AG window is open.
     pub hook: Option<Arc<dyn DenseGradHook>>,
+    /// The values are already added into the module's dense base weight (the trainer does this
+    /// for one update with [`crate::sparse::DeltaInBase`]): the forward is then the base product
+    /// alone, and this delta only records the value gradient. Never set for a loaded adapter.
+    pub in_base: bool,
 }
 
 /// One module's LoRA pair: `y += scale * dropout(x) A^T B^T`.
@@ -419,6 +423,7 @@ impl Adapter {
                     indices: Arc::new(indices.into_iter().map(|i| i as u32).collect()),
                     values: Tensor::from_vec(values, n, &Device::Cpu)?,
                     hook: None,
+                    in_base: false,
                 })
             };
             deltas.insert(m, delta);

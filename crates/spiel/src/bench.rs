@@ -177,6 +177,12 @@ fn phase_work(
         };
     let f = 4.0;
     let sparse = cfg.method.is_sparse();
+    // Over dense f32 projections the values ride in the base weights: no separate sparse product.
+    let separate_product = sparse
+        && base
+            .linears()
+            .iter()
+            .any(|x| !matches!(&x.weight, crate::model::Weight::Dense(w) if w.dtype() == candle_core::DType::F32));
     let norms = (2.0 * l + 1.0) * t * h;
     let rope = l * t * (q + kv);
     let probs = l * b * m.num_heads as f64 * s * s;
@@ -190,8 +196,12 @@ fn phase_work(
         (Phase::ProjectionsInputGrad, 2.0 * t * params, wbytes + t * io * f),
         (
             Phase::SparseProducts,
-            if sparse { 4.0 * t * k } else { 0.0 },
-            if sparse { 2.0 * (8.0 * k + t * io * f) } else { 0.0 },
+            if separate_product { 4.0 * t * k } else { 0.0 },
+            if separate_product {
+                2.0 * (8.0 * k + t * io * f)
+            } else {
+                0.0
+            },
         ),
         (
             Phase::Sddmm,

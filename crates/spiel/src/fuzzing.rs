@@ -252,6 +252,7 @@ pub fn tiny_adapters(m: &LoadedModel) -> Result<[Adapter; 2]> {
                 indices: Arc::new(indices),
                 values: Tensor::from_vec(values, 6, &Device::Cpu)?,
                 hook: None,
+                in_base: false,
             }),
         );
         lora.insert(

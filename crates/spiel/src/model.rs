@@ -149,9 +149,28 @@ impl Linear {
         let (out, inp) = self.shape();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, inp))?;
-        let mut y = self.weight.matmul_t(&x2)?;
+        // A sparse delta already added into the base (while training) rides on the base product.
+        let in_base = deltas.iter().find_map(|d| match d {
+            Delta::Sparse(s) if s.in_base => Some(s),
+            _ => None,
+        });
+        let mut y = match (in_base, &self.weight) {
+            (None, _) => self.weight.matmul_t(&x2)?,
+            (Some(s), Weight::Dense(w)) if !w.is_variable() => {
+                let hook = if grad == Grad::Yes { s.hook.clone() } else { None };
+                crate::sparse::base_with_delta_matmul(&x2, w, &s.values, s.indices.clone(), hook)?
+            }
+            (Some(_), _) => {
+                return Err(Error::Invalid(format!(
+                    "{}: a delta marked as added into the base, but the base weight is not a frozen dense one",
+                    self.name
+                )))
+            }
+        };
         for d in deltas {
-            y = (y + d.apply(&x2, grad)?)?;
+            if !matches!(d, Delta::Sparse(s) if s.in_base) {
+                y = (y + d.apply(&x2, grad)?)?;
+            }
         }
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;

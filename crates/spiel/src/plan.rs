@@ -159,11 +159,13 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
 
     // Activations: f32 outputs of the ops of one block, per token, kept until backward.
     // A projection leaves its product, plus, when an adapter is attached, the adapter's output
-    // and the sum.
+    // and the sum; sparse values over a dense f32 base ride in the base weight
+    // ([`crate::sparse::DeltaInBase`]), one product.
+    let in_base = cfg.method.is_sparse() && base == BaseFormat::F32 && cfg.dtype == Dtype::F32;
     let lin = |name: &str, out: f64| -> f64 {
         match cfg.method {
             Method::Full => out,
-            _ if !targeted(name) => out,
+            _ if !targeted(name) || in_base => out,
             _ => out * 3.0,
         }
     };

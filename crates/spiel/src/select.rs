@@ -158,9 +158,10 @@ pub fn top_k_abs(x: &[f32], k: usize) -> Vec<u32> {
     idx.select_nth_unstable_by(k - 1, |&a, &b| {
         better((x[a as usize].abs(), a), (x[b as usize].abs(), b))
     });
-    idx.truncate(k);
-    idx.sort_unstable();
-    idx
+    // A fresh vector: the window keeps it, and `idx` has a slot for every entry of the matrix.
+    let mut top = idx[..k].to_vec();
+    top.sort_unstable();
+    top
 }
 
 /// Slots of the `n` active entries with the smallest `|value|` (ties: lower index first), ascending
@@ -442,6 +443,17 @@ mod tests {
         assert_eq!(w.g_sum, vec![-4.0 + 2.0, 4.0 - 1.0]);
         assert_eq!(w.g2_sum, vec![16.0 + 4.0, 16.0 + 1.0]);
         assert_eq!(w.count, 2);
+    }
+
+    /// The window holds its candidates for several updates: k slots, not one per matrix entry
+    /// (which cost the size of the model in u32 on every AG window).
+    #[test]
+    fn window_candidates_hold_k_slots_only() {
+        let dense: Vec<f32> = (0..10_000).map(|i| ((i * 7919) % 1000) as f32 - 500.0).collect();
+        let mut w = AgWindow::new(16);
+        w.observe(&dense);
+        assert_eq!(w.candidates.len(), 16);
+        assert!(w.candidates.capacity() <= 16, "capacity {}", w.candidates.capacity());
     }
 
     #[test]

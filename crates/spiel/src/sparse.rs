@@ -10,15 +10,22 @@
 //!   attached (a SpIEL-AG accumulation window) is the dense gradient `gy^T x` formed, one layer at a
 //!   time, handed to the hook, and the value gradients gathered from it.
 //!
+//! Over a dense f32 base the trainer can instead add the values into the base weight in place for
+//! the length of an update ([`DeltaInBase`], undone exactly from the saved base values). The op
+//! then takes the base with it: forward `x W'^T` and input gradient `gy W'` are the frozen GEMMs
+//! over the merged `W'`, and only the value gradient remains sparse. The two scattered products
+//! disappear; the GEMMs cost what they cost without a delta.
+//!
 //! Shapes: N rows (tokens), IN input features, OUT output features, K active entries.
 
 use crate::profile::{span, Phase};
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, InplaceOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::ops::{cpu_slice, vec_of};
+use crate::qmatrix::Frozen;
 
 /// Receives the transient dense weight gradient `[out, in]` of one module during a SpIEL-AG window.
 pub trait DenseGradHook: Send + Sync {
@@ -122,8 +129,12 @@ pub fn sddmm(out: &mut [f32], gy: &[f32], x: &[f32], indices: &[u32], n: usize, 
         });
 }
 
-/// Candle custom op: `(x [N, IN], values [K]) -> x S^T [N, OUT]`.
+/// Candle custom op: `(x [N, IN], values [K]) -> x S^T [N, OUT]`, or `x W'^T` when the base `W'`
+/// already holds the values.
 pub struct SparseDeltaOp {
+    /// The dense base weight with the values added in place ([`DeltaInBase`]); `None` for the
+    /// sparse part alone.
+    pub base: Option<Frozen>,
     /// Sorted, unique flat indices into `[out, in]`.
     pub indices: Arc<Vec<u32>>,
     /// Rows of the weight.
@@ -146,7 +157,6 @@ impl CustomOp2 for SparseDeltaOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let _t = span(Phase::SparseProducts);
         let x = cpu_slice(s1, l1, "sparse-delta x")?;
         let v = cpu_slice(s2, l2, "sparse-delta values")?;
         let (n, inp) = l1.shape().dims2()?;
@@ -159,8 +169,18 @@ impl CustomOp2 for SparseDeltaOp {
                 self.in_dim
             );
         }
-        let mut y = vec![0f32; n * self.out_dim];
-        spmm_add(&mut y, x, &self.indices, v, self.in_dim, self.out_dim);
+        let y = match &self.base {
+            Some(base) => {
+                let _t = span(Phase::ProjectionsForward);
+                base.matmul_t(x, n)?
+            }
+            None => {
+                let _t = span(Phase::SparseProducts);
+                let mut y = vec![0f32; n * self.out_dim];
+                spmm_add(&mut y, x, &self.indices, v, self.in_dim, self.out_dim);
+                y
+            }
+        };
         Ok((CpuStorage::F32(y), Shape::from((n, self.out_dim))))
     }
 
@@ -173,12 +193,19 @@ impl CustomOp2 for SparseDeltaOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, _) = x.dims2()?;
         let gy = vec_of(grad)?;
-        let v: Vec<f32> = values.to_vec1()?;
-        let mut gx = vec![0f32; n * self.in_dim];
-        {
-            let _t = span(Phase::SparseProducts);
-            spmm_t_add(&mut gx, &gy, &self.indices, &v, self.in_dim, self.out_dim);
-        }
+        let gx = match &self.base {
+            Some(base) => {
+                let _t = span(Phase::ProjectionsInputGrad);
+                base.matmul(&gy, n)?
+            }
+            None => {
+                let _t = span(Phase::SparseProducts);
+                let v: Vec<f32> = values.to_vec1()?;
+                let mut gx = vec![0f32; n * self.in_dim];
+                spmm_t_add(&mut gx, &gy, &self.indices, &v, self.in_dim, self.out_dim);
+                gx
+            }
+        };
         let xs = vec_of(x)?;
         let mut gv = vec![0f32; self.indices.len()];
         match &self.hook {
@@ -217,12 +244,129 @@ pub fn sparse_delta_matmul(
     hook: Option<Arc<dyn DenseGradHook>>,
 ) -> candle_core::Result<Tensor> {
     let op = SparseDeltaOp {
+        base: None,
         indices,
         out_dim: shape.0,
         in_dim: shape.1,
         hook,
     };
     x.contiguous()?.apply_op2(values, op)
+}
+
+/// `x W'^T` for `x: [N, IN]` where the dense base `W'` already holds `values` at `indices` (see
+/// [`DeltaInBase`]): one frozen GEMM forward and backward, the value gradient as in
+/// [`sparse_delta_matmul`].
+pub fn base_with_delta_matmul(
+    x: &Tensor,
+    base: &Tensor,
+    values: &Tensor,
+    indices: Arc<Vec<u32>>,
+    hook: Option<Arc<dyn DenseGradHook>>,
+) -> candle_core::Result<Tensor> {
+    let (out_dim, in_dim) = base.dims2()?;
+    let op = SparseDeltaOp {
+        base: Some(Frozen::Dense(base.clone())),
+        indices,
+        out_dim,
+        in_dim,
+        hook,
+    };
+    x.contiguous()?.apply_op2(values, op)
+}
+
+/// Sparse values added into a dense f32 base weight in place, undone exactly by writing back the
+/// base values saved at the indices (never by subtracting). Used by the trainer for the length of
+/// one update; [`DeltaInBase::restore`] (or dropping it) puts the base back bit for bit.
+pub struct DeltaInBase {
+    weight: Tensor,
+    indices: Arc<Vec<u32>>,
+    saved: Vec<f32>,
+}
+
+impl DeltaInBase {
+    /// Add `values` into `weight` (a contiguous f32 CPU tensor, `[out, in]`) at `indices`.
+    pub fn add(weight: &Tensor, indices: Arc<Vec<u32>>, values: &[f32]) -> candle_core::Result<DeltaInBase> {
+        if values.len() != indices.len() {
+            candle_core::bail!("delta-in-base: {} values for {} indices", values.len(), indices.len());
+        }
+        if let Some(&last) = indices.last() {
+            if last as usize >= weight.elem_count() {
+                candle_core::bail!(
+                    "delta-in-base: index {last} outside a weight of {} entries",
+                    weight.elem_count()
+                );
+            }
+        }
+        let saved = {
+            let (storage, layout) = weight.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*storage else {
+                candle_core::bail!("delta-in-base: CPU tensors only");
+            };
+            let w = cpu_slice(cpu, layout, "delta-in-base")?;
+            indices.iter().map(|&i| w[i as usize]).collect::<Vec<f32>>()
+        };
+        let merged: Vec<f32> = saved.iter().zip(values).map(|(b, v)| b + v).collect();
+        weight.inplace_op1(&ScatterSet {
+            indices: &indices,
+            values: &merged,
+        })?;
+        Ok(DeltaInBase {
+            weight: weight.clone(),
+            indices,
+            saved,
+        })
+    }
+
+    /// Write the saved base values back.
+    pub fn restore(mut self) -> candle_core::Result<()> {
+        self.write_back()
+    }
+
+    fn write_back(&mut self) -> candle_core::Result<()> {
+        if self.saved.is_empty() {
+            return Ok(());
+        }
+        let saved = std::mem::take(&mut self.saved);
+        self.weight.inplace_op1(&ScatterSet {
+            indices: &self.indices,
+            values: &saved,
+        })
+    }
+}
+
+impl Drop for DeltaInBase {
+    /// An update that stopped half-way (an error) still leaves the base as it was.
+    fn drop(&mut self) {
+        if let Err(e) = self.write_back() {
+            tracing::error!("could not restore a base weight after an update: {e}");
+        }
+    }
+}
+
+/// In place: `w[indices[n]] = values[n]`.
+struct ScatterSet<'a> {
+    indices: &'a [u32],
+    values: &'a [f32],
+}
+
+impl InplaceOp1 for ScatterSet<'_> {
+    fn name(&self) -> &'static str {
+        "scatter-set"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("scatter-set: f32 weights only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("scatter-set: a contiguous weight only");
+        };
+        let w = &mut data[start..end];
+        for (&i, &v) in self.indices.iter().zip(self.values) {
+            w[i as usize] = v;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -349,6 +493,68 @@ mod tests {
                 "{n}x{inp}x{out} k={k}"
             );
         }
+    }
+
+    /// The same with the values added into the base in place: output and both gradients match
+    /// the dense equivalent (with and without a dense-gradient hook), and restoring gives back the
+    /// base bit for bit, also when the guard is only dropped.
+    #[test]
+    fn delta_in_base_matches_dense_autograd_and_restores_exactly() {
+        let dev = Device::Cpu;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for (n, inp, out, k) in [(5, 8, 6, 7), (33, 64, 48, 300), (17, 31, 29, 1), (3, 96, 160, 2000)] {
+            let idx = indices(out, inp, k, &mut rng);
+            let vals = random(idx.len(), &mut rng);
+            let wv = random(out * inp, &mut rng);
+            let w = Tensor::from_vec(wv.clone(), (out, inp), &dev).unwrap();
+            let xv = random(n * inp, &mut rng);
+            let probe = Tensor::from_vec(random(n * out, &mut rng), (n, out), &dev).unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+
+            let mut s = vec![0f32; out * inp];
+            for (&i, &val) in idx.iter().zip(&vals) {
+                s[i as usize] = val;
+            }
+            let xd = Var::from_vec(xv.clone(), (n, inp), &dev).unwrap();
+            let sd = Var::from_vec(s, (out, inp), &dev).unwrap();
+            let yd = xd.matmul(&(&w + sd.as_tensor()).unwrap().t().unwrap()).unwrap();
+            let gd = (&yd * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let dense_gs = flat(gd.get(&sd).unwrap());
+            let want_gv: Vec<f32> = idx.iter().map(|&i| dense_gs[i as usize]).collect();
+
+            for hooked in [false, true] {
+                let guard = DeltaInBase::add(&w, Arc::new(idx.clone()), &vals).unwrap();
+                let x = Var::from_vec(xv.clone(), (n, inp), &dev).unwrap();
+                let v = Var::from_vec(vals.clone(), idx.len(), &dev).unwrap();
+                let cap = Arc::new(Capture(Default::default()));
+                let hook = hooked.then(|| cap.clone() as Arc<dyn DenseGradHook>);
+                let y = base_with_delta_matmul(&x, &w, &v, Arc::new(idx.clone()), hook).unwrap();
+                let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                assert!(rel_err(&flat(&y), &flat(&yd)) < 1e-5);
+                assert!(rel_err(&flat(g.get(&x).unwrap()), &flat(gd.get(&xd).unwrap())) < 1e-5);
+                assert!(
+                    rel_err(&flat(g.get(&v).unwrap()), &want_gv) < 1e-5,
+                    "{n}x{inp}x{out} k={k}"
+                );
+                if hooked {
+                    assert!(rel_err(&cap.0.lock().unwrap(), &dense_gs) < 1e-5);
+                    drop(guard);
+                } else {
+                    guard.restore().unwrap();
+                }
+                assert_eq!(flat(&w), wv, "base not restored bit for bit");
+            }
+        }
+    }
+
+    #[test]
+    fn delta_in_base_refuses_a_mismatch() {
+        let w = Tensor::zeros((3, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(DeltaInBase::add(&w, Arc::new(vec![1, 12]), &[1.0, 2.0]).is_err());
+        assert!(DeltaInBase::add(&w, Arc::new(vec![1, 2]), &[1.0]).is_err());
+        let t = w.t().unwrap();
+        assert!(DeltaInBase::add(&t, Arc::new(vec![1]), &[1.0]).is_err());
+        assert_eq!(w.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
     }
 
     struct Capture(std::sync::Mutex<Vec<f32>>);

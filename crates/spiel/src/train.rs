@@ -6,7 +6,7 @@
 //! update scale. Everything random derives from `seed` and the update number, so a resumed run
 //! repeats the uninterrupted one exactly.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -21,6 +21,7 @@ use crate::data::{self, Example};
 use crate::model::{Grad, Llama, Weights};
 use crate::optim::{adamw_step, sm3_step, AdamState, AdamW, Sm3, Sm3State};
 use crate::select::{self, AgWindow, Policy, ReselectStats, Schedule, SparseModule, WindowHook};
+use crate::sparse::DeltaInBase;
 use crate::{fsutil, Error, Result};
 
 /// Learning-rate decay after warm-up.
@@ -550,10 +551,49 @@ impl Trainer {
         self.model_and_adapters(false)
     }
 
+    /// The dense f32 base weights that sparse slots can be added into for an update, by module.
+    fn dense_base_weights(&self) -> HashMap<&str, &Tensor> {
+        self.base
+            .linears()
+            .into_iter()
+            .filter_map(|l| match &l.weight {
+                crate::model::Weight::Dense(w) if !w.is_variable() && w.dtype() == candle_core::DType::F32 => {
+                    Some((l.name.as_str(), w))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Add every sparse slot's values into its dense f32 base weight for one update, so the
+    /// forward and input gradient are the base GEMMs alone; slots over quantised or bf16 weights
+    /// keep the separate sparse product. The base is restored when the guards are restored or
+    /// dropped.
+    fn add_deltas_into_base(&self) -> Result<Vec<DeltaInBase>> {
+        let Trainable::Sparse(slots) = &self.trainable else {
+            return Ok(Vec::new());
+        };
+        let dense = self.dense_base_weights();
+        let mut guards = Vec::new();
+        for s in slots {
+            if let Some(w) = dense.get(s.name.as_str()) {
+                guards.push(DeltaInBase::add(w, Arc::new(s.state.indices.clone()), &s.state.values)?);
+            }
+        }
+        Ok(guards)
+    }
+
+    /// The adapters as trainable variables (`training`, with AG hooks and LoRA dropout, sparse
+    /// deltas marked as added into a dense base by [`Trainer::add_deltas_into_base`]) or detached.
     fn model_and_adapters(&self, training: bool) -> (&Llama, AdapterSet) {
         let mut set = AdapterSet::none();
         match &self.trainable {
             Trainable::Sparse(slots) => {
+                let dense = if training {
+                    self.dense_base_weights()
+                } else {
+                    HashMap::new()
+                };
                 for s in slots {
                     let hook = if training {
                         s.window.clone().map(|w| w as Arc<dyn crate::sparse::DenseGradHook>)
@@ -571,6 +611,7 @@ impl Trainer {
                                 s.var.as_tensor().detach()
                             },
                             hook,
+                            in_base: dense.contains_key(s.name.as_str()),
                         }),
                     );
                 }
@@ -635,6 +676,7 @@ impl Trainer {
         let ga = self.cfg.grad_accum;
         let mut loss_sum = 0.0;
         let mut tokens = 0;
+        let in_base = self.add_deltas_into_base()?;
         for micro in 0..ga {
             let idx = self.micro_batch(self.step * ga + micro);
             let refs: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
@@ -661,6 +703,9 @@ impl Trainer {
                 )));
             }
             loss_sum += lv;
+        }
+        for guard in in_base {
+            guard.restore()?;
         }
         if let Trainable::Sparse(slots) = &self.trainable {
             for s in slots {

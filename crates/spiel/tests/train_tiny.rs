@@ -458,3 +458,55 @@ fn checkpointed_training_gives_the_same_losses() {
         }
     }
 }
+
+/// Over a dense f32 base the trainer adds the sparse values into the base for each update; over a
+/// bf16 base it keeps the separate sparse product. With the same weight values (bf16-exact) both
+/// give the same losses, and the f32 base is bit for bit as it was after training.
+#[test]
+fn sparse_deltas_added_into_the_base_train_like_the_separate_product() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::tiny_cfg();
+    let w = spiel::model::random_weights(&cfg, 13, &Device::Cpu).unwrap();
+    let p = dir.path().join("bf16.gguf");
+    spiel::synth::write_gguf(&p, &cfg, &w, Format::BF16).unwrap();
+    let dense = spiel::loader::load(&p, &Device::Cpu).unwrap();
+    let mut held = spiel::loader::load(&p, &Device::Cpu).unwrap();
+    held.model.hold_in_bf16().unwrap();
+    let before: Vec<(String, Vec<f32>)> = dense
+        .model
+        .named_weights()
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1().unwrap()))
+        .collect();
+    for method in [Method::SpielAg, Method::SpielMa] {
+        let out = |tag: &str| dir.path().join(format!("{method:?}-{tag}"));
+        let a = run(&dense, config(method, &out("f32")), false);
+        let b = run(
+            &held,
+            TrainConfig {
+                dtype: spiel::loader::Dtype::Bf16,
+                ..config(method, &out("bf16"))
+            },
+            false,
+        );
+        assert_eq!(a.len(), b.len());
+        let mut compared = 0;
+        for (x, y) in a.iter().zip(&b) {
+            for (u, v) in [(x.loss, y.loss), (x.eval_loss, y.eval_loss)] {
+                if let (Some(u), Some(v)) = (u, v) {
+                    assert!((u - v).abs() < 1e-5, "{method:?} step {}: {u} vs {v}", x.step);
+                    compared += 1;
+                }
+            }
+        }
+        assert!(compared >= 12 + 4, "{method:?}: only {compared} losses compared");
+    }
+    for ((k, was), (_, now)) in before.iter().zip(dense.model.named_weights().unwrap()) {
+        assert_eq!(
+            was,
+            &now.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{k} changed"
+        );
+    }
+}
