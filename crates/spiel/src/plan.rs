@@ -162,26 +162,34 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     // and the sum; sparse values over a dense f32 base ride in the base weight
     // ([`crate::sparse::DeltaInBase`]), one product.
     let in_base = cfg.method.is_sparse() && base == BaseFormat::F32 && cfg.dtype == Dtype::F32;
-    let lin = |name: &str, out: f64| -> f64 {
-        match cfg.method {
-            Method::Full => out,
-            _ if !targeted(name) || in_base => out,
-            _ => out * 3.0,
-        }
-    };
     let s = cfg.max_len as f64;
-    let per_token_layer = h // input norm
-        + lin("q_proj", q) + q // rope
-        + lin("k_proj", kv) + kv // rope
-        + lin("v_proj", kv) + kv // contiguous v
+    // Floats per token of one block, with `lin(name, out, in)` the floats a projection leaves.
+    let block = |lin: &dyn Fn(&str, f64, f64) -> f64| -> f64 {
+        h // input norm
+        + lin("q_proj", q, h) + q // rope
+        + lin("k_proj", kv, h) + kv // rope
+        + lin("v_proj", kv, h) + kv // contiguous v
         + 2.0 * q // contiguous, scaled q
         + 3.0 * nh * s // scores, masked scores, probabilities
         + 2.0 * q // context, its re-layout
-        + lin("o_proj", h) + h // residual
+        + lin("o_proj", h, q) + h // residual
         + h // post-attention norm
-        + lin("gate_proj", i)
-        + lin("up_proj", i) + i // silu(gate) * up, fused
-        + lin("down_proj", h) + h; // residual
+        + lin("gate_proj", i, h)
+        + lin("up_proj", i, h) + i // silu(gate) * up, fused
+        + lin("down_proj", h, i) + h // residual
+    };
+    let r = cfg.lora_rank as f64;
+    let dropout = cfg.lora_dropout > 0.0;
+    let per_token_layer = block(&|name, out, inp| match cfg.method {
+        _ if !targeted(name) => out,
+        Method::Full => out,
+        _ if in_base => out,
+        // The product, the delta's output and the sum.
+        Method::SpielAg | Method::SpielMa => 3.0 * out,
+        // The product, `x A^T`, `x A^T B^T`, its scaling and the sum, and the input's
+        // dropout copy.
+        Method::Lora => 4.0 * out + r + if dropout { inp } else { 0.0 },
+    });
     let tokens = (cfg.batch_size * cfg.max_len) as f64;
     // With checkpointing only each block's input stays, plus one block's activations at a time
     // (its forward recomputed in the backward).
@@ -201,8 +209,9 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
         let chunk_rows = (crate::head::CHUNK_FLOATS as f64 / v).floor().max(1.0).min(tokens);
         tokens * 2.0 * h * f + 2.0 * chunk_rows * v * f
     };
-    // Backward frontier: about one block's activations of gradients in flight.
-    let transient = tokens * per_token_layer * f * 2.0;
+    // Backward frontier: about one block's worth of gradients in flight (one per op output,
+    // whatever the adapter adds to a projection).
+    let transient = tokens * block(&|_, out, _| out) * f;
 
     let items = vec![
         Item {
