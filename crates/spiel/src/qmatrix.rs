@@ -293,6 +293,21 @@ pub(crate) fn gemm_xwt(y: &mut [f32], c0: usize, ldy: usize, x: &[f32], n: usize
         return;
     }
     assert!(x.len() >= n * k && c0 + r <= ldy && y.len() >= (n - 1) * ldy + c0 + r);
+    if n == 1 {
+        // One row (decoding): a matrix-vector product, bound by reading `w` once; a dot product
+        // per row of `w`, blocks of rows in parallel, skips the GEMM's packing.
+        const ROWS: usize = 64;
+        let x = &x[..k];
+        y[c0..c0 + r]
+            .par_chunks_mut(ROWS)
+            .zip(w.par_chunks(ROWS * k))
+            .for_each(|(yb, wb)| {
+                for (o, row) in yb.iter_mut().zip(wb.chunks_exact(k)) {
+                    *o = crate::sparse::dot(x, row);
+                }
+            });
+        return;
+    }
     // SAFETY: the asserts bound every access: y[i * ldy + c0 + j] for i < n, j < r; x as [n, k];
     // w read transposed as [k, r].
     unsafe {
@@ -356,6 +371,44 @@ pub(crate) fn gemm_gw(
             1,
             k as isize,
             1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+}
+
+/// `out = g^T x` for `g: [n, rows]` and `x: [n, cols]` (row-major), `out: [rows, cols]`: a
+/// weight's gradient, read without transposing `g`.
+pub(crate) fn gemm_gtx(out: &mut [f32], g: &[f32], x: &[f32], n: usize, rows: usize, cols: usize) {
+    assert!(out.len() >= rows * cols && g.len() >= n * rows && x.len() >= n * cols);
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    if n == 0 {
+        out[..rows * cols].fill(0.0);
+        return;
+    }
+    // SAFETY: the asserts bound every access: out as [rows, cols]; g read transposed, element
+    // (i, t) at t * rows + i; x as [n, cols].
+    unsafe {
+        gemm::gemm(
+            rows,
+            cols,
+            n,
+            out.as_mut_ptr(),
+            1,
+            cols as isize,
+            false,
+            g.as_ptr(),
+            rows as isize,
+            1,
+            x.as_ptr(),
+            1,
+            cols as isize,
+            0.0,
             1.0,
             false,
             false,
@@ -622,6 +675,8 @@ mod tests {
             (QFormat::Ggml(Format::Q4_0), 3, 67, 1024),
             (QFormat::Ggml(Format::Q8_0), 1, 5, 32),
             (QFormat::Ggml(Format::BF16), 4, 259, 50),
+            // One row: the matrix-vector path, with rows and columns off every block size.
+            (QFormat::Ggml(Format::BF16), 1, 133, 37),
         ] {
             let w = random(rows * cols, &mut rng);
             let q = Arc::new(QMatrix::quantize(format, &w, rows, cols).unwrap());
@@ -650,6 +705,28 @@ mod tests {
                             .sum();
                         assert!((dx[i * cols + c] as f64 - want).abs() < 1e-4, "{format:?} dx[{i},{c}]");
                     }
+                }
+            }
+        }
+    }
+
+    /// `g^T x` against an f64 reference, on shapes with no multiple of a SIMD width, one token,
+    /// and more tokens than rows or columns.
+    #[test]
+    fn weight_gradient_matches_f64_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        for (n, rows, cols) in [(1, 3, 5), (37, 17, 29), (300, 9, 65), (5, 130, 1)] {
+            let g: Vec<f32> = (0..n * rows).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let mut out = vec![f32::NAN; rows * cols];
+            gemm_gtx(&mut out, &g, &x, n, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    let want: f64 = (0..n).map(|t| g[t * rows + r] as f64 * x[t * cols + c] as f64).sum();
+                    assert!(
+                        (out[r * cols + c] as f64 - want).abs() < 1e-4,
+                        "{n}x{rows}x{cols} [{r},{c}]"
+                    );
                 }
             }
         }
