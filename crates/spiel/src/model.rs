@@ -337,11 +337,13 @@ impl Block {
         let rep = nh / kvh;
         let q = (q.contiguous()? * (1.0 / (d as f64).sqrt()))?.reshape((b, kvh, rep * t, d))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
-        let scores = match inp.mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = softmax(&scores, inp.grad)?.reshape((b, kvh, rep * t, s))?;
+        let probs = match (inp.mask, inp.grad) {
+            // Training keeps the probabilities only, not the masked scores as well.
+            (Some(m), Grad::Yes) => crate::ops::masked_softmax_last_dim(&scores, m)?,
+            (Some(m), Grad::No) => softmax(&scores.broadcast_add(m)?, inp.grad)?,
+            (None, _) => softmax(&scores, inp.grad)?,
+        }
+        .reshape((b, kvh, rep * t, s))?;
         let ctx = probs
             .matmul(&v)?
             .reshape((b, nh, t, d))?

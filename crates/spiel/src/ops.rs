@@ -162,6 +162,65 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(Softmax)?)
 }
 
+/// `softmax(scores + mask)` over the last dimension for attention scores `[B, H, T, S]` and an
+/// additive mask `[B, 1, T, S]`, without keeping the masked scores: the backward needs only the
+/// probabilities, and the gradient of `scores + mask` is that of `scores`.
+struct MaskedSoftmax {
+    /// `[B, T, S]`, row-major.
+    mask: Vec<f32>,
+    heads: usize,
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = span(Phase::Softmax);
+        let x = cpu_slice(s, l, "masked softmax")?;
+        let (b, h, t, d) = l.shape().dims4()?;
+        if h != self.heads || self.mask.len() != b * t * d {
+            candle_core::bail!(
+                "masked softmax: scores {:?} against a mask of {} values for {} heads",
+                l.shape().dims(),
+                self.mask.len(),
+                self.heads
+            );
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .enumerate()
+            .for_each(|(i, (yr, xr))| {
+                // Row i is (batch, head, query) = (i / (h t), _, i % t).
+                let m = (i / (h * t)) * t + i % t;
+                let mr = &self.mask[m * d..(m + 1) * d];
+                let max = xr.iter().zip(mr).map(|(v, a)| v + a).fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for ((o, v), a) in yr.iter_mut().zip(xr).zip(mr) {
+                    *o = (v + a - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                yr.iter_mut().for_each(|o| *o *= inv);
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Softmax.bwd(x, res, g)
+    }
+}
+
+/// Differentiable `softmax(scores + mask)` over the last dimension (see [`MaskedSoftmax`]);
+/// `scores: [B, H, T, S]`, `mask: [B, 1, T, S]`, not differentiated.
+pub fn masked_softmax_last_dim(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let heads = scores.dims4()?.1;
+    let mask: Vec<f32> = mask.flatten_all()?.to_vec1()?;
+    Ok(scores.contiguous()?.apply_op1(MaskedSoftmax { mask, heads })?)
+}
+
 /// Rotate-half RoPE on `[B, H, T, D]` with per-position cos/sin tables `[T, D/2]`.
 struct Rope {
     cos: Vec<f32>,
@@ -352,6 +411,39 @@ mod tests {
             let (x, y) = (ga.get(a.as_tensor()).unwrap(), gb.get(b.as_tensor()).unwrap());
             assert!(rel(x, y) < 1e-5, "gradient of input {i}: {}", rel(x, y));
         }
+    }
+
+    #[test]
+    fn masked_softmax_matches_candle_composition() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for (b, h, t, s) in [(1, 1, 1, 1), (2, 3, 5, 5), (3, 9, 17, 17), (1, 2, 4, 7)] {
+            // Causal plus some padded keys, with the model's finite masking value.
+            let mask: Vec<f32> = (0..b * t * s)
+                .map(|i| {
+                    let (q, k) = ((i / s) % t, i % s);
+                    if k > q + (s - t) || (k > 0 && rng.gen_bool(0.2)) {
+                        -1e9
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (b, 1, t, s), &Device::Cpu).unwrap();
+            let m = mask.clone();
+            check(
+                &[(randn(&[b, h, t, s], 6) * 3.0).unwrap()],
+                |x| masked_softmax_last_dim(&x[0], &mask).unwrap(),
+                |x| candle_nn::ops::softmax(&x[0].broadcast_add(&m).unwrap(), D::Minus1).unwrap(),
+                7,
+            );
+        }
+        let scores = randn(&[1, 2, 3, 3], 1);
+        assert!(masked_softmax_last_dim(
+            &scores,
+            &Tensor::zeros((1, 1, 3, 4), candle_core::DType::F32, &Device::Cpu).unwrap()
+        )
+        .is_err());
     }
 
     #[test]

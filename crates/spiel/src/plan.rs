@@ -170,7 +170,7 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
         + lin("k_proj", kv, h) + kv // rope
         + lin("v_proj", kv, h) + kv // contiguous v
         + 2.0 * q // contiguous, scaled q
-        + 3.0 * nh * s // scores, masked scores, probabilities
+        + 2.0 * nh * s // scores and probabilities (the mask is added inside the softmax)
         + 2.0 * q // context, its re-layout
         + lin("o_proj", h, q) + h // residual
         + h // post-attention norm
