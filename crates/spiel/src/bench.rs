@@ -178,11 +178,7 @@ fn phase_work(
     let f = 4.0;
     let sparse = cfg.method.is_sparse();
     // Over dense f32 projections the values ride in the base weights: no separate sparse product.
-    let separate_product = sparse
-        && base
-            .linears()
-            .iter()
-            .any(|x| !matches!(&x.weight, crate::model::Weight::Dense(w) if w.dtype() == candle_core::DType::F32));
+    let separate_product = sparse && base.linears().iter().any(|x| x.weight.dense_f32_frozen().is_none());
     let norms = (2.0 * l + 1.0) * t * h;
     let rope = l * t * (q + kv);
     let probs = l * b * m.num_heads as f64 * s * s;

@@ -81,6 +81,15 @@ impl Weight {
         })
     }
 
+    /// The weight as a frozen dense f32 tensor, the one kind a sparse delta can be added into in
+    /// place for a training update ([`crate::sparse::DeltaInBase`]); `None` for any other.
+    pub fn dense_f32_frozen(&self) -> Option<&Tensor> {
+        match self {
+            Weight::Dense(t) if !t.is_variable() && t.dtype() == DType::F32 => Some(t),
+            _ => None,
+        }
+    }
+
     /// The weight for the frozen products, or `None` when it is a trainable variable.
     pub fn frozen(&self) -> Option<Frozen> {
         match self {
@@ -154,15 +163,15 @@ impl Linear {
             Delta::Sparse(s) if s.in_base => Some(s),
             _ => None,
         });
-        let mut y = match (in_base, &self.weight) {
+        let mut y = match (in_base, self.weight.dense_f32_frozen()) {
             (None, _) => self.weight.matmul_t(&x2)?,
-            (Some(s), Weight::Dense(w)) if !w.is_variable() => {
+            (Some(s), Some(w)) => {
                 let hook = if grad == Grad::Yes { s.hook.clone() } else { None };
                 crate::sparse::base_with_delta_matmul(&x2, w, &s.values, s.indices.clone(), hook)?
             }
-            (Some(_), _) => {
+            (Some(_), None) => {
                 return Err(Error::Invalid(format!(
-                    "{}: a delta marked as added into the base, but the base weight is not a frozen dense one",
+                    "{}: a delta marked as added into the base, but the base weight is not a frozen dense f32 one",
                     self.name
                 )))
             }

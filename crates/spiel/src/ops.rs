@@ -112,6 +112,23 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })?)
 }
 
+/// `y = softmax(x + bias)` for one row, `bias(j)` the additive term at column `j`.
+#[inline(always)]
+fn softmax_row(y: &mut [f32], x: &[f32], bias: impl Fn(usize) -> f32) {
+    let max = x
+        .iter()
+        .enumerate()
+        .map(|(j, v)| v + bias(j))
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for (j, (o, v)) in y.iter_mut().zip(x).enumerate() {
+        *o = (v + bias(j) - max).exp();
+        sum += *o;
+    }
+    let inv = 1.0 / sum;
+    y.iter_mut().for_each(|o| *o *= inv);
+}
+
 /// Softmax over the last dimension.
 struct Softmax;
 
@@ -125,16 +142,9 @@ impl CustomOp1 for Softmax {
         let x = cpu_slice(s, l, "softmax")?;
         let d = *l.shape().dims().last().unwrap_or(&1);
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
-            let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (o, v) in yr.iter_mut().zip(xr) {
-                *o = (v - max).exp();
-                sum += *o;
-            }
-            let inv = 1.0 / sum;
-            yr.iter_mut().for_each(|o| *o *= inv);
-        });
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(yr, xr)| softmax_row(yr, xr, |_| 0.0));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -196,14 +206,7 @@ impl CustomOp1 for MaskedSoftmax {
                 // Row i is (batch, head, query) = (i / (h t), _, i % t).
                 let m = (i / (h * t)) * t + i % t;
                 let mr = &self.mask[m * d..(m + 1) * d];
-                let max = xr.iter().zip(mr).map(|(v, a)| v + a).fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for ((o, v), a) in yr.iter_mut().zip(xr).zip(mr) {
-                    *o = (v + a - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                yr.iter_mut().for_each(|o| *o *= inv);
+                softmax_row(yr, xr, |j| mr[j]);
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }

@@ -25,7 +25,7 @@ use candle_core::{CpuStorage, CustomOp2, InplaceOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::ops::{cpu_slice, vec_of};
-use crate::qmatrix::Frozen;
+use crate::qmatrix::{with_slice, Frozen};
 
 /// Receives the transient dense weight gradient `[out, in]` of one module during a SpIEL-AG window.
 pub trait DenseGradHook: Send + Sync {
@@ -324,14 +324,7 @@ impl DeltaInBase {
                 );
             }
         }
-        let saved = {
-            let (storage, layout) = weight.storage_and_layout();
-            let candle_core::Storage::Cpu(cpu) = &*storage else {
-                candle_core::bail!("delta-in-base: CPU tensors only");
-            };
-            let w = cpu_slice(cpu, layout, "delta-in-base")?;
-            indices.iter().map(|&i| w[i as usize]).collect::<Vec<f32>>()
-        };
+        let saved: Vec<f32> = with_slice(weight, |w| indices.iter().map(|&i| w[i as usize]).collect())?;
         let merged: Vec<f32> = saved.iter().zip(values).map(|(b, v)| b + v).collect();
         weight.inplace_op1(&ScatterSet {
             indices: &indices,

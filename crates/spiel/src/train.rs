@@ -6,7 +6,7 @@
 //! update scale. Everything random derives from `seed` and the update number, so a resumed run
 //! repeats the uninterrupted one exactly.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -460,6 +460,24 @@ fn module_short(name: &str) -> &str {
     name.rsplit('.').next().unwrap_or(name)
 }
 
+/// Add every sparse delta of `adapters` marked `in_base` into its module's dense f32 base weight
+/// for one update, so that module's forward and input gradient are the base GEMMs alone. The base
+/// is restored when the guards are restored or dropped.
+fn add_deltas_into_base(base: &Llama, adapters: &AdapterSet) -> Result<Vec<DeltaInBase>> {
+    let mut guards = Vec::new();
+    for l in base.linears() {
+        for d in adapters.get(&l.name) {
+            if let (Delta::Sparse(s), Some(w)) = (d, l.weight.dense_f32_frozen()) {
+                if s.in_base {
+                    let values: Vec<f32> = s.values.to_vec1()?;
+                    guards.push(DeltaInBase::add(w, s.indices.clone(), &values)?);
+                }
+            }
+        }
+    }
+    Ok(guards)
+}
+
 /// A training run in progress.
 pub struct Trainer {
     cfg: TrainConfig,
@@ -551,48 +569,21 @@ impl Trainer {
         self.model_and_adapters(false)
     }
 
-    /// The dense f32 base weights that sparse slots can be added into for an update, by module.
-    fn dense_base_weights(&self) -> HashMap<&str, &Tensor> {
-        self.base
-            .linears()
-            .into_iter()
-            .filter_map(|l| match &l.weight {
-                crate::model::Weight::Dense(w) if !w.is_variable() && w.dtype() == candle_core::DType::F32 => {
-                    Some((l.name.as_str(), w))
-                }
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// Add every sparse slot's values into its dense f32 base weight for one update, so the
-    /// forward and input gradient are the base GEMMs alone; slots over quantised or bf16 weights
-    /// keep the separate sparse product. The base is restored when the guards are restored or
-    /// dropped.
-    fn add_deltas_into_base(&self) -> Result<Vec<DeltaInBase>> {
-        let Trainable::Sparse(slots) = &self.trainable else {
-            return Ok(Vec::new());
-        };
-        let dense = self.dense_base_weights();
-        let mut guards = Vec::new();
-        for s in slots {
-            if let Some(w) = dense.get(s.name.as_str()) {
-                guards.push(DeltaInBase::add(w, Arc::new(s.state.indices.clone()), &s.state.values)?);
-            }
-        }
-        Ok(guards)
-    }
-
-    /// The adapters as trainable variables (`training`, with AG hooks and LoRA dropout, sparse
-    /// deltas marked as added into a dense base by [`Trainer::add_deltas_into_base`]) or detached.
+    /// The adapters as trainable variables (`training`: with AG hooks and LoRA dropout, and sparse
+    /// deltas over a dense f32 base marked for [`add_deltas_into_base`]) or detached.
     fn model_and_adapters(&self, training: bool) -> (&Llama, AdapterSet) {
         let mut set = AdapterSet::none();
         match &self.trainable {
             Trainable::Sparse(slots) => {
-                let dense = if training {
-                    self.dense_base_weights()
+                let in_base: HashSet<&str> = if training {
+                    self.base
+                        .linears()
+                        .into_iter()
+                        .filter(|l| l.weight.dense_f32_frozen().is_some())
+                        .map(|l| l.name.as_str())
+                        .collect()
                 } else {
-                    HashMap::new()
+                    HashSet::new()
                 };
                 for s in slots {
                     let hook = if training {
@@ -611,7 +602,7 @@ impl Trainer {
                                 s.var.as_tensor().detach()
                             },
                             hook,
-                            in_base: dense.contains_key(s.name.as_str()),
+                            in_base: in_base.contains(s.name.as_str()),
                         }),
                     );
                 }
@@ -676,7 +667,9 @@ impl Trainer {
         let ga = self.cfg.grad_accum;
         let mut loss_sum = 0.0;
         let mut tokens = 0;
-        let in_base = self.add_deltas_into_base()?;
+        // One adapter set for the whole update: nothing it holds changes between micro-batches.
+        let adapters = self.model_and_adapters(true).1;
+        let in_base = add_deltas_into_base(&self.base, &adapters)?;
         for micro in 0..ga {
             let idx = self.micro_batch(self.step * ga + micro);
             let refs: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
@@ -684,7 +677,6 @@ impl Trainer {
             tokens += b.n_tokens;
             let scale = 1.0 / ga as f64;
             let checkpointed = self.cfg.checkpoint_activations;
-            let adapters = self.model_and_adapters(true).1;
             let (model, mut sink) = self.model_and_grad_sink();
             let lv = if checkpointed {
                 let loss = |h: &Tensor| target_loss(model, h, &b);
