@@ -558,7 +558,7 @@ struct ModelArgs {
     /// nf4 (4-bit NormalFloat, double-quantised scales) [default: none].
     #[arg(long)]
     quantize: Option<loader::Quantize>,
-    /// Element type of the frozen base's dense matrices: f32 or bf16 (compute stays f32)
+    /// f32, or bf16: the frozen dense matrices held in bf16 and the activations computed in bf16 (adapter values and optimizer state stay f32)
     /// [default: f32].
     #[arg(long)]
     dtype: Option<loader::Dtype>,
@@ -580,10 +580,17 @@ fn load_model(args: &ModelArgs, home: &Path) -> Result<LoadedModel> {
         }
     };
     let mut m = loader::load_with(&path, &Device::Cpu, args.quantize.unwrap_or_default())?;
-    if args.dtype == Some(loader::Dtype::Bf16) {
-        m.model.hold_in_bf16()?;
-    }
+    in_dtype(&mut m.model, args.dtype)?;
     Ok(m)
+}
+
+/// `--dtype bf16`: hold the frozen matrices in bf16 and compute the activations in bf16.
+fn in_dtype(m: &mut spiel::model::Llama, dtype: Option<loader::Dtype>) -> Result<()> {
+    if dtype == Some(loader::Dtype::Bf16) {
+        m.hold_in_bf16()?;
+        m.compute_in(candle_core::DType::BF16)?;
+    }
+    Ok(())
 }
 
 /// Load adapter directories for `m` into one additive set.
@@ -820,9 +827,7 @@ fn run(cli: Cli) -> Result<()> {
                     );
                     let (w, qw) = spiel::model::random_parts(&cfg, 0, &Device::Cpu, q)?;
                     let mut m = spiel::model::Llama::from_parts(cfg, w, qw, &Device::Cpu)?;
-                    if model.dtype == Some(loader::Dtype::Bf16) {
-                        m.hold_in_bf16()?;
-                    }
+                    in_dtype(&mut m, model.dtype)?;
                     m
                 } else {
                     let m = load_model(&model, &home)?;
@@ -832,9 +837,7 @@ fn run(cli: Cli) -> Result<()> {
                         if let Some(f) = m.model.projection_format() {
                             r.quantize_linears(f)?;
                         }
-                        if model.dtype == Some(loader::Dtype::Bf16) {
-                            r.hold_in_bf16()?;
-                        }
+                        in_dtype(&mut r, model.dtype)?;
                         r
                     } else {
                         m.model

@@ -75,7 +75,10 @@ impl Delta {
                 } else {
                     x.clone()
                 };
-                Ok((x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)
+                // A and B are f32 master values, used in the activations' dtype (a no-op for
+                // f32; for bf16 their gradients return to f32 through the cast).
+                let (a, b) = (l.a.to_dtype(x.dtype())?, l.b.to_dtype(x.dtype())?);
+                Ok((x.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?)
             }
         }
     }
@@ -111,7 +114,7 @@ fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
             }
         })
         .collect();
-    Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?)?)
+    Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?)
 }
 
 /// The adapters applied in one forward pass, by canonical module path.

@@ -103,7 +103,9 @@ impl Weight {
     /// matmul for a trainable weight.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Weight::Dense(w) if w.is_variable() => Ok(x.matmul(&w.t()?)?),
+            // A trainable weight is f32 master values: the product runs in f32 and returns to
+            // the activations' dtype.
+            Weight::Dense(w) if w.is_variable() => Ok(x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(x.dtype())?),
             Weight::Dense(w) => frozen_matmul_t(x, &Frozen::Dense(w.clone())),
             Weight::Quantized(q) => frozen_matmul_t(x, &Frozen::Quantized(q.clone())),
         }
@@ -163,8 +165,20 @@ impl Linear {
             Delta::Sparse(s) if s.in_base => Some(s),
             _ => None,
         });
+        // Otherwise the first sparse delta rides with a frozen base's product (one output).
+        let frozen = self.weight.frozen();
+        let fused = match (in_base, &frozen) {
+            (None, Some(_)) => deltas.iter().position(|d| matches!(d, Delta::Sparse(_))),
+            _ => None,
+        };
         let mut y = match (in_base, self.weight.dense_f32_frozen()) {
-            (None, _) => self.weight.matmul_t(&x2)?,
+            (None, _) => match (fused.map(|i| &deltas[i]), &frozen) {
+                (Some(Delta::Sparse(s)), Some(base)) => {
+                    let hook = if grad == Grad::Yes { s.hook.clone() } else { None };
+                    crate::sparse::frozen_plus_delta_matmul(&x2, base, &s.values, s.indices.clone(), hook)?
+                }
+                _ => self.weight.matmul_t(&x2)?,
+            },
             (Some(s), Some(w)) => {
                 let hook = if grad == Grad::Yes { s.hook.clone() } else { None };
                 crate::sparse::base_with_delta_matmul(&x2, w, &s.values, s.indices.clone(), hook)?
@@ -176,13 +190,13 @@ impl Linear {
                 )))
             }
         };
-        for d in deltas {
-            if !matches!(d, Delta::Sparse(s) if s.in_base) {
-                y = (y + d.apply(&x2, grad)?)?;
+        for (i, d) in deltas.iter().enumerate() {
+            if fused != Some(i) && !matches!(d, Delta::Sparse(s) if s.in_base) {
+                y = crate::ops::add(&y, &d.apply(&x2, grad)?)?;
             }
         }
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            y = y.broadcast_add(&b.to_dtype(y.dtype())?)?;
         }
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank >= 1") = out;
@@ -203,25 +217,32 @@ fn take(w: &mut Weights, name: &str, shape: &[usize]) -> Result<Tensor> {
     Ok(t)
 }
 
+/// Whether an op on `x` must use spiel's own kernel: when differentiating, and for bf16
+/// activations, which candle's inference kernels take only with bf16 weights and tables.
+fn own_kernel(x: &Tensor, grad: Grad) -> bool {
+    grad == Grad::Yes || x.dtype() != DType::F32
+}
+
+/// RMSNorm with the f32 weight `w` over `x` of the activation dtype.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, grad: Grad) -> Result<Tensor> {
-    Ok(match grad {
-        Grad::Yes => crate::ops::rms_norm(x, w, eps)?,
-        Grad::No => candle_nn::ops::rms_norm(x, w, eps as f32)?,
+    Ok(match own_kernel(x, grad) {
+        true => crate::ops::rms_norm(x, w, eps)?,
+        false => candle_nn::ops::rms_norm(x, w, eps as f32)?,
     })
 }
 
 fn softmax(x: &Tensor, grad: Grad) -> Result<Tensor> {
-    Ok(match grad {
-        Grad::Yes => crate::ops::softmax_last_dim(x)?,
-        Grad::No => candle_nn::ops::softmax_last_dim(x)?,
+    Ok(match own_kernel(x, grad) {
+        true => crate::ops::softmax_last_dim(x)?,
+        false => candle_nn::ops::softmax_last_dim(x)?,
     })
 }
 
-/// Rotate-half RoPE on `x: [B, NH, T, D]` with `cos`, `sin: [T, D/2]`.
+/// Rotate-half RoPE on `x: [B, NH, T, D]` with `cos`, `sin: [T, D/2]` (f32).
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, grad: Grad) -> Result<Tensor> {
-    Ok(match grad {
-        Grad::Yes => crate::ops::rope(x, cos, sin)?,
-        Grad::No => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?,
+    Ok(match own_kernel(x, grad) {
+        true => crate::ops::rope(x, cos, sin)?,
+        false => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?,
     })
 }
 
@@ -349,7 +370,7 @@ impl Block {
         let probs = match (inp.mask, inp.grad) {
             // Training keeps the probabilities only, not the masked scores as well.
             (Some(m), Grad::Yes) => crate::ops::masked_softmax_last_dim(&scores, m)?,
-            (Some(m), Grad::No) => softmax(&scores.broadcast_add(m)?, inp.grad)?,
+            (Some(m), Grad::No) => softmax(&scores.broadcast_add(&m.to_dtype(scores.dtype())?)?, inp.grad)?,
             (None, _) => softmax(&scores, inp.grad)?,
         }
         .reshape((b, kvh, rep * t, s))?;
@@ -369,15 +390,15 @@ impl Block {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let h = rms_norm(x, &self.input_layernorm, cfg.rms_norm_eps, inp.grad)?;
-        let x = (x + self.attention(cfg, &h, inp, cache)?)?;
+        let x = crate::ops::add(x, &self.attention(cfg, &h, inp, cache)?)?;
         let h = rms_norm(&x, &self.post_attention_layernorm, cfg.rms_norm_eps, inp.grad)?;
         let m = &self.mlp;
         let (gate, up) = (inp.linear(&m.gate_proj, &h)?, inp.linear(&m.up_proj, &h)?);
-        let act = match inp.grad {
-            Grad::Yes => crate::ops::swiglu(&gate, &up)?,
-            Grad::No => (candle_nn::Activation::Silu.forward(&gate)? * up)?,
+        let act = match own_kernel(&gate, inp.grad) {
+            true => crate::ops::swiglu(&gate, &up)?,
+            false => (candle_nn::Activation::Silu.forward(&gate)? * up)?,
         };
-        Ok((x + inp.linear(&m.down_proj, &act)?)?)
+        crate::ops::add(&x, &inp.linear(&m.down_proj, &act)?)
     }
 }
 
@@ -392,6 +413,8 @@ pub struct Llama {
     norm: Tensor,
     /// Separate head weight `[V, H]`; `None` when tied to the embeddings.
     lm_head: Option<Weight>,
+    /// The dtype of the hidden states between the embeddings and the final norm (f32 or bf16).
+    activations: DType,
     device: Device,
 }
 
@@ -441,6 +464,7 @@ impl Llama {
             layers,
             norm,
             lm_head,
+            activations: DType::F32,
             device: device.clone(),
         })
     }
@@ -520,6 +544,28 @@ impl Llama {
             to_bf16(&mut lin.weight, &name)?;
         }
         Ok(())
+    }
+
+    /// Compute the blocks with activations (hidden states, attention scores and probabilities,
+    /// projection outputs, and their gradients) held in `dtype`, f32 or bf16. With bf16 every
+    /// op widens its inputs to f32, computes in f32 and rounds its result to bf16, so the tensors
+    /// kept for the backward take half the memory; the final hidden states return to f32 for the
+    /// head, and adapter values, their gradients and optimizer state stay f32.
+    pub fn compute_in(&mut self, dtype: DType) -> Result<()> {
+        match dtype {
+            DType::F32 | DType::BF16 => {
+                self.activations = dtype;
+                Ok(())
+            }
+            other => Err(Error::Invalid(format!(
+                "activations in {other:?}: only f32 and bf16 are supported"
+            ))),
+        }
+    }
+
+    /// The dtype activations are computed in ([`Llama::compute_in`]).
+    pub fn activation_dtype(&self) -> DType {
+        self.activations
     }
 
     /// The storage format of the projection weights (`None`: dense f32).
@@ -643,7 +689,12 @@ impl Llama {
                 Tensor::from_vec(rows, (b * t, self.cfg.hidden_size), &self.device)?
             }
         };
-        Ok(rows.reshape((b, t, self.cfg.hidden_size))?)
+        Ok(rows.reshape((b, t, self.cfg.hidden_size))?.to_dtype(self.activations)?)
+    }
+
+    /// The final norm over the last hidden states, returned in f32 for the head.
+    fn final_norm(&self, x: &Tensor, grad: Grad) -> Result<Tensor> {
+        Ok(rms_norm(x, &self.norm, self.cfg.rms_norm_eps, grad)?.to_dtype(DType::F32)?)
     }
 
     /// Final hidden states `[B, T, H]` (after the last norm) for right-padded `ids: [B, T]` (u32),
@@ -667,7 +718,7 @@ impl Llama {
         for block in &self.layers {
             x = block.forward(&self.cfg, &x, &inp, None)?;
         }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, grad)
+        self.final_norm(&x, grad)
     }
 
     /// Forward and backward with activation checkpointing per block. The forward keeps only each
@@ -704,7 +755,7 @@ impl Llama {
             x = Var::from_tensor(&y.detach())?;
         }
         let missing = || Error::Invalid("checkpointed backward: no gradient reached a block boundary".into());
-        let h = rms_norm(x.as_tensor(), &self.norm, self.cfg.rms_norm_eps, Grad::Yes)?;
+        let h = self.final_norm(x.as_tensor(), Grad::Yes)?;
         let l = loss(&h)?;
         let value = l.to_scalar::<f32>()?;
         let grads = (l * scale)?.backward()?;
@@ -800,7 +851,7 @@ impl Llama {
             x = block.forward(&self.cfg, &x, &inp, Some(slot))?;
         }
         let last = x.narrow(1, t - 1, 1)?;
-        let h = rms_norm(&last, &self.norm, self.cfg.rms_norm_eps, Grad::No)?;
+        let h = self.final_norm(&last, Grad::No)?;
         Ok(self.head(&h)?.reshape((b, self.cfg.vocab_size))?)
     }
 }

@@ -157,11 +157,15 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
         Method::Full => (0.0, trainable * 16.0, 0.0),
     };
 
-    // Activations: f32 outputs of the ops of one block, per token, kept until backward.
-    // A projection leaves its product, plus, when an adapter is attached, the adapter's output
-    // and the sum; sparse values over a dense f32 base ride in the base weight
-    // ([`crate::sparse::DeltaInBase`]), one product.
-    let in_base = cfg.method.is_sparse() && base == BaseFormat::F32 && cfg.dtype == Dtype::F32;
+    // Activations: outputs of the ops of one block, per token, kept until backward, at 4 bytes
+    // (f32) or 2 (`--dtype bf16`, [`crate::model::Llama::compute_in`]). A projection with a
+    // sparse delta leaves one output (the values ride in a dense f32 base, or the sparse product
+    // is fused with the base's, [`crate::sparse::SparseBase`]); with LoRA it also leaves LoRA's
+    // intermediate results and the sum.
+    let act = match cfg.dtype {
+        Dtype::Bf16 => 2.0,
+        Dtype::F32 => f,
+    };
     let s = cfg.max_len as f64;
     // Floats per token of one block, with `lin(name, out, in)` the floats a projection leaves.
     let block = |lin: &dyn Fn(&str, f64, f64) -> f64| -> f64 {
@@ -183,9 +187,7 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     let per_token_layer = block(&|name, out, inp| match cfg.method {
         _ if !targeted(name) => out,
         Method::Full => out,
-        _ if in_base => out,
-        // The product, the delta's output and the sum.
-        Method::SpielAg | Method::SpielMa => 3.0 * out,
+        Method::SpielAg | Method::SpielMa => out,
         // The product, `x A^T`, `x A^T B^T`, its scaling and the sum, and the input's
         // dropout copy.
         Method::Lora => 4.0 * out + r + if dropout { inp } else { 0.0 },
@@ -194,9 +196,9 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     // With checkpointing only each block's input stays, plus one block's activations at a time
     // (its forward recomputed in the backward).
     let activations = if cfg.checkpoint_activations {
-        tokens * (l * h + per_token_layer) * f
+        tokens * (l * h + per_token_layer) * act
     } else {
-        tokens * l * per_token_layer * f
+        tokens * l * per_token_layer * act
     };
     // The head and loss over the vocabulary. Full fine-tuning (a trainable head) runs the plain
     // path, per token: the logits, their pass-through copy, the max-shifted logits, their exp
@@ -211,7 +213,14 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     };
     // Backward frontier: about one block's worth of gradients in flight (one per op output,
     // whatever the adapter adds to a projection).
-    let transient = tokens * block(&|_, out, _| out) * f;
+    // With bf16 activations each op also holds f32 copies while it runs: at most a projection's
+    // widened output gradient, input gradient and input (`down_proj`'s backward), or candle's
+    // widened attention product (its inputs and the f32 scores).
+    let widened = match cfg.dtype {
+        Dtype::Bf16 => tokens * (h + 2.0 * i).max(2.0 * q + 2.0 * nh * s) * f,
+        Dtype::F32 => 0.0,
+    };
+    let transient = tokens * block(&|_, out, _| out) * act + widened;
 
     let items = vec![
         Item {

@@ -516,13 +516,14 @@ impl CustomOp1 for FrozenMatmulT {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let _t = span(Phase::ProjectionsForward);
-        let x = crate::ops::cpu_slice(s, l, "frozen-matmul-t")?;
+        let x = crate::ops::cpu_f32(s, l, "frozen-matmul-t")?;
         let (n, k) = l.shape().dims2()?;
         let (rows, cols) = self.w.shape();
         if k != cols {
             candle_core::bail!("frozen-matmul-t: input has {k} columns, weight has {cols}");
         }
-        Ok((CpuStorage::F32(self.w.matmul_t(x, n)?), Shape::from((n, rows))))
+        let y = self.w.matmul_t(&x, n)?;
+        Ok((crate::ops::storage_like(y, s), Shape::from((n, rows))))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -545,13 +546,14 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let _t = span(Phase::ProjectionsInputGrad);
-        let g = crate::ops::cpu_slice(s, l, "frozen-matmul")?;
+        let g = crate::ops::cpu_f32(s, l, "frozen-matmul")?;
         let (n, r) = l.shape().dims2()?;
         let (rows, cols) = self.w.shape();
         if r != rows {
             candle_core::bail!("frozen-matmul: gradient has {r} columns, weight has {rows} rows");
         }
-        Ok((CpuStorage::F32(self.w.matmul(g, n)?), Shape::from((n, cols))))
+        let dx = self.w.matmul(&g, n)?;
+        Ok((crate::ops::storage_like(dx, s), Shape::from((n, cols))))
     }
 }
 

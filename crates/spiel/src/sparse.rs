@@ -10,6 +10,9 @@
 //!   attached (a SpIEL-AG accumulation window) is the dense gradient `gy^T x` formed, one layer at a
 //!   time, handed to the hook, and the value gradients gathered from it.
 //!
+//! Over any frozen base the op can take the base's product with it (`SparseBase::Plus`): one
+//! output `x W^T + x S^T` and one input gradient, instead of two products and their sum.
+//!
 //! Over a dense f32 base the trainer can instead add the values into the base weight in place for
 //! the length of an update ([`DeltaInBase`], undone exactly from the saved base values). The op
 //! then takes the base with it: forward `x W'^T` and input gradient `gy W'` are the frozen GEMMs
@@ -24,7 +27,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp2, InplaceOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::ops::{cpu_slice, vec_of};
+use crate::ops::{cpu_f32, cpu_slice, grad_like, storage_like, vec_of};
 use crate::qmatrix::{with_slice, Frozen};
 
 /// Receives the transient dense weight gradient `[out, in]` of one module during a SpIEL-AG window.
@@ -160,12 +163,24 @@ pub fn sddmm(out: &mut [f32], gy: &[f32], x: &[f32], indices: &[u32], n: usize, 
     }
 }
 
-/// Candle custom op: `(x [N, IN], values [K]) -> x S^T [N, OUT]`, or `x W'^T` when the base `W'`
-/// already holds the values.
+/// What a [`SparseDeltaOp`] multiplies besides (or instead of) the sparse part.
+#[derive(Clone)]
+pub enum SparseBase {
+    /// The sparse part alone: `x S^T`.
+    None,
+    /// A dense base weight with the values added in place ([`DeltaInBase`]): `x W'^T`.
+    Holding(Frozen),
+    /// A frozen base (any storage) and the sparse part in one output: `x W^T + x S^T`, so the
+    /// projection keeps one tensor for the backward instead of the product, the delta's output
+    /// and their sum.
+    Plus(Frozen),
+}
+
+/// Candle custom op: `(x [N, IN], values [K]) -> [N, OUT]`, `x S^T` with or without the frozen
+/// base's product ([`SparseBase`]).
 pub struct SparseDeltaOp {
-    /// The dense base weight with the values added in place ([`DeltaInBase`]); `None` for the
-    /// sparse part alone.
-    pub base: Option<Frozen>,
+    /// The frozen base's part in the product.
+    pub base: SparseBase,
     /// Sorted, unique flat indices into `[out, in]`.
     pub indices: Arc<Vec<u32>>,
     /// Rows of the weight.
@@ -188,7 +203,7 @@ impl CustomOp2 for SparseDeltaOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_slice(s1, l1, "sparse-delta x")?;
+        let x = cpu_f32(s1, l1, "sparse-delta x")?;
         let v = cpu_slice(s2, l2, "sparse-delta values")?;
         let (n, inp) = l1.shape().dims2()?;
         if inp != self.in_dim || v.len() != self.indices.len() {
@@ -200,19 +215,18 @@ impl CustomOp2 for SparseDeltaOp {
                 self.in_dim
             );
         }
-        let y = match &self.base {
-            Some(base) => {
+        let mut y = match &self.base {
+            SparseBase::Holding(base) | SparseBase::Plus(base) => {
                 let _t = span(Phase::ProjectionsForward);
-                base.matmul_t(x, n)?
+                base.matmul_t(&x, n)?
             }
-            None => {
-                let _t = span(Phase::SparseProducts);
-                let mut y = vec![0f32; n * self.out_dim];
-                spmm_add(&mut y, x, &self.indices, v, self.in_dim, self.out_dim);
-                y
-            }
+            SparseBase::None => vec![0f32; n * self.out_dim],
         };
-        Ok((CpuStorage::F32(y), Shape::from((n, self.out_dim))))
+        if !matches!(self.base, SparseBase::Holding(_)) {
+            let _t = span(Phase::SparseProducts);
+            spmm_add(&mut y, &x, &self.indices, v, self.in_dim, self.out_dim);
+        }
+        Ok((storage_like(y, s1), Shape::from((n, self.out_dim))))
     }
 
     fn bwd(
@@ -224,19 +238,18 @@ impl CustomOp2 for SparseDeltaOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, _) = x.dims2()?;
         let gy = vec_of(grad)?;
-        let gx = match &self.base {
-            Some(base) => {
+        let mut gx = match &self.base {
+            SparseBase::Holding(base) | SparseBase::Plus(base) => {
                 let _t = span(Phase::ProjectionsInputGrad);
                 base.matmul(&gy, n)?
             }
-            None => {
-                let _t = span(Phase::SparseProducts);
-                let v: Vec<f32> = values.to_vec1()?;
-                let mut gx = vec![0f32; n * self.in_dim];
-                spmm_t_add(&mut gx, &gy, &self.indices, &v, self.in_dim, self.out_dim);
-                gx
-            }
+            SparseBase::None => vec![0f32; n * self.in_dim],
         };
+        if !matches!(self.base, SparseBase::Holding(_)) {
+            let _t = span(Phase::SparseProducts);
+            let v: Vec<f32> = values.to_vec1()?;
+            spmm_t_add(&mut gx, &gy, &self.indices, &v, self.in_dim, self.out_dim);
+        }
         let xs = vec_of(x)?;
         let mut gv = vec![0f32; self.indices.len()];
         match &self.hook {
@@ -255,8 +268,7 @@ impl CustomOp2 for SparseDeltaOp {
                 }
             }
         }
-        let gx = Tensor::from_vec(gx, (n, self.in_dim), x.device())?;
-        let gv = Tensor::from_vec(gv, self.indices.len(), values.device())?;
+        let (gx, gv) = (grad_like(gx, x)?, grad_like(gv, values)?);
         Ok((Some(gx), Some(gv)))
     }
 }
@@ -271,7 +283,7 @@ pub fn sparse_delta_matmul(
     hook: Option<Arc<dyn DenseGradHook>>,
 ) -> candle_core::Result<Tensor> {
     let op = SparseDeltaOp {
-        base: None,
+        base: SparseBase::None,
         indices,
         out_dim: shape.0,
         in_dim: shape.1,
@@ -292,7 +304,28 @@ pub fn base_with_delta_matmul(
 ) -> candle_core::Result<Tensor> {
     let (out_dim, in_dim) = base.dims2()?;
     let op = SparseDeltaOp {
-        base: Some(Frozen::Dense(base.clone())),
+        base: SparseBase::Holding(Frozen::Dense(base.clone())),
+        indices,
+        out_dim,
+        in_dim,
+        hook,
+    };
+    x.contiguous()?.apply_op2(values, op)
+}
+
+/// `x W^T + x S^T` for `x: [N, IN]` and a frozen base `W` in any storage, as one op with one
+/// output ([`SparseBase::Plus`]); gradients as in [`sparse_delta_matmul`] plus the base's input
+/// gradient.
+pub fn frozen_plus_delta_matmul(
+    x: &Tensor,
+    base: &Frozen,
+    values: &Tensor,
+    indices: Arc<Vec<u32>>,
+    hook: Option<Arc<dyn DenseGradHook>>,
+) -> candle_core::Result<Tensor> {
+    let (out_dim, in_dim) = base.shape();
+    let op = SparseDeltaOp {
+        base: SparseBase::Plus(base.clone()),
         indices,
         out_dim,
         in_dim,
@@ -573,6 +606,108 @@ mod tests {
                 assert_eq!(flat(&w), wv, "base not restored bit for bit");
             }
         }
+    }
+
+    #[test]
+    fn frozen_plus_delta_matches_dense_autograd_over_f32_and_nf4_bases() {
+        use crate::qmatrix::QMatrix;
+        let dev = Device::Cpu;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        for (n, inp, out, k) in [(5, 64, 6, 7), (33, 128, 48, 300), (17, 64, 29, 1)] {
+            let idx = indices(out, inp, k, &mut rng);
+            let vals = random(idx.len(), &mut rng);
+            let wv = random(out * inp, &mut rng);
+            let q = QMatrix::nf4(&wv, out, inp).unwrap();
+            let bases = [
+                (
+                    Frozen::Dense(Tensor::from_vec(wv.clone(), (out, inp), &dev).unwrap()),
+                    wv.clone(),
+                ),
+                (Frozen::Quantized(Arc::new(q.clone())), q.to_dense()),
+            ];
+            let xv = random(n * inp, &mut rng);
+            let probe = Tensor::from_vec(random(n * out, &mut rng), (n, out), &dev).unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (base, dense) in bases {
+                // Reference: plain autograd over the dense W + S.
+                let mut s = dense.clone();
+                let mut mask = vec![0f32; out * inp];
+                for (&i, &val) in idx.iter().zip(&vals) {
+                    s[i as usize] += val;
+                    mask[i as usize] = 1.0;
+                }
+                let xd = Var::from_vec(xv.clone(), (n, inp), &dev).unwrap();
+                let wd = Var::from_vec(s, (out, inp), &dev).unwrap();
+                let yd = xd.matmul(&wd.as_tensor().t().unwrap()).unwrap();
+                let gd = (&yd * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let dense_gw = flat(gd.get(&wd).unwrap());
+                let want_gv: Vec<f32> = idx.iter().map(|&i| dense_gw[i as usize]).collect();
+
+                let x = Var::from_vec(xv.clone(), (n, inp), &dev).unwrap();
+                let v = Var::from_vec(vals.clone(), idx.len(), &dev).unwrap();
+                let y = frozen_plus_delta_matmul(&x, &base, &v, Arc::new(idx.clone()), None).unwrap();
+                let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                assert!(rel_err(&flat(&y), &flat(&yd)) < 1e-5, "forward {n}x{inp}x{out}");
+                assert!(rel_err(&flat(g.get(&x).unwrap()), &flat(gd.get(&xd).unwrap())) < 1e-5);
+                assert!(
+                    rel_err(&flat(g.get(&v).unwrap()), &want_gv) < 1e-5,
+                    "{n}x{inp}x{out} k={k}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_activations_give_the_f32_result_rounded() {
+        use candle_core::DType;
+        let dev = Device::Cpu;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let (n, inp, out, k) = (19, 64, 40, 200);
+        let idx = Arc::new(indices(out, inp, k, &mut rng));
+        let vals = random(idx.len(), &mut rng);
+        let base = Frozen::Dense(Tensor::from_vec(random(out * inp, &mut rng), (out, inp), &dev).unwrap());
+        let x16 = Tensor::from_vec(random(n * inp, &mut rng), (n, inp), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let p16 = Tensor::from_vec(random(n * out, &mut rng), (n, out), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let run = |dtype: DType| {
+            let x = Var::from_tensor(&x16.to_dtype(dtype).unwrap()).unwrap();
+            let v = Var::from_vec(vals.clone(), idx.len(), &dev).unwrap();
+            let y = frozen_plus_delta_matmul(&x, &base, &v, idx.clone(), None).unwrap();
+            let g = (&y * p16.to_dtype(dtype).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let (gx, gv) = (g.get(&x).unwrap().clone(), g.get(&v).unwrap().clone());
+            (y, gx, gv)
+        };
+        let (y16, gx16, gv16) = run(DType::BF16);
+        let (y32, gx32, gv32) = run(DType::F32);
+        assert_eq!(
+            (y16.dtype(), gx16.dtype(), gv16.dtype()),
+            (DType::BF16, DType::BF16, DType::F32)
+        );
+        let bits = |t: &Tensor| -> Vec<u16> {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<half::bf16>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&y16), bits(&y32), "forward");
+        assert_eq!(bits(&gx16), bits(&gx32), "input gradient");
+        // Value gradients stay f32, from the same widened inputs: identical.
+        assert_eq!(gv16.to_vec1::<f32>().unwrap(), gv32.to_vec1::<f32>().unwrap());
     }
 
     #[test]

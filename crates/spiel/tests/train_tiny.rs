@@ -510,3 +510,81 @@ fn sparse_deltas_added_into_the_base_train_like_the_separate_product() {
         );
     }
 }
+
+#[test]
+fn bf16_activations_train_like_f32_activations() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::tiny_cfg();
+    let w = spiel::model::random_weights(&cfg, 17, &Device::Cpu).unwrap();
+    let p = dir.path().join("bf16.gguf");
+    spiel::synth::write_gguf(&p, &cfg, &w, Format::BF16).unwrap();
+    // The same bf16-held base computing in f32 (the reference) and in bf16.
+    let mut f32_acts = spiel::loader::load(&p, &Device::Cpu).unwrap();
+    f32_acts.model.hold_in_bf16().unwrap();
+    let mut bf16_acts = spiel::loader::load(&p, &Device::Cpu).unwrap();
+    bf16_acts.model.hold_in_bf16().unwrap();
+    bf16_acts.model.compute_in(candle_core::DType::BF16).unwrap();
+    assert!(bf16_acts.model.compute_in(candle_core::DType::F16).is_err());
+    let mut worst = 0f64;
+    for method in [Method::SpielAg, Method::SpielMa, Method::Lora] {
+        let out = |tag: &str| dir.path().join(format!("{method:?}-{tag}"));
+        let c = |tag: &str| TrainConfig {
+            dtype: spiel::loader::Dtype::Bf16,
+            ..config(method, &out(tag))
+        };
+        let a = run(&f32_acts, c("f32"), false);
+        let b = run(&bf16_acts, c("bf16"), false);
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            for (u, v) in [(x.loss, y.loss), (x.eval_loss, y.eval_loss)] {
+                if let (Some(u), Some(v)) = (u, v) {
+                    // bf16 keeps 8 significant bits: activations round at ~0.4% each.
+                    assert!(
+                        (u - v).abs() < 0.02 * u.abs().max(1.0),
+                        "{method:?} step {}: {u} vs {v}",
+                        x.step
+                    );
+                    worst = worst.max((u - v).abs());
+                    assert_ne!(u, v, "{method:?} step {}: bf16 activations changed nothing", x.step);
+                }
+            }
+        }
+        let (first, last) = (b[0].eval_loss.unwrap(), b[12].eval_loss.unwrap());
+        assert!(last < first, "bf16 {method:?}: held-out loss {first} -> {last}");
+        // The adapter holds f32 values and gives nearly the f32 model's logits.
+        let ad = Adapter::load(&out("bf16").join("adapter"), &bf16_acts.model).unwrap();
+        let (l16, l32) = (logits(&bf16_acts, &ad.to_set()), logits(&f32_acts, &ad.to_set()));
+        assert_eq!(l16.dtype(), candle_core::DType::F32);
+        let scale = l32.abs().unwrap().max_keepdim(1).unwrap().max_keepdim(2).unwrap();
+        let scale = scale.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+        assert!(common::max_abs_diff(&l16, &l32) < 0.05 * scale, "{method:?} logits");
+    }
+    eprintln!("largest loss difference, bf16 vs f32 activations: {worst}");
+    // Checkpointing recomputes the same bf16 forward.
+    let plain = run(
+        &bf16_acts,
+        TrainConfig {
+            dtype: spiel::loader::Dtype::Bf16,
+            ..config(Method::SpielAg, &dir.path().join("p"))
+        },
+        false,
+    );
+    let ckpt = run(
+        &bf16_acts,
+        TrainConfig {
+            dtype: spiel::loader::Dtype::Bf16,
+            checkpoint_activations: true,
+            ..config(Method::SpielAg, &dir.path().join("c"))
+        },
+        false,
+    );
+    for (x, y) in plain.iter().zip(&ckpt) {
+        if let (Some(u), Some(v)) = (x.loss, y.loss) {
+            assert!(
+                (u - v).abs() < 1e-3 * u.abs().max(1.0),
+                "checkpointed step {}: {u} vs {v}",
+                x.step
+            );
+        }
+    }
+}
