@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
 use crate::model::{Grad, Llama};
+use crate::qmatrix::Frozen;
 use crate::sparse::{sparse_delta_matmul, DenseGradHook};
 use crate::{fsutil, Error, Result};
 
@@ -85,6 +86,29 @@ impl Delta {
 }
 
 impl Delta {
+    /// `x W^T` plus this delta's product, as one op with one output, for a frozen base `W`
+    /// ([`crate::sparse::SparseBase::Plus`], [`crate::lora`]).
+    pub fn apply_with_base(&self, x: &Tensor, base: &Frozen, grad: Grad) -> Result<Tensor> {
+        match self {
+            Delta::Sparse(s) => {
+                let hook = if grad == Grad::Yes { s.hook.clone() } else { None };
+                Ok(crate::sparse::frozen_plus_delta_matmul(
+                    x,
+                    base,
+                    &s.values,
+                    s.indices.clone(),
+                    hook,
+                )?)
+            }
+            Delta::Lora(l) => {
+                let dropout = (grad == Grad::Yes && l.dropout > 0.0).then_some((l.dropout, l.dropout_seed));
+                Ok(crate::lora::frozen_plus_lora_matmul(
+                    x, base, &l.a, &l.b, l.scale, dropout,
+                )?)
+            }
+        }
+    }
+
     /// This delta as a dense `[out, in]` matrix (for merging).
     pub fn dense(&self, shape: (usize, usize)) -> Result<Tensor> {
         match self {
@@ -102,18 +126,7 @@ impl Delta {
 
 /// Inverted dropout with a seeded mask, so runs and resumes are reproducible.
 fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let keep = 1.0 - p;
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| {
-            if rng.gen::<f64>() < keep {
-                (1.0 / keep) as f32
-            } else {
-                0.0
-            }
-        })
-        .collect();
+    let mask = crate::lora::dropout_mask(x.elem_count(), p, seed);
     Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?)
 }
 

@@ -20,6 +20,7 @@ pub mod gguf;
 pub mod head;
 pub mod inspect;
 pub mod loader;
+pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -58,7 +58,8 @@ impl std::str::FromStr for Quantize {
 }
 
 /// The element type of the frozen base's dense matrices (embeddings, head, and projections not
-/// held quantised). Activations, adapters and optimizer state are f32 either way.
+/// held quantised) and of the activations (`Llama::compute_in`). Adapter values, their
+/// gradients and optimizer state are f32 either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Dtype {
@@ -67,6 +68,16 @@ pub enum Dtype {
     F32,
     /// bf16, widened to f32 a tile at a time inside each product.
     Bf16,
+}
+
+impl Dtype {
+    /// The name the CLI and configs use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+        }
+    }
 }
 
 impl std::str::FromStr for Dtype {

@@ -165,18 +165,15 @@ impl Linear {
             Delta::Sparse(s) if s.in_base => Some(s),
             _ => None,
         });
-        // Otherwise the first sparse delta rides with a frozen base's product (one output).
+        // Otherwise the first delta rides with a frozen base's product (one output, one op).
         let frozen = self.weight.frozen();
         let fused = match (in_base, &frozen) {
-            (None, Some(_)) => deltas.iter().position(|d| matches!(d, Delta::Sparse(_))),
+            (None, Some(_)) if !deltas.is_empty() => Some(0),
             _ => None,
         };
         let mut y = match (in_base, self.weight.dense_f32_frozen()) {
-            (None, _) => match (fused.map(|i| &deltas[i]), &frozen) {
-                (Some(Delta::Sparse(s)), Some(base)) => {
-                    let hook = if grad == Grad::Yes { s.hook.clone() } else { None };
-                    crate::sparse::frozen_plus_delta_matmul(&x2, base, &s.values, s.indices.clone(), hook)?
-                }
+            (None, _) => match (fused, &frozen) {
+                (Some(i), Some(base)) => deltas[i].apply_with_base(&x2, base, grad)?,
                 _ => self.weight.matmul_t(&x2)?,
             },
             (Some(s), Some(w)) => {

@@ -578,7 +578,13 @@ mod tests {
             3,
         );
         let s = (randn(&[2, 3, 5, 7], 4) * 3.0).unwrap();
-        check_bf16(&[s.clone()], none, |a, _| softmax_last_dim(&a[0]).unwrap(), true, 5);
+        check_bf16(
+            std::slice::from_ref(&s),
+            none,
+            |a, _| softmax_last_dim(&a[0]).unwrap(),
+            true,
+            5,
+        );
         let mask = Tensor::from_vec(
             (0..2 * 5 * 7)
                 .map(|i| if i % 7 > (i / 7) % 5 + 2 { -1e30f32 } else { 0.0 })

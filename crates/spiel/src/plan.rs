@@ -158,40 +158,28 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     };
 
     // Activations: outputs of the ops of one block, per token, kept until backward, at 4 bytes
-    // (f32) or 2 (`--dtype bf16`, [`crate::model::Llama::compute_in`]). A projection with a
-    // sparse delta leaves one output (the values ride in a dense f32 base, or the sparse product
-    // is fused with the base's, [`crate::sparse::SparseBase`]); with LoRA it also leaves LoRA's
-    // intermediate results and the sum.
+    // (f32) or 2 (`--dtype bf16`, [`crate::model::Llama::compute_in`]). A projection leaves one
+    // output whatever its adapter: sparse values ride in a dense f32 base or their product is
+    // fused with the base's ([`crate::sparse::SparseBase`]), and LoRA is one op with the base
+    // product that recomputes its rank-r part in the backward ([`crate::lora`]).
     let act = match cfg.dtype {
         Dtype::Bf16 => 2.0,
         Dtype::F32 => f,
     };
     let s = cfg.max_len as f64;
     // Floats per token of one block, with `lin(name, out, in)` the floats a projection leaves.
-    let block = |lin: &dyn Fn(&str, f64, f64) -> f64| -> f64 {
-        h // input norm
-        + lin("q_proj", q, h) + q // rope
-        + lin("k_proj", kv, h) + kv // rope
-        + lin("v_proj", kv, h) + kv // contiguous v
+    // Values per token that one block keeps, each projection one output (`out`).
+    let per_token_layer = h // input norm
+        + q + q // q_proj, rope
+        + kv + kv // k_proj, rope
+        + kv + kv // v_proj, contiguous v
         + 2.0 * q // contiguous, scaled q
         + 2.0 * nh * s // scores and probabilities (the mask is added inside the softmax)
         + 2.0 * q // context, its re-layout
-        + lin("o_proj", h, q) + h // residual
+        + h + h // o_proj, residual
         + h // post-attention norm
-        + lin("gate_proj", i, h)
-        + lin("up_proj", i, h) + i // silu(gate) * up, fused
-        + lin("down_proj", h, i) + h // residual
-    };
-    let r = cfg.lora_rank as f64;
-    let dropout = cfg.lora_dropout > 0.0;
-    let per_token_layer = block(&|name, out, inp| match cfg.method {
-        _ if !targeted(name) => out,
-        Method::Full => out,
-        Method::SpielAg | Method::SpielMa => out,
-        // The product, `x A^T`, `x A^T B^T`, its scaling and the sum, and the input's
-        // dropout copy.
-        Method::Lora => 4.0 * out + r + if dropout { inp } else { 0.0 },
-    });
+        + i + i + i // gate_proj, up_proj, silu(gate) * up (fused)
+        + h + h; // down_proj, residual
     let tokens = (cfg.batch_size * cfg.max_len) as f64;
     // With checkpointing only each block's input stays, plus one block's activations at a time
     // (its forward recomputed in the backward).
@@ -220,7 +208,7 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
         Dtype::Bf16 => tokens * (h + 2.0 * i).max(2.0 * q + 2.0 * nh * s) * f,
         Dtype::F32 => 0.0,
     };
-    let transient = tokens * block(&|_, out, _| out) * act + widened;
+    let transient = tokens * per_token_layer * act + widened;
 
     let items = vec![
         Item {

@@ -380,6 +380,58 @@ pub(crate) fn gemm_gw(
     }
 }
 
+/// `dst (+)= beta * lhs rhs` for `dst: [m, n]` (row-major, contiguous), `lhs: [m, k]` and
+/// `rhs: [k, n]` read through (row, column) strides, so either may be a transposed view; adds to
+/// `dst` when `accumulate`, else overwrites it. For the small rank-r products of LoRA.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_into(
+    dst: &mut [f32],
+    accumulate: bool,
+    beta: f32,
+    (m, n, k): (usize, usize, usize),
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let span = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
+    assert!(dst.len() >= m * n && lhs.len() >= span(m, k, lhs_rs, lhs_cs) && rhs.len() >= span(k, n, rhs_rs, rhs_cs));
+    // SAFETY: the asserts bound every access: dst as [m, n]; lhs (i, l) at i * lhs_rs + l * lhs_cs
+    // for i < m, l < k; rhs (l, j) at l * rhs_rs + j * rhs_cs for l < k, j < n.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+}
+
 /// `out = g^T x` for `g: [n, rows]` and `x: [n, cols]` (row-major), `out: [rows, cols]`: a
 /// weight's gradient, read without transposing `g`.
 pub(crate) fn gemm_gtx(out: &mut [f32], g: &[f32], x: &[f32], n: usize, rows: usize, cols: usize) {

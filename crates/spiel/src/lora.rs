@@ -1,0 +1,246 @@
+//! The LoRA linear as one op over a frozen base: `y = x W^T + s (m * x) A^T B^T`, with `A: [r, in]`,
+//! `B: [out, r]`, `s = alpha / r` and `m` the inverted-dropout mask (training only).
+//!
+//! Written as candle ops it keeps, per projection, the base product, `x A^T`, its product with
+//! `B^T`, the scaled copy, the sum and the dropped-out input: four `[T, out]`-sized tensors and
+//! one `[T, in]` for the backward. This op keeps only its output; the backward recomputes the
+//! rank-r `u = (m * x) A^T` (`T x in x r`, small next to the base GEMM) and regenerates the mask
+//! from its seed:
+//!
+//! - `gu = s g B`, `grad B = s g^T u`, `grad A = gu^T (m * x)`;
+//! - `grad x = g W + m * (gu A)`.
+//!
+//! Shapes: N rows (tokens), IN input features, OUT output features, R the rank.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::ops::{cpu_f32, cpu_slice, grad_like, vec_of};
+use crate::qmatrix::{gemm_into, Frozen};
+
+/// `x W^T + scale (m * x) A^T B^T` for `x: [N, IN]` (f32 or bf16), a frozen base `W`, and f32
+/// `a: [R, IN]`, `b: [OUT, R]`; `dropout` is `(p, seed)` for a training forward, `None` otherwise.
+pub fn frozen_plus_lora_matmul(
+    x: &Tensor,
+    base: &Frozen,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout: Option<(f64, u64)>,
+) -> candle_core::Result<Tensor> {
+    let op = FrozenPlusLora {
+        base: base.clone(),
+        scale: scale as f32,
+        dropout: dropout.filter(|(p, _)| *p > 0.0),
+    };
+    x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+/// The inverted-dropout mask for `n` inputs: `1 / (1 - p)` where kept, 0 where dropped, drawn
+/// from `seed` exactly as the trainer's dropout always has been, so the backward can regenerate it.
+pub(crate) fn dropout_mask(n: usize, p: f64, seed: u64) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let keep = 1.0 - p;
+    (0..n)
+        .map(|_| {
+            if rng.gen::<f64>() < keep {
+                (1.0 / keep) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+struct FrozenPlusLora {
+    base: Frozen,
+    scale: f32,
+    dropout: Option<(f64, u64)>,
+}
+
+impl FrozenPlusLora {
+    /// The input as the adapter sees it: `m * x`, or `x` itself without dropout.
+    fn dropped(&self, x: Vec<f32>) -> Vec<f32> {
+        match self.dropout {
+            None => x,
+            Some((p, seed)) => {
+                let m = dropout_mask(x.len(), p, seed);
+                x.into_iter().zip(m).map(|(v, m)| v * m).collect()
+            }
+        }
+    }
+
+    /// `(n, in, out, r)` after checking that the shapes agree.
+    fn dims(&self, x: &Shape, a: &Shape, b: &Shape) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (n, inp) = x.dims2()?;
+        let (r, a_in) = a.dims2()?;
+        let (out, b_r) = b.dims2()?;
+        if a_in != inp || b_r != r || self.base.shape() != (out, inp) {
+            candle_core::bail!(
+                "lora: x {:?}, A {:?}, B {:?} against a base of {:?}",
+                x.dims(),
+                a.dims(),
+                b.dims(),
+                self.base.shape()
+            );
+        }
+        Ok((n, inp, out, r))
+    }
+}
+
+impl CustomOp3 for FrozenPlusLora {
+    fn name(&self) -> &'static str {
+        "frozen-plus-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, inp, out, r) = self.dims(l1.shape(), l2.shape(), l3.shape())?;
+        let x = cpu_f32(s1, l1, "lora x")?;
+        let (a, b) = (cpu_slice(s2, l2, "lora A")?, cpu_slice(s3, l3, "lora B")?);
+        let mut y = {
+            let _t = crate::profile::span(crate::profile::Phase::ProjectionsForward);
+            self.base.matmul_t(&x, n)?
+        };
+        let xm = self.dropped(x.into_owned());
+        let mut u = vec![0f32; n * r];
+        gemm_into(&mut u, false, 1.0, (n, r, inp), &xm, (inp, 1), a, (1, inp));
+        gemm_into(&mut y, true, self.scale, (n, out, r), &u, (r, 1), b, (1, r));
+        Ok((crate::ops::storage_like(y, s1), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, inp, out, r) = self.dims(x.shape(), a.shape(), b.shape())?;
+        let (g, av, bv) = (vec_of(grad)?, vec_of(a)?, vec_of(b)?);
+        let xm = self.dropped(vec_of(x)?);
+        let mut u = vec![0f32; n * r];
+        gemm_into(&mut u, false, 1.0, (n, r, inp), &xm, (inp, 1), &av, (1, inp));
+        let mut gu = vec![0f32; n * r];
+        gemm_into(&mut gu, false, self.scale, (n, r, out), &g, (out, 1), &bv, (r, 1));
+        let mut gb = vec![0f32; out * r];
+        gemm_into(&mut gb, false, self.scale, (out, r, n), &g, (1, out), &u, (r, 1));
+        let mut ga = vec![0f32; r * inp];
+        gemm_into(&mut ga, false, 1.0, (r, inp, n), &gu, (1, r), &xm, (inp, 1));
+        let mut gx = {
+            let _t = crate::profile::span(crate::profile::Phase::ProjectionsInputGrad);
+            self.base.matmul(&g, n)?
+        };
+        match self.dropout {
+            None => gemm_into(&mut gx, true, 1.0, (n, inp, r), &gu, (r, 1), &av, (inp, 1)),
+            Some((p, seed)) => {
+                let mut gxm = vec![0f32; n * inp];
+                gemm_into(&mut gxm, false, 1.0, (n, inp, r), &gu, (r, 1), &av, (inp, 1));
+                let m = dropout_mask(n * inp, p, seed);
+                gx.par_iter_mut()
+                    .zip(gxm.par_iter().zip(m.par_iter()))
+                    .for_each(|(o, (v, m))| *o += v * m);
+            }
+        }
+        Ok((
+            Some(grad_like(gx, x)?),
+            Some(grad_like(ga, a)?),
+            Some(grad_like(gb, b)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qmatrix::QMatrix;
+    use candle_core::{Device, Var};
+    use rand::{Rng, SeedableRng};
+    use std::sync::Arc;
+
+    fn random(n: usize, rng: &mut impl Rng) -> Vec<f32> {
+        (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+    }
+
+    fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+        let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (d / n.max(1e-30)).sqrt()
+    }
+
+    #[test]
+    fn fused_lora_matches_candle_autograd_over_f32_and_nf4_bases() {
+        let dev = Device::Cpu;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // Awkward shapes: rank 1, a single token, sizes that are not multiples of the tiles.
+        for (n, inp, out, r) in [(7, 64, 24, 2), (1, 128, 40, 8), (33, 192, 65, 1)] {
+            let wv = random(out * inp, &mut rng);
+            let q = QMatrix::nf4(&wv, out, inp).unwrap();
+            let bases = [
+                (
+                    Frozen::Dense(Tensor::from_vec(wv.clone(), (out, inp), &dev).unwrap()),
+                    wv.clone(),
+                ),
+                (Frozen::Quantized(Arc::new(q.clone())), q.to_dense()),
+            ];
+            let (xv, av, bv) = (
+                random(n * inp, &mut rng),
+                random(r * inp, &mut rng),
+                random(out * r, &mut rng),
+            );
+            let probe = Tensor::from_vec(random(n * out, &mut rng), (n, out), &dev).unwrap();
+            for (base, dense) in bases {
+                for dropout in [None, Some((0.3, 99u64))] {
+                    let scale = 2.0;
+                    // Reference: candle's composition, with the same mask.
+                    let x = Var::from_vec(xv.clone(), (n, inp), &dev).unwrap();
+                    let a = Var::from_vec(av.clone(), (r, inp), &dev).unwrap();
+                    let b = Var::from_vec(bv.clone(), (out, r), &dev).unwrap();
+                    let w = Tensor::from_vec(dense.clone(), (out, inp), &dev).unwrap();
+                    let xm = match dropout {
+                        Some((p, seed)) => {
+                            let m = Tensor::from_vec(dropout_mask(n * inp, p, seed), (n, inp), &dev).unwrap();
+                            (x.as_tensor() * m).unwrap()
+                        }
+                        None => x.as_tensor().clone(),
+                    };
+                    let lora = (xm.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap() * scale).unwrap();
+                    let want = (x.matmul(&w.t().unwrap()).unwrap() + lora).unwrap();
+                    let gw = (&want * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+
+                    let x2 = Var::from_vec(xv.clone(), (n, inp), &dev).unwrap();
+                    let a2 = Var::from_vec(av.clone(), (r, inp), &dev).unwrap();
+                    let b2 = Var::from_vec(bv.clone(), (out, r), &dev).unwrap();
+                    let got = frozen_plus_lora_matmul(&x2, &base, &a2, &b2, scale, dropout).unwrap();
+                    let gg = (&got * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                    let what = format!("{n}x{inp}x{out} r={r} dropout {dropout:?}");
+                    assert!(rel_err(&flat(&got), &flat(&want)) < 1e-5, "forward {what}");
+                    for (name, p, q) in [("x", &x2, &x), ("A", &a2, &a), ("B", &b2, &b)] {
+                        let (u, v) = (flat(gg.get(p).unwrap()), flat(gw.get(q).unwrap()));
+                        assert!(rel_err(&u, &v) < 1e-5, "grad {name} {what}: {}", rel_err(&u, &v));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_shapes_are_refused() {
+        let dev = Device::Cpu;
+        let base = Frozen::Dense(Tensor::zeros((6, 4), candle_core::DType::F32, &dev).unwrap());
+        let x = Tensor::zeros((2, 4), candle_core::DType::F32, &dev).unwrap();
+        let a = Tensor::zeros((2, 4), candle_core::DType::F32, &dev).unwrap();
+        let bad_b = Tensor::zeros((5, 2), candle_core::DType::F32, &dev).unwrap();
+        assert!(frozen_plus_lora_matmul(&x, &base, &a, &bad_b, 1.0, None).is_err());
+    }
+}
