@@ -186,7 +186,12 @@ fn phase_work(
         (Phase::Embedding, 0.0, 2.0 * t * h * f),
         (Phase::Norms, 12.0 * norms, 6.0 * norms * f),
         (Phase::Rope, 6.0 * rope, 4.0 * rope * f),
-        (Phase::Softmax, 9.0 * probs, 5.0 * probs * f),
+        // Fused attention: QK^T and PV forward; QK^T again, dV, dP, dQ and dK backward; softmax.
+        (
+            Phase::Attention,
+            14.0 * probs * m.head_dim as f64 + 9.0 * probs,
+            l * t * (4.0 * q + 4.0 * kv) * f,
+        ),
         (Phase::SwiGlu, 20.0 * l * t * i, 8.0 * l * t * i * f),
         (Phase::ProjectionsForward, 2.0 * t * params, wbytes + t * io * f),
         (Phase::ProjectionsInputGrad, 2.0 * t * params, wbytes + t * io * f),

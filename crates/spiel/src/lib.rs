@@ -6,6 +6,7 @@
 
 pub mod adapter;
 pub mod assets;
+pub mod attention;
 pub mod bench;
 pub mod checkpoint;
 pub mod compare;

@@ -112,8 +112,8 @@ impl CustomOp3 for FrozenPlusLora {
         };
         let xm = self.dropped(x.into_owned());
         let mut u = vec![0f32; n * r];
-        gemm_into(&mut u, false, 1.0, (n, r, inp), &xm, (inp, 1), a, (1, inp));
-        gemm_into(&mut y, true, self.scale, (n, out, r), &u, (r, 1), b, (1, r));
+        gemm_into(true, &mut u, false, 1.0, (n, r, inp), &xm, (inp, 1), a, (1, inp));
+        gemm_into(true, &mut y, true, self.scale, (n, out, r), &u, (r, 1), b, (1, r));
         Ok((crate::ops::storage_like(y, s1), Shape::from((n, out))))
     }
 
@@ -129,22 +129,22 @@ impl CustomOp3 for FrozenPlusLora {
         let (g, av, bv) = (vec_of(grad)?, vec_of(a)?, vec_of(b)?);
         let xm = self.dropped(vec_of(x)?);
         let mut u = vec![0f32; n * r];
-        gemm_into(&mut u, false, 1.0, (n, r, inp), &xm, (inp, 1), &av, (1, inp));
+        gemm_into(true, &mut u, false, 1.0, (n, r, inp), &xm, (inp, 1), &av, (1, inp));
         let mut gu = vec![0f32; n * r];
-        gemm_into(&mut gu, false, self.scale, (n, r, out), &g, (out, 1), &bv, (r, 1));
+        gemm_into(true, &mut gu, false, self.scale, (n, r, out), &g, (out, 1), &bv, (r, 1));
         let mut gb = vec![0f32; out * r];
-        gemm_into(&mut gb, false, self.scale, (out, r, n), &g, (1, out), &u, (r, 1));
+        gemm_into(true, &mut gb, false, self.scale, (out, r, n), &g, (1, out), &u, (r, 1));
         let mut ga = vec![0f32; r * inp];
-        gemm_into(&mut ga, false, 1.0, (r, inp, n), &gu, (1, r), &xm, (inp, 1));
+        gemm_into(true, &mut ga, false, 1.0, (r, inp, n), &gu, (1, r), &xm, (inp, 1));
         let mut gx = {
             let _t = crate::profile::span(crate::profile::Phase::ProjectionsInputGrad);
             self.base.matmul(&g, n)?
         };
         match self.dropout {
-            None => gemm_into(&mut gx, true, 1.0, (n, inp, r), &gu, (r, 1), &av, (inp, 1)),
+            None => gemm_into(true, &mut gx, true, 1.0, (n, inp, r), &gu, (r, 1), &av, (inp, 1)),
             Some((p, seed)) => {
                 let mut gxm = vec![0f32; n * inp];
-                gemm_into(&mut gxm, false, 1.0, (n, inp, r), &gu, (r, 1), &av, (inp, 1));
+                gemm_into(true, &mut gxm, false, 1.0, (n, inp, r), &gu, (r, 1), &av, (inp, 1));
                 let m = dropout_mask(n * inp, p, seed);
                 gx.par_iter_mut()
                     .zip(gxm.par_iter().zip(m.par_iter()))

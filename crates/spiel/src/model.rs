@@ -362,20 +362,23 @@ impl Block {
         let s = k.dims()[2];
         // GQA without copying K/V: fold each KV head's group of query heads into its rows.
         let rep = nh / kvh;
-        let q = (q.contiguous()? * (1.0 / (d as f64).sqrt()))?.reshape((b, kvh, rep * t, d))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
-        let probs = match (inp.mask, inp.grad) {
-            // Training keeps the probabilities only, not the masked scores as well.
-            (Some(m), Grad::Yes) => crate::ops::masked_softmax_last_dim(&scores, m)?,
-            (Some(m), Grad::No) => softmax(&scores.broadcast_add(&m.to_dtype(scores.dtype())?)?, inp.grad)?,
-            (None, _) => softmax(&scores, inp.grad)?,
-        }
-        .reshape((b, kvh, rep * t, s))?;
-        let ctx = probs
-            .matmul(&v)?
-            .reshape((b, nh, t, d))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let ctx = match (inp.mask, inp.grad) {
+            // Training: one op that keeps only q, k, v and its output (crate::attention).
+            (Some(m), Grad::Yes) => {
+                crate::attention::masked_attention(&q.reshape((b, kvh, rep * t, d))?, &k, &v, m, scale)?
+            }
+            (mask, grad) => {
+                let q = (q.contiguous()? * scale)?.reshape((b, kvh, rep * t, d))?;
+                let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
+                let scores = match mask {
+                    Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
+                    None => scores,
+                };
+                softmax(&scores, grad)?.reshape((b, kvh, rep * t, s))?.matmul(&v)?
+            }
+        };
+        let ctx = ctx.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))?;
         inp.linear(&a.o_proj, &ctx)
     }
 

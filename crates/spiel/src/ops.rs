@@ -218,7 +218,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// `y = softmax(x + bias)` for one row, `bias(j)` the additive term at column `j`.
 #[inline(always)]
-fn softmax_row(y: &mut [f32], x: &[f32], bias: impl Fn(usize) -> f32) {
+pub(crate) fn softmax_row(y: &mut [f32], x: &[f32], bias: impl Fn(usize) -> f32) {
     let max = x
         .iter()
         .enumerate()
@@ -242,7 +242,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let _t = span(Phase::Softmax);
+        let _t = span(Phase::Attention);
         let x = cpu_f32(s, l, "softmax")?;
         let d = *l.shape().dims().last().unwrap_or(&1);
         let mut y = vec![0f32; x.len()];
@@ -253,7 +253,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, x: &Tensor, res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let _t = span(Phase::Softmax);
+        let _t = span(Phase::Attention);
         let (ys, gs) = (vec_of(res)?, vec_of(g)?);
         let d = *x.dims().last().unwrap_or(&1);
         let mut gx = vec![0f32; ys.len()];
@@ -274,58 +274,6 @@ impl CustomOp1 for Softmax {
 /// Differentiable softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(Softmax)?)
-}
-
-/// `softmax(scores + mask)` over the last dimension for attention scores `[B, H, T, S]` and an
-/// additive mask `[B, 1, T, S]`, without keeping the masked scores: the backward needs only the
-/// probabilities, and the gradient of `scores + mask` is that of `scores`.
-struct MaskedSoftmax {
-    /// `[B, T, S]`, row-major.
-    mask: Vec<f32>,
-    heads: usize,
-}
-
-impl CustomOp1 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "masked-softmax-last-dim"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let _t = span(Phase::Softmax);
-        let x = cpu_f32(s, l, "masked softmax")?;
-        let (b, h, t, d) = l.shape().dims4()?;
-        if h != self.heads || self.mask.len() != b * t * d {
-            candle_core::bail!(
-                "masked softmax: scores {:?} against a mask of {} values for {} heads",
-                l.shape().dims(),
-                self.mask.len(),
-                self.heads
-            );
-        }
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .enumerate()
-            .for_each(|(i, (yr, xr))| {
-                // Row i is (batch, head, query) = (i / (h t), _, i % t).
-                let m = (i / (h * t)) * t + i % t;
-                let mr = &self.mask[m * d..(m + 1) * d];
-                softmax_row(yr, xr, |j| mr[j]);
-            });
-        Ok((storage_like(y, s), l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Softmax.bwd(x, res, g)
-    }
-}
-
-/// Differentiable `softmax(scores + mask)` over the last dimension (see [`MaskedSoftmax`]);
-/// `scores: [B, H, T, S]`, `mask: [B, 1, T, S]`, not differentiated.
-pub fn masked_softmax_last_dim(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let heads = scores.dims4()?.1;
-    let mask = vec_of(mask)?;
-    Ok(scores.contiguous()?.apply_op1(MaskedSoftmax { mask, heads })?)
 }
 
 /// Rotate-half RoPE on `[B, H, T, D]` with per-position cos/sin tables `[T, D/2]`.
@@ -585,21 +533,6 @@ mod tests {
             true,
             5,
         );
-        let mask = Tensor::from_vec(
-            (0..2 * 5 * 7)
-                .map(|i| if i % 7 > (i / 7) % 5 + 2 { -1e30f32 } else { 0.0 })
-                .collect::<Vec<_>>(),
-            (2, 1, 5, 7),
-            &Device::Cpu,
-        )
-        .unwrap();
-        check_bf16(
-            &[s],
-            none,
-            |a, _| masked_softmax_last_dim(&a[0], &mask).unwrap(),
-            true,
-            6,
-        );
         let ang = randn(&[9, 4], 7);
         let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
         check_bf16(
@@ -633,39 +566,6 @@ mod tests {
         let a = randn(&[2, 3], 1);
         assert!(add(&a, &randn(&[3, 2], 2)).is_err());
         assert!(add(&a, &a.to_dtype(DType::BF16).unwrap()).is_err());
-    }
-
-    #[test]
-    fn masked_softmax_matches_candle_composition() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-        for (b, h, t, s) in [(1, 1, 1, 1), (2, 3, 5, 5), (3, 9, 17, 17), (1, 2, 4, 7)] {
-            // Causal plus some padded keys, with the model's finite masking value.
-            let mask: Vec<f32> = (0..b * t * s)
-                .map(|i| {
-                    let (q, k) = ((i / s) % t, i % s);
-                    if k > q + (s - t) || (k > 0 && rng.gen_bool(0.2)) {
-                        -1e9
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (b, 1, t, s), &Device::Cpu).unwrap();
-            let m = mask.clone();
-            check(
-                &[(randn(&[b, h, t, s], 6) * 3.0).unwrap()],
-                |x| masked_softmax_last_dim(&x[0], &mask).unwrap(),
-                |x| candle_nn::ops::softmax(&x[0].broadcast_add(&m).unwrap(), D::Minus1).unwrap(),
-                7,
-            );
-        }
-        let scores = randn(&[1, 2, 3, 3], 1);
-        assert!(masked_softmax_last_dim(
-            &scores,
-            &Tensor::zeros((1, 1, 3, 4), candle_core::DType::F32, &Device::Cpu).unwrap()
-        )
-        .is_err());
     }
 
     #[test]

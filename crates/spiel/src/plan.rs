@@ -83,7 +83,6 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     );
     let q = (m.num_heads * m.head_dim) as f64;
     let kv = (m.num_kv_heads * m.head_dim) as f64;
-    let nh = m.num_heads as f64;
     // (short name, out, in) of the projections of one block.
     let projections = [
         ("q_proj", q, h),
@@ -166,16 +165,13 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
         Dtype::Bf16 => 2.0,
         Dtype::F32 => f,
     };
-    let s = cfg.max_len as f64;
     // Floats per token of one block, with `lin(name, out, in)` the floats a projection leaves.
     // Values per token that one block keeps, each projection one output (`out`).
     let per_token_layer = h // input norm
         + q + q // q_proj, rope
         + kv + kv // k_proj, rope
         + kv + kv // v_proj, contiguous v
-        + 2.0 * q // contiguous, scaled q
-        + 2.0 * nh * s // scores and probabilities (the mask is added inside the softmax)
-        + 2.0 * q // context, its re-layout
+        + 2.0 * q // attention's output (one op, crate::attention), its re-layout
         + h + h // o_proj, residual
         + h // post-attention norm
         + i + i + i // gate_proj, up_proj, silu(gate) * up (fused)
@@ -202,10 +198,10 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     // Backward frontier: about one block's worth of gradients in flight (one per op output,
     // whatever the adapter adds to a projection).
     // With bf16 activations each op also holds f32 copies while it runs: at most a projection's
-    // widened output gradient, input gradient and input (`down_proj`'s backward), or candle's
-    // widened attention product (its inputs and the f32 scores).
+    // widened output gradient, input gradient and input (`down_proj`'s backward), or the
+    // attention backward's widened q, k, v, output and output gradient.
     let widened = match cfg.dtype {
-        Dtype::Bf16 => tokens * (h + 2.0 * i).max(2.0 * q + 2.0 * nh * s) * f,
+        Dtype::Bf16 => tokens * (h + 2.0 * i).max(3.0 * q + 2.0 * kv) * f,
         Dtype::F32 => 0.0,
     };
     let transient = tokens * per_token_layer * act + widened;

@@ -18,8 +18,8 @@ pub enum Phase {
     Norms,
     /// RoPE forward and backward.
     Rope,
-    /// Attention softmax forward and backward.
-    Softmax,
+    /// Attention: scores, masked softmax and the weighted sum, forward and backward.
+    Attention,
     /// SwiGLU's `silu(gate) * up`, forward and backward.
     SwiGlu,
     /// The frozen projections' forward products `x W^T`.
@@ -49,7 +49,7 @@ pub const PHASES: [Phase; 15] = [
     Phase::Embedding,
     Phase::Norms,
     Phase::Rope,
-    Phase::Softmax,
+    Phase::Attention,
     Phase::SwiGlu,
     Phase::ProjectionsForward,
     Phase::ProjectionsInputGrad,

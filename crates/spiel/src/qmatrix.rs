@@ -382,9 +382,11 @@ pub(crate) fn gemm_gw(
 
 /// `dst (+)= beta * lhs rhs` for `dst: [m, n]` (row-major, contiguous), `lhs: [m, k]` and
 /// `rhs: [k, n]` read through (row, column) strides, so either may be a transposed view; adds to
-/// `dst` when `accumulate`, else overwrites it. For the small rank-r products of LoRA.
+/// `dst` when `accumulate`, else overwrites it; on the thread pool when `parallel`, else on the
+/// calling thread (for callers already parallel over independent products).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_into(
+    parallel: bool,
     dst: &mut [f32],
     accumulate: bool,
     beta: f32,
@@ -427,7 +429,11 @@ pub(crate) fn gemm_into(
             false,
             false,
             false,
-            parallelism(),
+            if parallel {
+                parallelism()
+            } else {
+                gemm::Parallelism::None
+            },
         );
     }
 }
