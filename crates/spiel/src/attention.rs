@@ -1,4 +1,4 @@
-//! Masked attention as one differentiable op for training:
+//! Masked attention as one differentiable op, for training and inference alike:
 //! `O = softmax(scale Q K^T + mask) V`, per batch row and KV head, with grouped-query heads
 //! folded into the rows of `Q` (`[B, KV, R*T, D]`, row `j*T + p` = query head `j` of the group at
 //! position `p`).
@@ -12,35 +12,115 @@
 //! - `dP = dO V^T`, `dS = P * (dP - rowsum(dO * O))`;
 //! - `dQ = scale dS K`, `dK = scale dS^T Q`, `dV = P^T dO`.
 //!
-//! Groups are independent and run in parallel, each product on one thread.
+//! Groups are independent and run in parallel, each product on one thread. At inference the keys
+//! and values are read in place from the decoding cache's buffers (no copy per token).
+
+use std::borrow::Cow;
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::ops::{cpu_f32, grad_like, storage_like, vec_of};
+use crate::ops::{cpu_f32, grad_like, storage_like, vec_of, widen};
 use crate::profile::{span, Phase};
 use crate::qmatrix::gemm_into;
 
-/// `softmax(scale q k^T + mask) v` for `q: [B, KV, R*T, D]`, `k`, `v: [B, KV, S, D]` and an
-/// additive `mask: [B, 1, T, S]` (not differentiated); returns `[B, KV, R*T, D]`. f32 or bf16.
-pub fn masked_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> crate::Result<Tensor> {
-    let (b, _, t, s) = mask.dims4()?;
-    let op = Attention {
-        mask: vec_of(mask)?,
-        b,
-        t,
-        s,
-        scale: scale as f32,
-    };
-    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
-}
-
-struct Attention {
-    /// `[B, T, S]`, row-major.
-    mask: Vec<f32>,
+/// An additive attention mask `[B, T, S]` (0 where query `t` may see key `s`, a large negative
+/// value where not), built once per batch and shared by every layer.
+#[derive(Debug, Clone)]
+pub struct Mask {
+    values: Arc<Vec<f32>>,
     b: usize,
     t: usize,
     s: usize,
+}
+
+impl Mask {
+    /// A mask from its `b * t * s` values, row-major.
+    pub fn new(values: Vec<f32>, b: usize, t: usize, s: usize) -> crate::Result<Mask> {
+        if values.len() != b * t * s {
+            return Err(crate::Error::Invalid(format!(
+                "attention mask of {} values for [{b}, {t}, {s}]",
+                values.len()
+            )));
+        }
+        Ok(Mask {
+            values: Arc::new(values),
+            b,
+            t,
+            s,
+        })
+    }
+
+    /// `[B, T, S]`.
+    pub fn dims(&self) -> (usize, usize, usize) {
+        (self.b, self.t, self.s)
+    }
+}
+
+/// `softmax(scale q k^T + mask) v` for `q: [B, KV, R*T, D]`, `k`, `v: [B, KV, S, D]` and an
+/// additive `mask: [B, T, S]` (not differentiated; `None`: every query sees every key); returns
+/// `[B, KV, R*T, D]`, f32 or bf16. Differentiable in `q`, `k` and `v`. `k` and `v` may also be
+/// the first `S` positions of a longer `[B, KV, capacity, D]` buffer (the decoding cache), read
+/// in place.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Mask>, scale: f64) -> crate::Result<Tensor> {
+    let (b, _, _, _) = q.dims4()?;
+    let (_, _, s, _) = k.dims4()?;
+    let op = Attention {
+        mask: mask.cloned().unwrap_or_else(|| Mask {
+            values: Arc::new(Vec::new()),
+            b,
+            t: 1,
+            s,
+        }),
+        masked: mask.is_some(),
+        scale: scale as f32,
+    };
+    Ok(q.contiguous()?.apply_op3(&rows_view(k)?, &rows_view(v)?, op)?)
+}
+
+/// `t` itself when its rows can be read in place (contiguous, or a prefix of a longer buffer
+/// along the positions), else a contiguous copy.
+fn rows_view(t: &Tensor) -> crate::Result<Tensor> {
+    Ok(match key_group_stride(t.layout())? {
+        Some(_) => t.clone(),
+        None => t.contiguous()?,
+    })
+}
+
+/// The distance between consecutive `[S, D]` groups of a `[B, KV, S, D]` layout whose groups
+/// are each contiguous and evenly spaced, or `None` for any other layout.
+fn key_group_stride(l: &Layout) -> candle_core::Result<Option<usize>> {
+    let (_, kv, n, d) = l.shape().dims4()?;
+    let st = l.stride();
+    if l.is_contiguous() {
+        return Ok(Some(n * d));
+    }
+    let rows_ok = (st[3] == 1 || d == 1) && (st[2] == d || n == 1);
+    Ok((rows_ok && st[1] >= n * d && (st[0] == kv * st[1])).then_some(st[1]))
+}
+
+/// Every group's keys (or values) read in place, and the distance between groups.
+fn key_groups<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<(Cow<'a, [f32]>, usize)> {
+    let (b, kv, n, d) = l.shape().dims4()?;
+    let Some(stride) = key_group_stride(l)? else {
+        candle_core::bail!("{what}: [B, KV, S, D] rows expected in place")
+    };
+    if l.is_contiguous() {
+        return Ok((cpu_f32(s, l, what)?, stride));
+    }
+    let (a, end) = (l.start_offset(), l.start_offset() + (b * kv - 1) * stride + n * d);
+    Ok(match s {
+        CpuStorage::F32(v) => (Cow::Borrowed(&v[a..end]), stride),
+        CpuStorage::BF16(v) => (Cow::Owned(widen(&v[a..end])), stride),
+        _ => candle_core::bail!("{what}: f32 or bf16 only"),
+    })
+}
+
+struct Attention {
+    /// `[B, T, S]`; empty (and `t` = 1) when unmasked.
+    mask: Mask,
+    masked: bool,
     scale: f32,
 }
 
@@ -57,15 +137,16 @@ impl Attention {
     fn dims(&self, q: &Shape, k: &Shape, v: &Shape) -> candle_core::Result<(usize, Group)> {
         let (b, kv, rows, d) = q.dims4()?;
         let (kb, kkv, s, kd) = k.dims4()?;
-        if (kb, kkv, kd) != (b, kv, d) || k != v || b != self.b || s != self.s || rows % self.t != 0 {
+        let m = &self.mask;
+        if (kb, kkv, kd) != (b, kv, d) || k != v || b != m.b || s != m.s || rows % m.t != 0 {
             candle_core::bail!(
-                "attention: q {:?}, k {:?}, v {:?} against a mask of [{}, 1, {}, {}]",
+                "attention: q {:?}, k {:?}, v {:?} against a mask of [{}, {}, {}]",
                 q.dims(),
                 k.dims(),
                 v.dims(),
-                self.b,
-                self.t,
-                self.s
+                m.b,
+                m.t,
+                m.s
             );
         }
         Ok((b * kv, Group { rows, s, d }))
@@ -85,12 +166,16 @@ impl Attention {
             k,
             (1, g.d),
         );
-        let bi = gi / kv;
+        let (bi, m) = (gi / kv, &self.mask);
         let mut p = vec![0f32; g.rows * g.s];
         for (r, (pr, sr)) in p.chunks_mut(g.s).zip(scores.chunks(g.s)).enumerate() {
-            let m = (bi * self.t + r % self.t) * self.s;
-            let mr = &self.mask[m..m + self.s];
-            crate::ops::softmax_row(pr, sr, |j| mr[j]);
+            if self.masked {
+                let at = (bi * m.t + r % m.t) * m.s;
+                let mr = &m.values[at..at + m.s];
+                crate::ops::softmax_row(pr, sr, |j| mr[j]);
+            } else {
+                crate::ops::softmax_row(pr, sr, |_| 0.0);
+            }
         }
         p
     }
@@ -112,19 +197,16 @@ impl CustomOp3 for Attention {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let _t = span(Phase::Attention);
         let (groups, g) = self.dims(l1.shape(), l2.shape(), l3.shape())?;
-        let kv = groups / self.b;
-        let (q, k, v) = (
-            cpu_f32(s1, l1, "attention q")?,
-            cpu_f32(s2, l2, "attention k")?,
-            cpu_f32(s3, l3, "attention v")?,
-        );
+        let kv = groups / self.mask.b;
+        let q = cpu_f32(s1, l1, "attention q")?;
+        let ((k, ks), (v, vs)) = (key_groups(s2, l2, "attention k")?, key_groups(s3, l3, "attention v")?);
         let (qn, kn) = (g.rows * g.d, g.s * g.d);
         let mut out = vec![0f32; groups * qn];
         out.par_chunks_mut(qn).enumerate().for_each(|(gi, o)| {
             let (qg, kg, vg) = (
                 &q[gi * qn..(gi + 1) * qn],
-                &k[gi * kn..(gi + 1) * kn],
-                &v[gi * kn..(gi + 1) * kn],
+                &k[gi * ks..gi * ks + kn],
+                &v[gi * vs..gi * vs + kn],
             );
             let p = self.probs(gi, kv, g, qg, kg);
             gemm_into(false, o, false, 1.0, (g.rows, g.d, g.s), &p, (g.s, 1), vg, (g.d, 1));
@@ -142,7 +224,7 @@ impl CustomOp3 for Attention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _t = span(Phase::Attention);
         let (groups, g) = self.dims(q.shape(), k.shape(), v.shape())?;
-        let kv = groups / self.b;
+        let kv = groups / self.mask.b;
         let (qs, ks, vs, os, gs) = (vec_of(q)?, vec_of(k)?, vec_of(v)?, vec_of(res)?, vec_of(grad)?);
         let (qn, kn) = (g.rows * g.d, g.s * g.d);
         let (mut dq, mut dk, mut dv) = (vec![0f32; qs.len()], vec![0f32; ks.len()], vec![0f32; vs.len()]);
@@ -240,7 +322,7 @@ mod tests {
             (1, 2, 4, 7, 9, 16),
             (3, 1, 2, 17, 17, 64),
         ] {
-            let mask: Vec<f32> = (0..b * t * s)
+            let mask_values: Vec<f32> = (0..b * t * s)
                 .map(|i| {
                     let (p, j) = ((i / s) % t, i % s);
                     if j > p + (s - t) || (j > 0 && rng.gen_bool(0.2)) {
@@ -250,7 +332,8 @@ mod tests {
                     }
                 })
                 .collect();
-            let mask = Tensor::from_vec(mask, (b, 1, t, s), &Device::Cpu).unwrap();
+            let mask = Mask::new(mask_values.clone(), b, t, s).unwrap();
+            let mask_tensor = Tensor::from_vec(mask_values, (b, 1, t, s), &Device::Cpu).unwrap();
             let (q, k, v) = (
                 randn(&[b, kv, rep * t, d], &mut rng),
                 randn(&[b, kv, s, d], &mut rng),
@@ -266,7 +349,7 @@ mod tests {
             };
             // Reference: candle's matmuls and softmax, the mask repeated for every head of a group.
             let r = vars(DType::F32);
-            let full_mask = mask.repeat((1, 1, rep, 1)).unwrap();
+            let full_mask = mask_tensor.repeat((1, 1, rep, 1)).unwrap();
             let scores = (r[0].as_tensor() * scale)
                 .unwrap()
                 .matmul(&r[1].as_tensor().t().unwrap())
@@ -276,7 +359,7 @@ mod tests {
             let gw = (&want * &probe).unwrap().sum_all().unwrap().backward().unwrap();
 
             let f = vars(DType::F32);
-            let got = masked_attention(f[0].as_tensor(), f[1].as_tensor(), f[2].as_tensor(), &mask, scale).unwrap();
+            let got = attention(f[0].as_tensor(), f[1].as_tensor(), f[2].as_tensor(), Some(&mask), scale).unwrap();
             let gf = (&got * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             let what = format!("b{b} kv{kv} rep{rep} t{t} s{s} d{d}");
             assert!(rel(&got, &want) < 1e-5, "forward {what}: {}", rel(&got, &want));
@@ -286,7 +369,7 @@ mod tests {
             }
             // bf16 inputs: the same computation on the widened values, rounded once.
             let h = vars(DType::BF16);
-            let got16 = masked_attention(h[0].as_tensor(), h[1].as_tensor(), h[2].as_tensor(), &mask, scale).unwrap();
+            let got16 = attention(h[0].as_tensor(), h[1].as_tensor(), h[2].as_tensor(), Some(&mask), scale).unwrap();
             assert_eq!(got16.dtype(), DType::BF16);
             let w = vars(DType::F32)
                 .iter()
@@ -298,7 +381,7 @@ mod tests {
                         .unwrap()
                 })
                 .collect::<Vec<_>>();
-            let want16 = masked_attention(&w[0], &w[1], &w[2], &mask, scale)
+            let want16 = attention(&w[0], &w[1], &w[2], Some(&mask), scale)
                 .unwrap()
                 .to_dtype(DType::BF16)
                 .unwrap();
@@ -308,9 +391,31 @@ mod tests {
                 "bf16 {what}"
             );
         }
-        let bad = Tensor::zeros((1, 1, 3, 4), DType::F32, &Device::Cpu).unwrap();
+        let bad = Mask::new(vec![0.0; 12], 1, 3, 4).unwrap();
         let q = Tensor::zeros((1, 1, 3, 8), DType::F32, &Device::Cpu).unwrap();
         let k = Tensor::zeros((1, 1, 5, 8), DType::F32, &Device::Cpu).unwrap();
-        assert!(masked_attention(&q, &k, &k, &bad, 1.0).is_err());
+        assert!(attention(&q, &k, &k, Some(&bad), 1.0).is_err());
+        assert!(Mask::new(vec![0.0; 11], 1, 3, 4).is_err());
+    }
+
+    #[test]
+    fn keys_read_in_place_from_a_longer_buffer_and_unmasked_rows() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        // (batch, kv heads, heads per group, queries, keys, capacity, head size).
+        for (b, kv, rep, t, s, cap, d) in [(1, 3, 3, 1, 7, 16, 64), (2, 2, 2, 3, 5, 9, 8), (1, 1, 1, 1, 1, 4, 2)] {
+            let q = randn(&[b, kv, rep * t, d], &mut rng);
+            let (kbuf, vbuf) = (randn(&[b, kv, cap, d], &mut rng), randn(&[b, kv, cap, d], &mut rng));
+            let (k, v) = (kbuf.narrow(2, 0, s).unwrap(), vbuf.narrow(2, 0, s).unwrap());
+            assert!(b * kv == 1 || !k.is_contiguous());
+            let scale = 0.3;
+            let got = attention(&q, &k, &v, None, scale).unwrap();
+            let (kc, vc) = (k.contiguous().unwrap(), v.contiguous().unwrap());
+            let p = candle_nn::ops::softmax_last_dim(&(&q * scale).unwrap().matmul(&kc.t().unwrap()).unwrap()).unwrap();
+            let want = p.matmul(&vc).unwrap();
+            assert!(rel(&got, &want) < 1e-5, "b{b} kv{kv} t{t} s{s}: {}", rel(&got, &want));
+            let zeros = Mask::new(vec![0.0; b * t * s], b, t, s).unwrap();
+            let masked = attention(&q, &kc, &vc, Some(&zeros), scale).unwrap();
+            assert!(rel(&masked, &want) < 1e-6);
+        }
     }
 }

@@ -18,6 +18,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
 
 use crate::adapter::{AdapterSet, Delta};
+use crate::attention::Mask;
 use crate::config::ModelConfig;
 use crate::qmatrix::{frozen_matmul_t, Frozen, QFormat, QMatrix};
 use crate::{Error, Result};
@@ -199,6 +200,69 @@ impl Linear {
         *out_dims.last_mut().expect("rank >= 1") = out;
         Ok(y.reshape(out_dims)?)
     }
+
+    /// [`Linear::forward`] of one row `x` (`[.., in]` holding `in` values) through several
+    /// projections at once, at inference: one parallel matrix-vector pass over all their frozen
+    /// dense f32 bases ([`crate::qmatrix::matvec_many`]; decoding is bound by reading the
+    /// weights, and one pass hands work to the other threads once instead of once per
+    /// projection), then each projection's own adapters. Every other case (several rows,
+    /// gradients, quantised or bf16 bases, biases) takes one [`Linear::forward`] each.
+    pub fn forward_one_row(ls: &[&Linear], x: &Tensor, adapters: &AdapterSet) -> Result<Vec<Tensor>> {
+        let bases: Option<Vec<&Tensor>> = ls
+            .iter()
+            .map(|l| l.weight.dense_f32_frozen().filter(|_| l.bias.is_none()))
+            .collect();
+        let in_base = |l: &&Linear| {
+            adapters
+                .get(&l.name)
+                .iter()
+                .any(|d| matches!(d, Delta::Sparse(s) if s.in_base))
+        };
+        let width = ls.first().map(|l| l.shape().1);
+        let (Some(bases), Some(width)) = (bases, width) else {
+            return ls
+                .iter()
+                .map(|l| l.forward(x, adapters.get(&l.name), Grad::No))
+                .collect();
+        };
+        if x.dtype() != DType::F32 || x.elem_count() != width || ls.iter().any(in_base) {
+            return ls
+                .iter()
+                .map(|l| l.forward(x, adapters.get(&l.name), Grad::No))
+                .collect();
+        }
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let mut outs: Vec<Vec<f32>> = ls.iter().map(|l| vec![0f32; l.shape().0]).collect();
+        let guards: Vec<_> = bases.iter().map(|w| w.storage_and_layout()).collect();
+        let mut parts = Vec::with_capacity(ls.len());
+        for ((storage, layout), out) in guards.iter().zip(outs.iter_mut()) {
+            let candle_core::Storage::Cpu(cpu) = &**storage else {
+                return Err(Error::Invalid("decoding: CPU tensors only".into()));
+            };
+            parts.push((
+                crate::ops::cpu_slice(cpu, layout, "projection weight")?,
+                out.as_mut_slice(),
+            ));
+        }
+        {
+            let _t = crate::profile::span(crate::profile::Phase::ProjectionsForward);
+            crate::qmatrix::matvec_many(&xs, parts);
+        }
+        drop(guards);
+        let x2 = x.reshape((1, width))?;
+        let mut out_dims = x.dims().to_vec();
+        ls.iter()
+            .zip(outs)
+            .map(|(l, out)| {
+                let mut y = Tensor::from_vec(out, (1, l.shape().0), x.device())?;
+                for d in adapters.get(&l.name) {
+                    y = crate::ops::add(&y, &d.apply(&x2, Grad::No)?)?;
+                }
+                *out_dims.last_mut().expect("rank >= 1") = l.shape().0;
+                Ok(y.reshape(out_dims.clone())?)
+            })
+            .collect()
+    }
 }
 
 fn take(w: &mut Weights, name: &str, shape: &[usize]) -> Result<Tensor> {
@@ -225,13 +289,6 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, grad: Grad) -> Result<Tensor> {
     Ok(match own_kernel(x, grad) {
         true => crate::ops::rms_norm(x, w, eps)?,
         false => candle_nn::ops::rms_norm(x, w, eps as f32)?,
-    })
-}
-
-fn softmax(x: &Tensor, grad: Grad) -> Result<Tensor> {
-    Ok(match own_kernel(x, grad) {
-        true => crate::ops::softmax_last_dim(x)?,
-        false => candle_nn::ops::softmax_last_dim(x)?,
     })
 }
 
@@ -285,10 +342,47 @@ struct Block {
     mlp: Mlp,
 }
 
-/// Per-layer cached keys and values for incremental decoding: `[B, KV, S, D]` each.
+/// Per-layer cached keys and values for incremental decoding. Each layer's keys and values live
+/// in `[B, KV, capacity, D]` buffers that new positions are written into in place (the capacity
+/// doubles when full), and attention reads the filled prefix where it lies; nothing is copied
+/// per token.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
+}
+
+/// One layer's key and value buffers and how many positions are filled.
+#[derive(Debug, Clone)]
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Append `k`, `v: [B, KV, T, D]` and return views of every cached position.
+    fn append(slot: &mut Option<LayerCache>, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, kv, t, d) = k.dims4()?;
+        let len = slot.as_ref().map_or(0, |c| c.len);
+        let cap = slot.as_ref().map_or(0, |c| c.k.dims()[2]);
+        if len + t > cap {
+            let cap = (len + t).max(2 * cap).max(64);
+            let grown = |old: Option<&Tensor>| -> Result<Tensor> {
+                let buf = Tensor::zeros((b, kv, cap, d), k.dtype(), k.device())?;
+                if let Some(old) = old {
+                    buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(buf)
+            };
+            let (nk, nv) = (grown(slot.as_ref().map(|c| &c.k))?, grown(slot.as_ref().map(|c| &c.v))?);
+            *slot = Some(LayerCache { k: nk, v: nv, len });
+        }
+        let c = slot.as_mut().expect("allocated above");
+        c.k.slice_set(&k.contiguous()?, 2, len)?;
+        c.v.slice_set(&v.contiguous()?, 2, len)?;
+        c.len = len + t;
+        Ok((c.k.narrow(2, 0, c.len)?, c.v.narrow(2, 0, c.len)?))
+    }
 }
 
 impl KvCache {
@@ -299,11 +393,7 @@ impl KvCache {
 
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dims()[2])
-            .unwrap_or(0)
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |c| c.len)
     }
 
     /// Whether nothing has been cached yet.
@@ -316,8 +406,8 @@ impl KvCache {
 struct AttnInputs<'a> {
     cos: &'a Tensor,
     sin: &'a Tensor,
-    /// Additive mask `[B, 1, T, S]`, or `None` when every position may see every cached one.
-    mask: Option<&'a Tensor>,
+    /// Additive mask `[B, T, S]`, or `None` when every position may see every cached one.
+    mask: Option<&'a Mask>,
     grad: Grad,
     adapters: &'a AdapterSet,
 }
@@ -325,6 +415,14 @@ struct AttnInputs<'a> {
 impl AttnInputs<'_> {
     fn linear(&self, l: &Linear, x: &Tensor) -> Result<Tensor> {
         l.forward(x, self.adapters.get(&l.name), self.grad)
+    }
+
+    /// Several projections of the same input: fused into one pass when decoding one row.
+    fn linears(&self, ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        match self.grad {
+            Grad::No => Linear::forward_one_row(ls, x, self.adapters),
+            Grad::Yes => ls.iter().map(|l| self.linear(l, x)).collect(),
+        }
     }
 }
 
@@ -334,50 +432,29 @@ impl Block {
         cfg: &ModelConfig,
         x: &Tensor,
         inp: &AttnInputs,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut Option<LayerCache>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let a = &self.self_attn;
-        let q = inp.linear(&a.q_proj, x)?.reshape((b, t, nh, d))?.transpose(1, 2)?;
-        let k = inp.linear(&a.k_proj, x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?;
-        let v = inp
-            .linear(&a.v_proj, x)?
-            .reshape((b, t, kvh, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let [q, k, v]: [Tensor; 3] = inp
+            .linears(&[&a.q_proj, &a.k_proj, &a.v_proj], x)?
+            .try_into()
+            .expect("three projections");
+        let q = q.reshape((b, t, nh, d))?.transpose(1, 2)?;
+        let k = k.reshape((b, t, kvh, d))?.transpose(1, 2)?;
+        let v = v.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
         let q = rope(&q, inp.cos, inp.sin, inp.grad)?;
         let k = rope(&k, inp.cos, inp.sin, inp.grad)?;
         let (k, v) = match cache {
-            Some(slot) => {
-                let kv = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                *slot = Some(kv.clone());
-                kv
-            }
+            Some(slot) => LayerCache::append(slot, &k, &v)?,
             None => (k, v),
         };
-        let s = k.dims()[2];
-        // GQA without copying K/V: fold each KV head's group of query heads into its rows.
+        // GQA without copying K/V: fold each KV head's group of query heads into its rows. One
+        // op keeps only q, k, v and its output when training (crate::attention).
         let rep = nh / kvh;
         let scale = 1.0 / (d as f64).sqrt();
-        let ctx = match (inp.mask, inp.grad) {
-            // Training: one op that keeps only q, k, v and its output (crate::attention).
-            (Some(m), Grad::Yes) => {
-                crate::attention::masked_attention(&q.reshape((b, kvh, rep * t, d))?, &k, &v, m, scale)?
-            }
-            (mask, grad) => {
-                let q = (q.contiguous()? * scale)?.reshape((b, kvh, rep * t, d))?;
-                let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
-                let scores = match mask {
-                    Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
-                    None => scores,
-                };
-                softmax(&scores, grad)?.reshape((b, kvh, rep * t, s))?.matmul(&v)?
-            }
-        };
+        let ctx = crate::attention::attention(&q.reshape((b, kvh, rep * t, d))?, &k, &v, inp.mask, scale)?;
         let ctx = ctx.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))?;
         inp.linear(&a.o_proj, &ctx)
     }
@@ -387,13 +464,16 @@ impl Block {
         cfg: &ModelConfig,
         x: &Tensor,
         inp: &AttnInputs,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut Option<LayerCache>>,
     ) -> Result<Tensor> {
         let h = rms_norm(x, &self.input_layernorm, cfg.rms_norm_eps, inp.grad)?;
         let x = crate::ops::add(x, &self.attention(cfg, &h, inp, cache)?)?;
         let h = rms_norm(&x, &self.post_attention_layernorm, cfg.rms_norm_eps, inp.grad)?;
         let m = &self.mlp;
-        let (gate, up) = (inp.linear(&m.gate_proj, &h)?, inp.linear(&m.up_proj, &h)?);
+        let [gate, up]: [Tensor; 2] = inp
+            .linears(&[&m.gate_proj, &m.up_proj], &h)?
+            .try_into()
+            .expect("two projections");
         let act = match own_kernel(&gate, inp.grad) {
             true => crate::ops::swiglu(&gate, &up)?,
             false => (candle_nn::Activation::Silu.forward(&gate)? * up)?,
@@ -781,14 +861,14 @@ impl Llama {
     }
 
     /// RoPE cos and sin tables and the additive attention mask of a batch starting at position 0.
-    fn batch_tables(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor)> {
+    fn batch_tables(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor, Mask)> {
         let (b, t) = ids.dims2()?;
         let (cos, sin) = rope_tables(&self.cfg, 0, t, &self.device)?;
         Ok((cos, sin, self.additive_mask(b, t, mask)?))
     }
 
-    /// Causal + key-padding additive mask `[B, 1, T, T]`.
-    fn additive_mask(&self, b: usize, t: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// Causal + key-padding additive mask `[B, T, T]`.
+    fn additive_mask(&self, b: usize, t: usize, mask: Option<&Tensor>) -> Result<Mask> {
         let keys: Vec<u32> = match mask {
             Some(m) => {
                 if m.dims() != [b, t] {
@@ -811,7 +891,7 @@ impl Llama {
                 }
             }
         }
-        Ok(Tensor::from_vec(out, (b, 1, t, t), &self.device)?)
+        Mask::new(out, b, t, t)
     }
 
     /// Incremental forward for generation: `ids: [B, T]` continue the sequences in `cache`
@@ -832,10 +912,10 @@ impl Llama {
         let (cos, sin) = rope_tables(&self.cfg, offset, t, &self.device)?;
         let mask = if t > 1 {
             let s = offset + t;
-            let m: Vec<f32> = (0..t)
-                .flat_map(|qi| (0..s).map(move |ki| if ki > offset + qi { MASKED } else { 0.0 }))
+            let m: Vec<f32> = (0..b * t)
+                .flat_map(|r| (0..s).map(move |ki| if ki > offset + r % t { MASKED } else { 0.0 }))
                 .collect();
-            Some(Tensor::from_vec(m, (1, 1, t, s), &self.device)?)
+            Some(Mask::new(m, b, t, s)?)
         } else {
             None
         };
@@ -850,7 +930,7 @@ impl Llama {
         for (block, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = block.forward(&self.cfg, &x, &inp, Some(slot))?;
         }
-        let last = x.narrow(1, t - 1, 1)?;
+        let last = x.narrow(1, t - 1, 1)?.contiguous()?;
         let h = self.final_norm(&last, Grad::No)?;
         Ok(self.head(&h)?.reshape((b, self.cfg.vocab_size))?)
     }

@@ -294,18 +294,7 @@ pub(crate) fn gemm_xwt(y: &mut [f32], c0: usize, ldy: usize, x: &[f32], n: usize
     }
     assert!(x.len() >= n * k && c0 + r <= ldy && y.len() >= (n - 1) * ldy + c0 + r);
     if n == 1 {
-        // One row (decoding): a matrix-vector product, bound by reading `w` once; a dot product
-        // per row of `w`, blocks of rows in parallel, skips the GEMM's packing.
-        const ROWS: usize = 64;
-        let x = &x[..k];
-        y[c0..c0 + r]
-            .par_chunks_mut(ROWS)
-            .zip(w.par_chunks(ROWS * k))
-            .for_each(|(yb, wb)| {
-                for (o, row) in yb.iter_mut().zip(wb.chunks_exact(k)) {
-                    *o = crate::sparse::dot(x, row);
-                }
-            });
+        matvec_many(&x[..k], vec![(w, &mut y[c0..c0 + r])]);
         return;
     }
     // SAFETY: the asserts bound every access: y[i * ldy + c0 + j] for i < n, j < r; x as [n, k];
@@ -333,6 +322,36 @@ pub(crate) fn gemm_xwt(y: &mut [f32], c0: usize, ldy: usize, x: &[f32], n: usize
             parallelism(),
         );
     }
+}
+
+/// One-row products `y_i = W_i x` for several matrices `W_i: [rows_i, k]` (row-major) that share
+/// the input `x: [k]` (decoding: q, k and v of one layer, or gate and up). Bound by reading each
+/// weight once, so a dot product per weight row with no packing; all the matrices' rows are cut
+/// into blocks of about equal size that run in one parallel pass, instead of one pass (and one
+/// hand-off to the other threads) per matrix.
+pub(crate) fn matvec_many(x: &[f32], parts: Vec<(&[f32], &mut [f32])>) {
+    let k = x.len();
+    let total: usize = parts.iter().map(|(_, y)| y.len()).sum();
+    if total == 0 || k == 0 {
+        return;
+    }
+    // Blocks of at least 16 rows, about 8 per thread so that uneven progress evens out.
+    let block = total.div_ceil(8 * rayon::current_num_threads().max(1)).max(16);
+    let mut blocks: Vec<(&[f32], &mut [f32])> = Vec::new();
+    for (w, y) in parts {
+        assert!(
+            w.len() >= y.len() * k,
+            "matvec: weight of {} values for {} rows of {k}",
+            w.len(),
+            y.len()
+        );
+        blocks.extend(w.chunks(block * k).zip(y.chunks_mut(block)));
+    }
+    blocks.into_par_iter().for_each(|(wb, yb)| {
+        for (o, row) in yb.iter_mut().zip(wb.chunks_exact(k)) {
+            *o = crate::sparse::dot(x, row);
+        }
+    });
 }
 
 /// `dx (+)= g[:, c0 .. c0 + r] w` for `g` with row stride `ldg`, `w: [r, k]` and `dx: [n, k]`;

@@ -155,6 +155,81 @@ fn kv_cache_in_chunks_matches_full_forward() {
     }
 }
 
+/// Decoding past the cache's first capacity (64 positions), two sequences at once, with a sparse
+/// delta and a LoRA pair attached: every step's logits equal the full forward's at that position.
+#[test]
+fn kv_cache_growing_batched_with_adapters_matches_full_forward() {
+    use spiel::adapter::{Delta, LoraDelta, SparseDelta};
+    use std::sync::Arc;
+    let dev = Device::Cpu;
+    let cfg = common::tiny_cfg();
+    let m = Llama::random(cfg.clone(), 12, &dev).unwrap();
+    let mut adapters = AdapterSet::none();
+    let q = m
+        .linears()
+        .into_iter()
+        .find(|l| l.name.ends_with("0.self_attn.q_proj"))
+        .unwrap();
+    let (out, inp) = q.shape();
+    let indices: Vec<u32> = (0..(out * inp) as u32).step_by(7).collect();
+    let values: Vec<f32> = (0..indices.len()).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
+    adapters.add(
+        &q.name,
+        Delta::Sparse(SparseDelta {
+            shape: (out, inp),
+            values: Tensor::new(values.as_slice(), &dev).unwrap(),
+            indices: Arc::new(indices),
+            hook: None,
+            in_base: false,
+        }),
+    );
+    let up = m
+        .linears()
+        .into_iter()
+        .find(|l| l.name.ends_with("1.mlp.up_proj"))
+        .unwrap();
+    let (out, inp) = up.shape();
+    let ramp = |n: usize, s: f32| -> Vec<f32> { (0..n).map(|i| ((i * 31 % 17) as f32 - 8.0) * s).collect() };
+    adapters.add(
+        &up.name,
+        Delta::Lora(LoraDelta {
+            a: Tensor::from_vec(ramp(4 * inp, 0.01), (4, inp), &dev).unwrap(),
+            b: Tensor::from_vec(ramp(out * 4, 0.02), (out, 4), &dev).unwrap(),
+            scale: 2.0,
+            dropout: 0.0,
+            dropout_seed: 0,
+        }),
+    );
+    let n = 150;
+    let rows: Vec<Vec<u32>> = (0..2u32)
+        .map(|r| (0..n as u32).map(|i| (i * 37 + 5 + 11 * r) % 262).collect())
+        .collect();
+    let batch = |a: usize, b: usize| {
+        let flat: Vec<u32> = rows.iter().flat_map(|r| r[a..b].to_vec()).collect();
+        Tensor::from_vec(flat, (2, b - a), &dev).unwrap()
+    };
+    let full = m.forward(&batch(0, n), None, Grad::No, &adapters).unwrap();
+    let plain = m.forward(&batch(0, n), None, Grad::No, &AdapterSet::none()).unwrap();
+    assert!(
+        common::max_abs_diff(&full, &plain) > 1e-3,
+        "the adapters change the logits"
+    );
+    let mut cache = KvCache::new();
+    let mut pos = 0;
+    let mut chunks = vec![40usize, 23, 1, 2, 60];
+    chunks.extend(std::iter::repeat_n(1, n - 126));
+    for chunk in chunks {
+        let last = m
+            .forward_cached(&batch(pos, pos + chunk), &mut cache, &adapters)
+            .unwrap();
+        pos += chunk;
+        assert_eq!(cache.len(), pos);
+        let want = full.narrow(1, pos - 1, 1).unwrap().squeeze(1).unwrap();
+        assert!(common::max_abs_diff(&last, &want) < 1e-4, "after {pos} tokens");
+    }
+    assert_eq!(pos, n);
+}
+
 #[test]
 fn gradients_reach_the_weights_and_match_finite_differences() {
     let dev = Device::Cpu;
