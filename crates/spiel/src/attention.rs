@@ -356,17 +356,10 @@ mod tests {
     use candle_core::{DType, Device, Var, D};
     use rand::{Rng, SeedableRng};
 
-    fn randn(shape: &[usize], rng: &mut impl Rng) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.5f32..1.5)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
+    use crate::testing::rel_err_tensors as rel;
 
-    fn rel(a: &Tensor, b: &Tensor) -> f64 {
-        let (a, b) = (vec_of(a).unwrap(), vec_of(b).unwrap());
-        let d: f64 = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-        let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-        (d / n.max(1e-30)).sqrt()
+    fn randn(shape: &[usize], rng: &mut impl Rng) -> Tensor {
+        crate::testing::uniform_tensor(shape, 1.5, rng)
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub mod score;
 pub mod select;
 pub mod sparse;
 pub mod synth;
+#[cfg(test)]
+mod testing;
 pub mod tokenizer;
 pub mod train;
 

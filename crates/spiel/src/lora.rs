@@ -167,14 +167,10 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use std::sync::Arc;
 
-    fn random(n: usize, rng: &mut impl Rng) -> Vec<f32> {
-        (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
-    }
+    use crate::testing::rel_err;
 
-    fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-        let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-        let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-        (d / n.max(1e-30)).sqrt()
+    fn random(n: usize, rng: &mut impl Rng) -> Vec<f32> {
+        crate::testing::uniform(n, 1.0, rng)
     }
 
     #[test]

@@ -417,31 +417,13 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var, D};
+    use candle_core::{Var, D};
 
-    fn rel(a: &Tensor, b: &Tensor) -> f64 {
-        let d = (a - b)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64;
-        let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-        (d / n.max(1e-30)).sqrt()
-    }
+    use crate::testing::rel_err_tensors as rel;
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        Tensor::from_vec(
-            (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect::<Vec<_>>(),
-            shape,
-            &Device::Cpu,
-        )
-        .unwrap()
+        use rand::SeedableRng;
+        crate::testing::uniform_tensor(shape, 2.0, &mut rand::rngs::StdRng::seed_from_u64(seed))
     }
 
     /// Forward and every input gradient of `fused` against `slow` under a random probe.

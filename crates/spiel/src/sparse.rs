@@ -428,19 +428,10 @@ mod tests {
     use candle_core::{Device, Var};
     use rand::{seq::index::sample, Rng, SeedableRng};
 
-    fn random(n: usize, rng: &mut impl Rng) -> Vec<f32> {
-        (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
-    }
+    use crate::testing::rel_err;
 
-    fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-        let num: f64 = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| ((x - y) as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
-        num / den.max(1e-30)
+    fn random(n: usize, rng: &mut impl Rng) -> Vec<f32> {
+        crate::testing::uniform(n, 1.0, rng)
     }
 
     /// Random sorted indices; row 0 and the last row are left empty on purpose.
