@@ -142,12 +142,18 @@ impl CustomOp1 for HeadLoss {
 /// Replace `row` by `scale * softmax(row)`; returns the row's max and `sum(exp(row - max))`
 /// (exponentials in f32, each at most 1, summed in f64).
 fn softmax_in_place(row: &mut [f32], scale: f32) -> (f32, f64) {
-    let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut sum = 0f64;
-    for x in row.iter_mut() {
-        *x = (*x - mx).exp();
-        sum += *x as f64;
+    let mx = crate::ops::max_lanes(row);
+    row.iter_mut().for_each(|x| *x = crate::ops::exp(*x - mx));
+    // In eight running f64 sums, so that the loop vectorises.
+    let mut lanes = [0f64; 8];
+    let chunks = row.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&x| x as f64).sum();
+    for c in chunks {
+        for k in 0..8 {
+            lanes[k] += c[k] as f64;
+        }
     }
+    let sum = lanes.iter().sum::<f64>() + tail;
     let k = scale / sum as f32;
     row.iter_mut().for_each(|x| *x *= k);
     (mx, sum)

@@ -216,20 +216,77 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(a.contiguous()?.apply_op2(&b.contiguous()?, Add)?)
 }
 
+/// `e^x` in f32 without a library call, so that loops over it vectorise: `x = n ln 2 + r` with
+/// `|r| <= ln 2 / 2` (ln 2 split in two for an exact `n ln 2`), a degree-7 polynomial for `e^r`
+/// (Cephes' `expf` coefficients), and `2^n` built from exponent bits. Within 2 ulp of the
+/// exact value (test `exp_is_within_two_ulp_of_f64`); 0 below `-87.3` (where `e^x` leaves the
+/// normal range), infinity above `88.7`, `e^0 = 1` exactly.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let c = x.clamp(-87.4, 88.8);
+    let n = (c * LOG2E + 0.5).floor();
+    let r = c - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let y = (p * r * r + r) + 1.0;
+    // 2^n as two factors, each a normal f32 over the whole range (n is in [-126, 128]).
+    let n1 = (n * 0.5).floor();
+    let pow2 = |k: f32| f32::from_bits(((k as i32 + 127) as u32) << 23);
+    let scaled = y * pow2(n1) * pow2(n - n1);
+    if x < -87.336_55 {
+        0.0
+    } else if x > 88.722_83 {
+        f32::INFINITY
+    } else {
+        scaled
+    }
+}
+
+/// `sum(v)` in sixteen running sums (vectorises; the order differs from a serial sum).
+#[inline(always)]
+pub(crate) fn sum_lanes(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = v.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for k in 0..16 {
+            acc[k] += c[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The largest of `v` (`-inf` when empty; NaN is not expected), in sixteen running maxima so
+/// that the loop vectorises.
+#[inline(always)]
+pub(crate) fn max_lanes(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = v.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for c in chunks {
+        for k in 0..16 {
+            acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
+        }
+    }
+    acc.iter().fold(tail, |a, &b| if b > a { b } else { a })
+}
+
 /// `y = softmax(x + bias)` for one row, `bias(j)` the additive term at column `j`.
 #[inline(always)]
 pub(crate) fn softmax_row(y: &mut [f32], x: &[f32], bias: impl Fn(usize) -> f32) {
-    let max = x
-        .iter()
-        .enumerate()
-        .map(|(j, v)| v + bias(j))
-        .fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
     for (j, (o, v)) in y.iter_mut().zip(x).enumerate() {
-        *o = (v + bias(j) - max).exp();
-        sum += *o;
+        *o = v + bias(j);
     }
-    let inv = 1.0 / sum;
+    let max = max_lanes(y);
+    y.iter_mut().for_each(|o| *o = exp(*o - max));
+    let inv = 1.0 / sum_lanes(y);
     y.iter_mut().for_each(|o| *o *= inv);
 }
 
@@ -352,7 +409,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 struct SwiGlu;
 
 fn silu_parts(g: f32) -> (f32, f32) {
-    let sig = 1.0 / (1.0 + (-g).exp());
+    let sig = 1.0 / (1.0 + exp(-g));
     (g * sig, sig * (1.0 + g * (1.0 - sig)))
 }
 
@@ -603,5 +660,29 @@ mod tests {
                 8,
             );
         }
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_f64() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let ulp = |v: f32| f32::from_bits(v.to_bits() + 1) - v;
+        let mut xs: Vec<f32> = (0..200_000).map(|_| rng.gen_range(-87.3f32..88.7)).collect();
+        xs.extend((0..100_000).map(|_| rng.gen_range(-1.0f32..1.0)));
+        xs.extend([0.0, -0.0, 1.0, -1.0, 0.5 * std::f32::consts::LN_2, -87.3, 88.7, 1e-8, -1e-8]);
+        for x in xs {
+            let (got, want) = (exp(x), (x as f64).exp());
+            let err = (got as f64 - want).abs() / ulp(want as f32) as f64;
+            assert!(err <= 2.0, "exp({x}) = {got}, want {want}: {err} ulp");
+        }
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-1e30), 0.0);
+        assert_eq!(exp(-88.0), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(89.0), f32::INFINITY);
+        assert_eq!(sum_lanes(&[1.0; 37]), 37.0);
+        let v: Vec<f32> = (0..37).map(|i| ((i * 17) % 37) as f32 - 50.0).collect();
+        assert_eq!(max_lanes(&v), -14.0);
+        assert_eq!(max_lanes(&[]), f32::NEG_INFINITY);
     }
 }
