@@ -226,6 +226,19 @@ fn phase_work(
                 0.0
             },
         ),
+        (
+            Phase::WeightGradients,
+            if cfg.method == Method::Full {
+                2.0 * t * params
+            } else {
+                0.0
+            },
+            if cfg.method == Method::Full {
+                params * f + t * io * f
+            } else {
+                0.0
+            },
+        ),
         // The fused head forms the input gradient in its forward; the backward only scales it.
         (Phase::HeadForward, 4.0 * n * h * v, 2.0 * head_bytes + 3.0 * n * v * f),
         (Phase::HeadBackward, n * h, 2.0 * n * h * f),

@@ -6,12 +6,12 @@
 //! logits, turns them in place into `(softmax - onehot) / N`, adds up the loss terms and, when a
 //! backward will follow, multiplies the chunk by the head weight into the input gradient, kept
 //! for the backward (which only scales it). Memory: one `[chunk, V]` buffer and the `[N, H]`
-//! gradient. Cost: the same two head GEMMs as the plain path. The head weight is frozen (adapter
-//! methods); full fine-tuning, which trains it, keeps the plain path.
+//! gradient. Cost: the same two head GEMMs as the plain path. For full fine-tuning, which trains
+//! the head, the same pass also forms the weight gradient (a third GEMM, as in the plain path).
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::profile::{span, Phase};
@@ -26,24 +26,16 @@ pub const CHUNK_FLOATS: usize = 8 << 20;
 /// Mean cross-entropy of `targets` (one per row) under the logits `rows W^T`, for `rows: [N, H]`,
 /// differentiable in `rows`; the `[N, V]` logits are never all held at once.
 pub fn head_cross_entropy(rows: &Tensor, w: &Frozen, targets: &[u32]) -> Result<Tensor> {
-    let (n, _) = rows.dims2()?;
-    if n != targets.len() || n == 0 {
-        return Err(Error::Invalid(format!(
-            "fused head: {n} rows but {} targets",
-            targets.len()
-        )));
-    }
-    let v = w.shape().0;
-    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
-        return Err(Error::Invalid(format!(
-            "target id {bad} is outside the vocabulary of {v}"
-        )));
-    }
-    Ok(rows.contiguous()?.apply_op1(HeadLoss {
-        w: w.clone(),
-        targets: Arc::new(targets.to_vec()),
-        eager: rows.track_op().then(|| Mutex::new(None)),
-    })?)
+    let op = HeadLoss::new(rows, w.clone(), targets, false)?;
+    Ok(rows.contiguous()?.apply_op1(op)?)
+}
+
+/// [`head_cross_entropy`] for a trainable f32 head `w: [V, H]` (full fine-tuning), also
+/// differentiable in `w`: each chunk's `(softmax - onehot) / N` is multiplied by its rows into the
+/// weight gradient as well, in the same pass.
+pub fn trainable_head_cross_entropy(rows: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let op = HeadLoss::new(rows, Frozen::Dense(w.clone()), targets, w.track_op())?;
+    Ok(rows.contiguous()?.apply_op2(w, op)?)
 }
 
 struct HeadLoss {
@@ -53,12 +45,131 @@ struct HeadLoss {
     /// in the forward while each chunk's probabilities are at hand (so the backward needs no
     /// second pass over the vocabulary).
     eager: Option<Mutex<Option<Vec<f32>>>>,
+    /// Likewise the weight gradient, for a trainable head.
+    eager_weight: Option<Mutex<Option<Vec<f32>>>>,
+}
+
+/// What one pass over the vocabulary gives: the summed loss terms and, when asked for, the
+/// input and weight gradients of `scale` times the mean loss.
+struct Pass {
+    loss: f64,
+    dx: Option<Vec<f32>>,
+    dw: Option<Vec<f32>>,
 }
 
 impl HeadLoss {
+    fn new(rows: &Tensor, w: Frozen, targets: &[u32], trainable: bool) -> Result<HeadLoss> {
+        let (n, h) = rows.dims2()?;
+        if n != targets.len() || n == 0 {
+            return Err(Error::Invalid(format!(
+                "fused head: {n} rows but {} targets",
+                targets.len()
+            )));
+        }
+        let (v, wh) = w.shape();
+        if wh != h {
+            return Err(Error::Invalid(format!(
+                "fused head: rows of {h} against a head of [{v}, {wh}]"
+            )));
+        }
+        if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
+            return Err(Error::Invalid(format!(
+                "target id {bad} is outside the vocabulary of {v}"
+            )));
+        }
+        Ok(HeadLoss {
+            w,
+            targets: Arc::new(targets.to_vec()),
+            eager: rows.track_op().then(|| Mutex::new(None)),
+            eager_weight: trainable.then(|| Mutex::new(None)),
+        })
+    }
+
     /// Rows per chunk.
     fn chunk(&self) -> usize {
         (CHUNK_FLOATS / self.w.shape().0.max(1)).max(1)
+    }
+
+    /// One pass over `x: [N, H]` a chunk of rows at a time.
+    fn pass(&self, x: &[f32], h: usize, scale: f32, want_dx: bool, want_dw: bool) -> candle_core::Result<Pass> {
+        let n = x.len() / h;
+        let v = self.w.shape().0;
+        let mut loss = 0f64;
+        let mut dx = Vec::with_capacity(if want_dx { n * h } else { 0 });
+        let mut dw = if want_dw { vec![0f32; v * h] } else { Vec::new() };
+        let k = scale / n as f32;
+        for (c, xs) in x.chunks(self.chunk() * h).enumerate() {
+            let m = xs.len() / h;
+            let first = c * self.chunk();
+            let mut p = self.w.matmul_t(xs, m)?;
+            // Each row becomes its softmax times k, minus k at the target (the gradient of
+            // `scale` times the mean loss); its loss term is kept.
+            let losses: Vec<f64> = p
+                .par_chunks_mut(v)
+                .enumerate()
+                .map(|(i, row)| {
+                    let t = self.targets[first + i] as usize;
+                    let target_logit = row[t];
+                    let (mx, sum) = softmax_in_place(row, k);
+                    row[t] -= k;
+                    (mx as f64 + sum.ln()) - target_logit as f64
+                })
+                .collect();
+            loss += losses.iter().sum::<f64>();
+            if want_dx {
+                dx.extend(self.w.matmul(&p, m)?);
+            }
+            if want_dw {
+                // dW (+)= p^T xs.
+                crate::qmatrix::gemm_into(true, &mut dw, c > 0, 1.0, (v, h, m), &p, (1, v), xs, (h, 1));
+            }
+        }
+        Ok(Pass {
+            loss,
+            dx: want_dx.then_some(dx),
+            dw: want_dw.then_some(dw),
+        })
+    }
+
+    fn forward(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = span(Phase::HeadForward);
+        let x = crate::ops::cpu_slice(s, l, "head-cross-entropy")?;
+        let (n, h) = l.shape().dims2()?;
+        let pass = self.pass(x, h, 1.0, self.eager.is_some(), self.eager_weight.is_some())?;
+        for (slot, value) in [(&self.eager, pass.dx), (&self.eager_weight, pass.dw)] {
+            if let Some(slot) = slot {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = value;
+            }
+        }
+        Ok((CpuStorage::F32(vec![(pass.loss / n as f64) as f32]), Shape::from(())))
+    }
+
+    /// The input and weight gradients for an incoming gradient `grad`: the ones formed in the
+    /// forward, scaled, or (for a second backward through the same graph) a new pass.
+    fn gradients(&self, rows: &Tensor, grad: &Tensor) -> candle_core::Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let _t = span(Phase::HeadBackward);
+        let g = grad.to_scalar::<f32>()?;
+        let take = |slot: &Option<Mutex<Option<Vec<f32>>>>| {
+            slot.as_ref()
+                .and_then(|s| s.lock().unwrap_or_else(|e| e.into_inner()).take())
+        };
+        let want_dw = self.eager_weight.is_some();
+        match (take(&self.eager), take(&self.eager_weight)) {
+            (Some(mut dx), dw) if dw.is_some() == want_dw => {
+                dx.iter_mut().for_each(|d| *d *= g);
+                let dw = dw.map(|mut dw| {
+                    dw.iter_mut().for_each(|d| *d *= g);
+                    dw
+                });
+                Ok((dx, dw))
+            }
+            _ => {
+                let (_, h) = rows.dims2()?;
+                let x: Vec<f32> = rows.flatten_all()?.to_vec1()?;
+                let pass = self.pass(&x, h, g, true, want_dw)?;
+                Ok((pass.dx.unwrap_or_default(), pass.dw))
+            }
+        }
     }
 }
 
@@ -68,74 +179,41 @@ impl CustomOp1 for HeadLoss {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let _t = span(Phase::HeadForward);
-        let x = crate::ops::cpu_slice(s, l, "head-cross-entropy")?;
-        let (n, h) = l.shape().dims2()?;
-        let v = self.w.shape().0;
-        let mut total = 0f64;
-        let mut dx = Vec::with_capacity(if self.eager.is_some() { n * h } else { 0 });
-        for (c, xs) in x.chunks(self.chunk() * h).enumerate() {
-            let m = xs.len() / h;
-            let first = c * self.chunk();
-            let mut p = self.w.matmul_t(xs, m)?;
-            // Each row becomes its softmax, scaled by 1/N, minus 1/N at the target (the gradient
-            // of the mean loss); its loss term is kept.
-            let inv_n = 1.0 / n as f32;
-            let losses: Vec<f64> = p
-                .par_chunks_mut(v)
-                .enumerate()
-                .map(|(i, row)| {
-                    let t = self.targets[first + i] as usize;
-                    let target_logit = row[t];
-                    let (mx, sum) = softmax_in_place(row, inv_n);
-                    row[t] -= inv_n;
-                    (mx as f64 + sum.ln()) - target_logit as f64
-                })
-                .collect();
-            total += losses.iter().sum::<f64>();
-            if self.eager.is_some() {
-                dx.extend(self.w.matmul(&p, m)?);
-            }
-        }
-        if let Some(slot) = &self.eager {
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(dx);
-        }
-        Ok((CpuStorage::F32(vec![(total / n as f64) as f32]), Shape::from(())))
+        self.forward(s, l)
     }
 
     fn bwd(&self, rows: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let _t = span(Phase::HeadBackward);
-        let (n, h) = rows.dims2()?;
-        let g = grad.to_scalar::<f32>()?;
-        let stored = self
-            .eager
-            .as_ref()
-            .and_then(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).take());
-        let dx = match stored {
-            Some(mut dx) => {
-                dx.iter_mut().for_each(|d| *d *= g);
-                dx
-            }
-            // A second backward through the same graph: recompute chunk by chunk.
-            None => {
-                let v = self.w.shape().0;
-                let x: Vec<f32> = rows.flatten_all()?.to_vec1()?;
-                let mut dx = Vec::with_capacity(n * h);
-                for (c, xs) in x.chunks(self.chunk() * h).enumerate() {
-                    let m = xs.len() / h;
-                    let mut p = self.w.matmul_t(xs, m)?;
-                    let first = c * self.chunk();
-                    let scale = g / n as f32;
-                    p.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
-                        softmax_in_place(row, scale);
-                        row[self.targets[first + i] as usize] -= scale;
-                    });
-                    dx.extend(self.w.matmul(&p, m)?);
-                }
-                dx
-            }
-        };
-        Ok(Some(Tensor::from_vec(dx, (n, h), rows.device())?))
+        let (dx, _) = self.gradients(rows, grad)?;
+        Ok(Some(Tensor::from_vec(dx, rows.shape(), rows.device())?))
+    }
+}
+
+impl CustomOp2 for HeadLoss {
+    fn name(&self) -> &'static str {
+        "trainable-head-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        // The weight is read through `self.w`, which shares its storage.
+        self.forward(s1, l1)
+    }
+
+    fn bwd(
+        &self,
+        rows: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.gradients(rows, grad)?;
+        let dw = dw.map(|dw| Tensor::from_vec(dw, w.shape(), w.device())).transpose()?;
+        Ok((Some(Tensor::from_vec(dx, rows.shape(), rows.device())?), dw))
     }
 }
 
@@ -228,6 +306,43 @@ mod tests {
                         "n={n} dx[{j}]: {g} vs {r}"
                     );
                 }
+            }
+        }
+    }
+
+    /// A trainable head: loss and both gradients against candle's plain path (full logits,
+    /// cross-entropy, autograd), over one chunk and over two (the weight gradient summed across
+    /// chunks); a second backward recomputes the same gradients.
+    #[test]
+    fn trainable_head_matches_the_plain_path() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let (v, h) = (2_000, 24);
+        for n in [1, 4_500] {
+            let w: Vec<f32> = (0..v * h).map(|_| rng.gen_range(-0.5..0.5)).collect();
+            let x: Vec<f32> = (0..n * h).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let targets: Vec<u32> = (0..n).map(|_| rng.gen_range(0..v as u32)).collect();
+            let t = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+            let (xa, wa) = (
+                Var::from_vec(x.clone(), (n, h), &Device::Cpu).unwrap(),
+                Var::from_vec(w.clone(), (v, h), &Device::Cpu).unwrap(),
+            );
+            let logits = xa.as_tensor().matmul(&wa.as_tensor().t().unwrap()).unwrap();
+            let want = candle_nn::loss::cross_entropy(&logits, &t).unwrap();
+            let gw = (&want * 3.0).unwrap().backward().unwrap();
+            let (xb, wb) = (
+                Var::from_vec(x.clone(), (n, h), &Device::Cpu).unwrap(),
+                Var::from_vec(w.clone(), (v, h), &Device::Cpu).unwrap(),
+            );
+            let got = trainable_head_cross_entropy(xb.as_tensor(), wb.as_tensor(), &targets).unwrap();
+            let gg = (&got * 3.0).unwrap().backward().unwrap();
+            let again = (&got * 3.0).unwrap().backward().unwrap();
+            let (l1, l2) = (got.to_scalar::<f32>().unwrap(), want.to_scalar::<f32>().unwrap());
+            assert!((l1 - l2).abs() < 1e-5 * l2.abs().max(1.0), "n={n}: loss {l1} vs {l2}");
+            let rel = crate::testing::rel_err_tensors;
+            for (name, a, b) in [("dx", &xa, &xb), ("dw", &wa, &wb)] {
+                let (want, got, again) = (gw.get(a).unwrap(), gg.get(b).unwrap(), again.get(b).unwrap());
+                assert!(rel(got, want) < 1e-5, "n={n} {name}: {}", rel(got, want));
+                assert!(rel(again, want) < 1e-5, "n={n} {name} again: {}", rel(again, want));
             }
         }
     }

@@ -104,9 +104,9 @@ impl Weight {
     /// matmul for a trainable weight.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            // A trainable weight is f32 master values: the product runs in f32 and returns to
-            // the activations' dtype.
-            Weight::Dense(w) if w.is_variable() => Ok(x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(x.dtype())?),
+            // A trainable weight is f32 master values; the product reads the activations as they
+            // are and returns their dtype.
+            Weight::Dense(w) if w.is_variable() => crate::qmatrix::trainable_matmul_t(x, w),
             Weight::Dense(w) => frozen_matmul_t(x, &Frozen::Dense(w.clone())),
             Weight::Quantized(q) => frozen_matmul_t(x, &Frozen::Quantized(q.clone())),
         }
@@ -748,13 +748,19 @@ impl Llama {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens).matmul_t(rows)
     }
 
-    /// Mean cross-entropy of `targets` (u32, one per row) for final hidden rows `[N, H]`. A frozen
-    /// head runs fused with the loss a chunk of rows at a time ([`crate::head`]); a trainable
-    /// one (full fine-tuning) through the plain logits.
+    /// Mean cross-entropy of `targets` (u32, one per row) for final hidden rows `[N, H]`, with
+    /// the head fused with the loss a chunk of rows at a time ([`crate::head`]); a trainable head
+    /// (full fine-tuning) also receives its weight gradient from the same pass.
     pub fn head_loss(&self, rows: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        match self.lm_head.as_ref().unwrap_or(&self.embed_tokens).frozen() {
-            Some(head) => crate::head::head_cross_entropy(rows, &head, &targets.to_vec1::<u32>()?),
-            None => Ok(candle_nn::loss::cross_entropy(&self.logits(rows)?, targets)?),
+        let targets = targets.to_vec1::<u32>()?;
+        match self.lm_head.as_ref().unwrap_or(&self.embed_tokens) {
+            Weight::Dense(w) if w.is_variable() => crate::head::trainable_head_cross_entropy(rows, w, &targets),
+            head => match head.frozen() {
+                Some(frozen) => crate::head::head_cross_entropy(rows, &frozen, &targets),
+                None => Err(Error::Invalid(
+                    "the head weight is neither frozen nor a trainable f32 tensor".into(),
+                )),
+            },
         }
     }
 

@@ -234,7 +234,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let y = (p * r * r + r) + 1.0;
     // 2^n as two factors, each a normal f32 over the whole range (n is in [-126, 128]).
     let n1 = (n * 0.5).floor();
@@ -269,7 +269,10 @@ pub(crate) fn sum_lanes(v: &[f32]) -> f32 {
 pub(crate) fn max_lanes(v: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 16];
     let chunks = v.chunks_exact(16);
-    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
     for c in chunks {
         for k in 0..16 {
             acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
@@ -669,7 +672,17 @@ mod tests {
         let ulp = |v: f32| f32::from_bits(v.to_bits() + 1) - v;
         let mut xs: Vec<f32> = (0..200_000).map(|_| rng.gen_range(-87.3f32..88.7)).collect();
         xs.extend((0..100_000).map(|_| rng.gen_range(-1.0f32..1.0)));
-        xs.extend([0.0, -0.0, 1.0, -1.0, 0.5 * std::f32::consts::LN_2, -87.3, 88.7, 1e-8, -1e-8]);
+        xs.extend([
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            0.5 * std::f32::consts::LN_2,
+            -87.3,
+            88.7,
+            1e-8,
+            -1e-8,
+        ]);
         for x in xs {
             let (got, want) = (exp(x), (x as f64).exp());
             let err = (got as f64 - want).abs() / ulp(want as f32) as f64;

@@ -48,7 +48,10 @@ impl AdamState {
 pub fn adamw_step(values: &mut [f32], grads: &[f32], st: &mut AdamState, h: &AdamW) {
     const BLOCK: usize = 1 << 14;
     assert!(
-        grads.len() == values.len() && st.m.len() == values.len() && st.v.len() == values.len() && st.age.len() == values.len(),
+        grads.len() == values.len()
+            && st.m.len() == values.len()
+            && st.v.len() == values.len()
+            && st.age.len() == values.len(),
         "adamw: values, gradients and state differ in length"
     );
     values
@@ -79,7 +82,13 @@ fn adamw_block(xs: &mut [f32], gs: &[f32], ms: &mut [f32], vs: &mut [f32], ages:
         }
         ages.fill(first + 1);
     } else {
-        for ((((x, g), m), v), age) in xs.iter_mut().zip(gs).zip(ms.iter_mut()).zip(vs.iter_mut()).zip(ages.iter_mut()) {
+        for ((((x, g), m), v), age) in xs
+            .iter_mut()
+            .zip(gs)
+            .zip(ms.iter_mut())
+            .zip(vs.iter_mut())
+            .zip(ages.iter_mut())
+        {
             *age += 1;
             update(x, *g, m, v, corrections(*age));
         }
@@ -183,12 +192,18 @@ mod tests {
         };
         let n = 3 * (1 << 14) + 17;
         let mut st = AdamState::new(n);
-        let (x0, g): (Vec<f32>, Vec<f32>) = (0..n).map(|_| (rng.gen_range(-1.0..1.0), rng.gen_range(-0.1..0.1))).unzip();
+        let (x0, g): (Vec<f32>, Vec<f32>) = (0..n)
+            .map(|_| (rng.gen_range(-1.0..1.0), rng.gen_range(-0.1..0.1)))
+            .unzip();
         for i in 0..n {
             st.m[i] = rng.gen_range(-0.01..0.01);
             st.v[i] = rng.gen_range(0.0..1e-3);
             // The second block has mixed ages; the others one age each.
-            st.age[i] = if (1 << 14..2 << 14).contains(&i) { rng.gen_range(0..50) } else { 7 };
+            st.age[i] = if (1 << 14..2 << 14).contains(&i) {
+                rng.gen_range(0..50)
+            } else {
+                7
+            };
         }
         let before = st.clone();
         let mut x = x0.clone();
@@ -200,7 +215,11 @@ mod tests {
             let (mh, vh) = (m / (1.0 - 0.9f64.powi(age)), v / (1.0 - 0.95f64.powi(age)));
             let y = x0[i] as f64 - 0.01 * mh / (vh.sqrt() + 1e-8);
             let want = y - 0.01 * 0.1 * y;
-            assert!((x[i] as f64 - want).abs() < 1e-5 * want.abs().max(1e-2), "element {i}: {} vs {want}", x[i]);
+            assert!(
+                (x[i] as f64 - want).abs() < 1e-5 * want.abs().max(1e-2),
+                "element {i}: {} vs {want}",
+                x[i]
+            );
             assert_eq!(st.age[i], before.age[i] + 1);
             assert!((st.m[i] as f64 - m).abs() < 1e-7 && (st.v[i] as f64 - v).abs() < 1e-8);
         }

@@ -184,17 +184,11 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     } else {
         tokens * l * per_token_layer * act
     };
-    // The head and loss over the vocabulary. Full fine-tuning (a trainable head) runs the plain
-    // path, per token: the logits, their pass-through copy, the max-shifted logits, their exp
-    // and the log-softmax (5V) kept for the backward, which holds about six more V-sized tensors
-    // at once. A frozen head runs fused with the loss ([`crate::head`]): the gathered rows and
-    // their gradient, and one chunk of logits at a time (two while the backward forms `p W`).
-    let head = if full {
-        tokens * (h + 11.0 * v) * f
-    } else {
-        let chunk_rows = (crate::head::CHUNK_FLOATS as f64 / v).floor().max(1.0).min(tokens);
-        tokens * 2.0 * h * f + 2.0 * chunk_rows * v * f
-    };
+    // The head runs fused with the loss ([`crate::head`]): the gathered rows and their gradient,
+    // and one chunk of logits at a time (two while the backward forms `p W`). A trainable head
+    // (full fine-tuning) also holds its weight gradient from the forward to the backward.
+    let chunk_rows = (crate::head::CHUNK_FLOATS as f64 / v).floor().max(1.0).min(tokens);
+    let head = tokens * 2.0 * h * f + 2.0 * chunk_rows * v * f + if full { v * h * f } else { 0.0 };
     // Backward frontier: about one block's worth of gradients in flight (one per op output,
     // whatever the adapter adds to a projection).
     // With bf16 activations each op also holds f32 copies while it runs: at most a projection's

@@ -32,6 +32,8 @@ pub enum Phase {
     Sddmm,
     /// Inside SpIEL-AG windows: the dense `[out, in]` gradients and their accumulation.
     AgDenseGradients,
+    /// Full fine-tuning: every projection's weight gradient `g^T x`.
+    WeightGradients,
     /// The vocabulary head and cross-entropy, forward (with the input gradient, `p W`).
     HeadForward,
     /// The vocabulary head and cross-entropy, backward (scaling the stored gradient).
@@ -45,7 +47,7 @@ pub enum Phase {
 }
 
 /// Every phase, in the order printed.
-pub const PHASES: [Phase; 15] = [
+pub const PHASES: [Phase; 16] = [
     Phase::Embedding,
     Phase::Norms,
     Phase::Rope,
@@ -56,6 +58,7 @@ pub const PHASES: [Phase; 15] = [
     Phase::SparseProducts,
     Phase::Sddmm,
     Phase::AgDenseGradients,
+    Phase::WeightGradients,
     Phase::HeadForward,
     Phase::HeadBackward,
     Phase::GradientCollection,

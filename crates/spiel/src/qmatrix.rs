@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::profile::{span, Phase};
@@ -581,6 +581,68 @@ pub fn frozen_matmul_t(x: &Tensor, w: &Frozen) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(FrozenMatmulT { w: w.clone() })?)
 }
 
+/// `x W^T` for `x: [N, in]` (f32 or bf16) and a trainable f32 `W: [out, in]` (full
+/// fine-tuning), differentiable in both: the backward forms `g W` and the weight gradient
+/// `g^T x` straight in `W`'s layout. (Through candle's matmul with `W^T`, the weight gradient
+/// came out as `[in, out]` and was added, transposed, into a zeroed `[out, in]` one: two extra
+/// strided passes over every weight per update.)
+pub fn trainable_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, TrainableMatmulT)?)
+}
+
+/// Forward `x W^T`; backward `g W` and `g^T x`.
+struct TrainableMatmulT;
+
+impl CustomOp2 for TrainableMatmulT {
+    fn name(&self) -> &'static str {
+        "trainable-matmul-t"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = span(Phase::ProjectionsForward);
+        let x = crate::ops::cpu_f32(s1, l1, "trainable-matmul-t input")?;
+        let w = crate::ops::cpu_slice(s2, l2, "trainable-matmul-t weight")?;
+        let ((n, k), (rows, cols)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        if k != cols {
+            candle_core::bail!("trainable-matmul-t: input has {k} columns, weight has {cols}");
+        }
+        let mut y = vec![0f32; n * rows];
+        gemm_xwt(&mut y, 0, rows, &x, n, w, rows);
+        Ok((crate::ops::storage_like(y, s1), Shape::from((n, rows))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let ((n, cols), (rows, _)) = (x.dims2()?, w.dims2()?);
+        let (xs, gs) = (crate::ops::vec_of(x)?, crate::ops::vec_of(grad)?);
+        let mut dx = vec![0f32; n * cols];
+        {
+            let _t = span(Phase::ProjectionsInputGrad);
+            with_slice(w, |ws| gemm_gw(&mut dx, false, &gs, 0, rows, n, ws, rows))?;
+        }
+        let mut dw = vec![0f32; rows * cols];
+        {
+            let _t = span(Phase::WeightGradients);
+            gemm_gtx(&mut dw, &gs, &xs, n, rows, cols);
+        }
+        Ok((
+            Some(crate::ops::grad_like(dx, x)?),
+            Some(Tensor::from_vec(dw, (rows, cols), w.device())?),
+        ))
+    }
+}
+
 /// Forward `x W^T`; backward `g W`.
 struct FrozenMatmulT {
     w: Frozen,
@@ -809,5 +871,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The trainable product's forward and both gradients against candle's autograd of
+    /// `x.matmul(w.t())`, over f32 and bf16 inputs and awkward shapes.
+    #[test]
+    fn trainable_product_matches_candle_autograd() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        for (n, rows, cols) in [(1, 3, 5), (37, 17, 29), (64, 96, 33)] {
+            let x = crate::testing::uniform_tensor(&[n, cols], 1.0, &mut rng);
+            let w = crate::testing::uniform_tensor(&[rows, cols], 1.0, &mut rng);
+            let probe = crate::testing::uniform_tensor(&[n, rows], 1.0, &mut rng);
+            let (xa, wa) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+            let want = xa.as_tensor().matmul(&wa.as_tensor().t().unwrap()).unwrap();
+            let gw = (&want * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let (xb, wb) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+            let got = trainable_matmul_t(xb.as_tensor(), wb.as_tensor()).unwrap();
+            let gg = (&got * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let rel = crate::testing::rel_err_tensors;
+            assert!(rel(&got, &want) < 1e-6, "forward {n}x{rows}x{cols}");
+            assert!(
+                rel(gg.get(&xb).unwrap(), gw.get(&xa).unwrap()) < 1e-6,
+                "dx {n}x{rows}x{cols}"
+            );
+            assert!(
+                rel(gg.get(&wb).unwrap(), gw.get(&wa).unwrap()) < 1e-6,
+                "dw {n}x{rows}x{cols}"
+            );
+            // bf16 activations: the result in bf16, the weight's gradient in f32.
+            let x16 = Var::from_tensor(&x.to_dtype(candle_core::DType::BF16).unwrap()).unwrap();
+            let w16 = Var::from_tensor(&w).unwrap();
+            let y16 = trainable_matmul_t(x16.as_tensor(), w16.as_tensor()).unwrap();
+            assert_eq!(y16.dtype(), candle_core::DType::BF16);
+            let g16 = (y16.to_dtype(candle_core::DType::F32).unwrap() * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            assert_eq!(g16.get(&w16).unwrap().dtype(), candle_core::DType::F32);
+            assert!(rel(g16.get(&w16).unwrap(), gw.get(&wa).unwrap()) < 1e-2);
+        }
+        let bad = Tensor::zeros((2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(trainable_matmul_t(
+            &bad,
+            &Tensor::zeros((3, 5), candle_core::DType::F32, &Device::Cpu).unwrap()
+        )
+        .is_err());
     }
 }
