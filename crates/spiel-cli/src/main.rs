@@ -854,7 +854,7 @@ fn run(cli: Cli) -> Result<()> {
                     dtype: model.dtype.unwrap_or_default(),
                     ..TrainConfig::default()
                 };
-                rows.push(spiel::bench::bench_train(&base, cfg, seq_len, steps, profile)?);
+                rows.push(spiel::bench::bench_train(base, cfg, seq_len, steps, profile)?);
             } else {
                 // One process per method, so each peak RSS is that method's alone.
                 for method in &methods {

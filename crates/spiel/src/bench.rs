@@ -288,9 +288,10 @@ pub fn train_flops(cfg: &crate::config::ModelConfig, tokens: usize, seq: usize, 
 }
 
 /// Time `steps` updates of `method` on synthetic examples of exactly `seq_len` tokens (all
-/// predicted), after one warm-up update; with `profile`, also the time of each phase.
+/// predicted), after one warm-up update; with `profile`, also the time of each phase. The base
+/// is taken over, as a run takes it, so that full fine-tuning frees the frozen original.
 pub fn bench_train(
-    base: &Llama,
+    base: Llama,
     mut cfg: crate::train::TrainConfig,
     seq_len: usize,
     steps: usize,
@@ -314,7 +315,7 @@ pub fn bench_train(
     let sched = cfg.clone();
     let schedule = cfg.schedule();
     let method = cfg.method;
-    let mut t = crate::train::Trainer::from_examples(cfg, base.clone(), "bench", 0, examples, Vec::new())?;
+    let mut t = crate::train::Trainer::from_examples(cfg, base, "bench", 0, examples, Vec::new())?;
     crate::profile::enable(profile);
     let mut plain = Vec::new();
     let mut window = Vec::new();
@@ -362,7 +363,7 @@ pub fn bench_train(
         let mean_step = all.iter().sum::<f64>() / all.len().max(1) as f64;
         let measured = all.len().max(1) as f64;
         let work = phase_work(
-            base,
+            t.base(),
             &sched,
             seq_len,
             t.trainable_parameters(),
@@ -393,7 +394,7 @@ pub fn bench_train(
         });
         rows
     });
-    let flops = train_flops(&base.cfg, tokens, seq_len, method == crate::adapter::Method::Full);
+    let flops = train_flops(&t.base().cfg, tokens, seq_len, method == crate::adapter::Method::Full);
     Ok(TrainBench {
         method: method.as_str().to_string(),
         median_s: median(all.clone()),
@@ -408,7 +409,7 @@ pub fn bench_train(
         gflops: flops / mean_cycle_s / 1e9,
         peak_rss_mib: peak_rss_mib(),
         start_rss_mib,
-        plan_mib: crate::plan::plan(&base.cfg, &sched, base.projection_format().into()).total as f64
+        plan_mib: crate::plan::plan(&t.base().cfg, &sched, t.base().projection_format().into()).total as f64
             / (1024.0 * 1024.0),
         trainable: t.trainable_parameters(),
         phases,

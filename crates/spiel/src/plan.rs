@@ -104,8 +104,8 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     let other_params = v * h * if m.tie_word_embeddings { 1.0 } else { 2.0 } + (2.0 * l + 1.0) * h;
     let full = cfg.method == Method::Full;
     let base_bytes = if full {
-        // The frozen base and the trainable copy.
-        2.0 * (proj_params + other_params) * f
+        // The trainable copy, which replaces the frozen original once it is made.
+        (proj_params + other_params) * f
     } else {
         let (proj, other) = match (cfg.dtype, base) {
             (Dtype::Bf16, BaseFormat::F32) => (2.0, 2.0),

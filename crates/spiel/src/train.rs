@@ -537,6 +537,12 @@ impl Trainer {
             ));
         }
         let trainable = init_trainable(&cfg, &base)?;
+        // Full fine-tuning trains a copy of every weight and never reads the frozen original
+        // again: the run keeps the trainable model in its place, and the original is freed.
+        let base = match &trainable {
+            Trainable::Full { model, .. } => model.clone(),
+            _ => base,
+        };
         Ok(Trainer {
             cfg,
             base,
@@ -548,6 +554,12 @@ impl Trainer {
             step: 0,
             train_secs: 0.0,
         })
+    }
+
+    /// The model the run trains over: the frozen base, or for full fine-tuning the trainable
+    /// copy that took its place.
+    pub fn base(&self) -> &Llama {
+        &self.base
     }
 
     /// The run's configuration.
