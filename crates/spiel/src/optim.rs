@@ -41,12 +41,76 @@ impl AdamState {
     }
 }
 
+/// AdamW moments for a dense tensor (LoRA factors, full fine-tuning), whose elements have all
+/// seen the same number of updates: one count instead of one per element.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DenseAdamState {
+    /// First moments.
+    pub m: Vec<f32>,
+    /// Second moments.
+    pub v: Vec<f32>,
+    /// Updates seen (for bias correction).
+    pub age: u32,
+}
+
+impl DenseAdamState {
+    /// Zeroed state for `n` elements.
+    pub fn new(n: usize) -> DenseAdamState {
+        DenseAdamState {
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            age: 0,
+        }
+    }
+}
+
+/// [`adamw_step`] for a dense tensor: every block takes the bias corrections as constants.
+pub fn adamw_dense_step(values: &mut [f32], grads: &[f32], st: &mut DenseAdamState, h: &AdamW) {
+    assert!(
+        grads.len() == values.len() && st.m.len() == values.len() && st.v.len() == values.len(),
+        "adamw: values, gradients and state differ in length"
+    );
+    st.age += 1;
+    let c = corrections(h, st.age);
+    values
+        .par_chunks_mut(ADAM_BLOCK)
+        .zip(grads.par_chunks(ADAM_BLOCK))
+        .zip(st.m.par_chunks_mut(ADAM_BLOCK).zip(st.v.par_chunks_mut(ADAM_BLOCK)))
+        .for_each(|((xs, gs), (ms, vs))| {
+            for (((x, g), m), v) in xs.iter_mut().zip(gs).zip(ms.iter_mut()).zip(vs.iter_mut()) {
+                adamw_update(h, x, *g, m, v, c);
+            }
+        });
+}
+
+/// Elements per parallel block of the AdamW loops.
+const ADAM_BLOCK: usize = 1 << 14;
+
+/// AdamW's bias corrections `(1 - beta1^age, 1 - beta2^age)`, formed in f64 and rounded once
+/// (`powi` may multiply in any order; in f64 the order does not reach the f32 result).
+fn corrections(h: &AdamW, age: u32) -> (f32, f32) {
+    let c = |beta: f64| (1.0 - beta.powi(age as i32)) as f32;
+    (c(h.beta1), c(h.beta2))
+}
+
+/// One element's AdamW update with bias corrections `(c1, c2)`.
+#[inline(always)]
+fn adamw_update(h: &AdamW, x: &mut f32, g: f32, m: &mut f32, v: &mut f32, (c1, c2): (f32, f32)) {
+    let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
+    let (lr, eps, wd) = (h.lr as f32, h.eps as f32, h.weight_decay as f32);
+    *m = b1 * *m + (1.0 - b1) * g;
+    *v = b2 * *v + (1.0 - b2) * g * g;
+    let (mhat, vhat) = (*m / c1, *v / c2);
+    let y = *x - lr * mhat / (vhat.sqrt() + eps);
+    *x = y - lr * wd * y;
+}
+
 /// One AdamW step: moments, bias correction with each element's own age, the update, then
 /// decoupled weight decay `value -= lr * wd * value`. Runs in parallel blocks; a block whose
 /// elements share one age (every block of a dense tensor) takes the bias corrections as
 /// constants, so that its loop vectorises; the arithmetic per element is the same either way.
 pub fn adamw_step(values: &mut [f32], grads: &[f32], st: &mut AdamState, h: &AdamW) {
-    const BLOCK: usize = 1 << 14;
+    const BLOCK: usize = ADAM_BLOCK;
     assert!(
         grads.len() == values.len()
             && st.m.len() == values.len()
@@ -64,16 +128,8 @@ pub fn adamw_step(values: &mut [f32], grads: &[f32], st: &mut AdamState, h: &Ada
 
 /// [`adamw_step`] on one block.
 fn adamw_block(xs: &mut [f32], gs: &[f32], ms: &mut [f32], vs: &mut [f32], ages: &mut [u32], h: &AdamW) {
-    let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
-    let (lr, eps, wd) = (h.lr as f32, h.eps as f32, h.weight_decay as f32);
-    let corrections = |age: u32| (1.0 - b1.powi(age as i32), 1.0 - b2.powi(age as i32));
-    let update = |x: &mut f32, g: f32, m: &mut f32, v: &mut f32, (c1, c2): (f32, f32)| {
-        *m = b1 * *m + (1.0 - b1) * g;
-        *v = b2 * *v + (1.0 - b2) * g * g;
-        let (mhat, vhat) = (*m / c1, *v / c2);
-        let y = *x - lr * mhat / (vhat.sqrt() + eps);
-        *x = y - lr * wd * y;
-    };
+    let corrections = |age: u32| corrections(h, age);
+    let update = |x: &mut f32, g: f32, m: &mut f32, v: &mut f32, c: (f32, f32)| adamw_update(h, x, g, m, v, c);
     let first = ages.first().copied().unwrap_or(0);
     if ages.iter().all(|&a| a == first) {
         let c = corrections(first + 1);
@@ -223,6 +279,37 @@ mod tests {
             assert_eq!(st.age[i], before.age[i] + 1);
             assert!((st.m[i] as f64 - m).abs() < 1e-7 && (st.v[i] as f64 - v).abs() < 1e-8);
         }
+    }
+
+    /// The dense state's step is the per-element step with every age equal, bit for bit.
+    #[test]
+    fn dense_adamw_equals_per_element_adamw_at_one_age() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let h = AdamW {
+            lr: 0.02,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-6,
+            weight_decay: 0.01,
+        };
+        let n = (1 << 14) + 333;
+        let mut x: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let mut y = x.clone();
+        let (mut each, mut dense) = (AdamState::new(n), DenseAdamState::new(n));
+        for _ in 0..3 {
+            let g: Vec<f32> = (0..n).map(|_| rng.gen_range(-0.1..0.1)).collect();
+            adamw_step(&mut x, &g, &mut each, &h);
+            adamw_dense_step(&mut y, &g, &mut dense, &h);
+        }
+        let diff = x.iter().zip(&y).position(|(a, b)| a != b);
+        assert!(
+            diff.is_none(),
+            "element {diff:?}: {:?}",
+            diff.map(|i| (x[i], y[i], each.m[i], dense.m[i]))
+        );
+        assert!(each.m == dense.m && each.v == dense.v);
+        assert!(each.age.iter().all(|&a| a == 3) && dense.age == 3);
     }
 
     #[test]

@@ -150,10 +150,10 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
                 * l;
             (trainable * 8.0, trainable * 4.0 + sm3 * f, 0.0)
         }
-        // A and B; AdamW m, v, age and the gradient buffer.
-        Method::Lora => (trainable * f, trainable * 16.0, 0.0),
-        // The trainable copy is counted with the base; AdamW state and gradient buffer.
-        Method::Full => (0.0, trainable * 16.0, 0.0),
+        // A and B; AdamW m and v (one update count per tensor) and the gradient buffer.
+        Method::Lora => (trainable * f, trainable * 12.0, 0.0),
+        // The trainable copy is counted with the base; AdamW m and v and the gradient buffer.
+        Method::Full => (0.0, trainable * 12.0, 0.0),
     };
 
     // Activations: outputs of the ops of one block, per token, kept until backward, at 4 bytes

@@ -19,7 +19,7 @@ use crate::adapter::{Adapter, AdapterConfig, AdapterSet, BaseModel, Delta, LoraD
 use crate::checkpoint::{self, Array, Arrays};
 use crate::data::{self, Example};
 use crate::model::{Grad, Llama, Weights};
-use crate::optim::{adamw_step, sm3_step, AdamState, AdamW, Sm3, Sm3State};
+use crate::optim::{adamw_dense_step, adamw_step, sm3_step, AdamState, AdamW, DenseAdamState, Sm3, Sm3State};
 use crate::select::{self, AgWindow, Policy, ReselectStats, Schedule, SparseModule, WindowHook};
 use crate::sparse::DeltaInBase;
 use crate::{fsutil, Error, Result};
@@ -440,7 +440,7 @@ struct SparseSlot {
 struct DenseSlot {
     name: String,
     var: Var,
-    adam: AdamState,
+    adam: DenseAdamState,
     grad: Vec<f32>,
 }
 
@@ -496,7 +496,7 @@ fn dense_slot(name: String, t: &Tensor) -> Result<DenseSlot> {
     Ok(DenseSlot {
         name,
         var: Var::from_tensor(t)?,
-        adam: AdamState::new(n),
+        adam: DenseAdamState::new(n),
         grad: vec![0.0; n],
     })
 }
@@ -785,7 +785,7 @@ impl Trainer {
         let h = self.cfg.adamw(lr);
         let dense_step = |s: &mut DenseSlot| -> Result<()> {
             let mut v: Vec<f32> = s.var.as_tensor().flatten_all()?.to_vec1()?;
-            adamw_step(&mut v, &s.grad, &mut s.adam, &h);
+            adamw_dense_step(&mut v, &s.grad, &mut s.adam, &h);
             s.var.set(&Tensor::from_vec(
                 v,
                 s.var.as_tensor().shape(),
@@ -944,7 +944,7 @@ impl Trainer {
             );
             a.insert(format!("{}.m", s.name), Array::F32(s.adam.m.clone()));
             a.insert(format!("{}.v", s.name), Array::F32(s.adam.v.clone()));
-            a.insert(format!("{}.age", s.name), Array::U32(s.adam.age.clone()));
+            a.insert(format!("{}.age", s.name), Array::U32(vec![s.adam.age]));
             Ok(())
         };
         match &self.trainable {
@@ -1025,7 +1025,17 @@ impl Trainer {
             )?)?;
             s.adam.m = checkpoint::take_f32(a, &format!("{}.m", s.name), dir)?;
             s.adam.v = checkpoint::take_f32(a, &format!("{}.v", s.name), dir)?;
-            s.adam.age = checkpoint::take_u32(a, &format!("{}.age", s.name), dir)?;
+            // One count; checkpoints written before dense tensors kept one held a count per element.
+            let ages = checkpoint::take_u32(a, &format!("{}.age", s.name), dir)?;
+            s.adam.age = match ages.split_first() {
+                Some((&age, rest)) if rest.iter().all(|&x| x == age) => age,
+                _ => {
+                    return Err(Error::format(
+                        dir,
+                        format!("checkpoint `{}.age`: one update count expected", s.name),
+                    ))
+                }
+            };
             Ok(())
         };
         match &mut self.trainable {
