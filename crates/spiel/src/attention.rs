@@ -21,7 +21,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::ops::{cpu_f32, grad_like, storage_like, vec_of, widen};
+use crate::ops::{cpu_f32, grad_like, storage_like, widen, with_f32s};
 use crate::profile::{span, Phase};
 use crate::qmatrix::gemm_into;
 
@@ -289,59 +289,62 @@ impl CustomOp3 for Attention {
         let _t = span(Phase::Attention);
         let (groups, g) = self.dims(q.shape(), k.shape(), v.shape())?;
         let kv = groups / self.mask.b;
-        let (qs, ks, vs, os, gs) = (vec_of(q)?, vec_of(k)?, vec_of(v)?, vec_of(res)?, vec_of(grad)?);
-        let (qn, kn, d) = (g.rows * g.d, g.s * g.d, g.d);
-        let (mut dq, mut dk, mut dv) = (vec![0f32; qs.len()], vec![0f32; ks.len()], vec![0f32; vs.len()]);
-        dq.par_chunks_mut(qn)
-            .zip(dk.par_chunks_mut(kn).zip(dv.par_chunks_mut(kn)))
-            .enumerate()
-            .for_each(|(gi, (dqg, (dkg, dvg)))| {
-                let (qg, kg, vg) = (
-                    &qs[gi * qn..(gi + 1) * qn],
-                    &ks[gi * kn..(gi + 1) * kn],
-                    &vs[gi * kn..(gi + 1) * kn],
-                );
-                let (og, dog) = (&os[gi * qn..(gi + 1) * qn], &gs[gi * qn..(gi + 1) * qn]);
-                for (r0, n, e) in self.blocks(gi, kv, g) {
-                    let rows = r0 * d..(r0 + n) * d;
-                    let (qb, ob, dob) = (&qg[rows.clone()], &og[rows.clone()], &dog[rows.clone()]);
-                    let p = self.probs(gi, kv, g, (r0, n, e), qb, kg);
-                    // dV += P^T dO.
-                    gemm_into(false, &mut dvg[..e * d], true, 1.0, (e, d, n), &p, (1, e), dob, (d, 1));
-                    // dP = dO V^T, then dS = P (dP - rowsum(dO O)) in place.
-                    let mut ds = vec![0f32; n * e];
-                    gemm_into(false, &mut ds, false, 1.0, (n, e, d), dob, (d, 1), vg, (1, d));
-                    for i in 0..n {
-                        let dot: f32 = (0..d).map(|c| dob[i * d + c] * ob[i * d + c]).sum();
-                        for (x, pv) in ds[i * e..(i + 1) * e].iter_mut().zip(&p[i * e..(i + 1) * e]) {
-                            *x = pv * (*x - dot);
+        let backward = |qs: &[f32], ks: &[f32], vs: &[f32], os: &[f32], gs: &[f32]| {
+            let (qn, kn, d) = (g.rows * g.d, g.s * g.d, g.d);
+            let (mut dq, mut dk, mut dv) = (vec![0f32; qs.len()], vec![0f32; ks.len()], vec![0f32; vs.len()]);
+            dq.par_chunks_mut(qn)
+                .zip(dk.par_chunks_mut(kn).zip(dv.par_chunks_mut(kn)))
+                .enumerate()
+                .for_each(|(gi, (dqg, (dkg, dvg)))| {
+                    let (qg, kg, vg) = (
+                        &qs[gi * qn..(gi + 1) * qn],
+                        &ks[gi * kn..(gi + 1) * kn],
+                        &vs[gi * kn..(gi + 1) * kn],
+                    );
+                    let (og, dog) = (&os[gi * qn..(gi + 1) * qn], &gs[gi * qn..(gi + 1) * qn]);
+                    for (r0, n, e) in self.blocks(gi, kv, g) {
+                        let rows = r0 * d..(r0 + n) * d;
+                        let (qb, ob, dob) = (&qg[rows.clone()], &og[rows.clone()], &dog[rows.clone()]);
+                        let p = self.probs(gi, kv, g, (r0, n, e), qb, kg);
+                        // dV += P^T dO.
+                        gemm_into(false, &mut dvg[..e * d], true, 1.0, (e, d, n), &p, (1, e), dob, (d, 1));
+                        // dP = dO V^T, then dS = P (dP - rowsum(dO O)) in place.
+                        let mut ds = vec![0f32; n * e];
+                        gemm_into(false, &mut ds, false, 1.0, (n, e, d), dob, (d, 1), vg, (1, d));
+                        for i in 0..n {
+                            let dot: f32 = (0..d).map(|c| dob[i * d + c] * ob[i * d + c]).sum();
+                            for (x, pv) in ds[i * e..(i + 1) * e].iter_mut().zip(&p[i * e..(i + 1) * e]) {
+                                *x = pv * (*x - dot);
+                            }
                         }
+                        // dQ = scale dS K; dK += scale dS^T Q.
+                        gemm_into(
+                            false,
+                            &mut dqg[rows],
+                            false,
+                            self.scale,
+                            (n, d, e),
+                            &ds,
+                            (e, 1),
+                            kg,
+                            (d, 1),
+                        );
+                        gemm_into(
+                            false,
+                            &mut dkg[..e * d],
+                            true,
+                            self.scale,
+                            (e, d, n),
+                            &ds,
+                            (1, e),
+                            qb,
+                            (d, 1),
+                        );
                     }
-                    // dQ = scale dS K; dK += scale dS^T Q.
-                    gemm_into(
-                        false,
-                        &mut dqg[rows],
-                        false,
-                        self.scale,
-                        (n, d, e),
-                        &ds,
-                        (e, 1),
-                        kg,
-                        (d, 1),
-                    );
-                    gemm_into(
-                        false,
-                        &mut dkg[..e * d],
-                        true,
-                        self.scale,
-                        (e, d, n),
-                        &ds,
-                        (1, e),
-                        qb,
-                        (d, 1),
-                    );
-                }
-            });
+                });
+            (dq, dk, dv)
+        };
+        let (dq, dk, dv) = with_f32s(&[q, k, v, res, grad], |t| backward(t[0], t[1], t[2], t[3], t[4]))?;
         Ok((
             Some(grad_like(dq, q)?),
             Some(grad_like(dk, k)?),

@@ -73,6 +73,30 @@ pub(crate) fn vec_of(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.contiguous()?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
 }
 
+/// Run `f` on the values of `ts` as f32: each read in place where it is a contiguous f32 CPU
+/// tensor (a backward's inputs usually are), else a converted copy ([`vec_of`]). Saves a copy of
+/// every input per backward.
+pub(crate) fn with_f32s<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> candle_core::Result<R> {
+    let in_place = |t: &Tensor| {
+        let (storage, layout) = t.storage_and_layout();
+        matches!(&*storage, candle_core::Storage::Cpu(CpuStorage::F32(_))) && layout.is_contiguous()
+    };
+    let copies: Vec<Option<Vec<f32>>> = ts
+        .iter()
+        .map(|t| if in_place(t) { Ok(None) } else { vec_of(t).map(Some) })
+        .collect::<candle_core::Result<_>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: Vec<&[f32]> = Vec::with_capacity(ts.len());
+    for ((storage, layout), copy) in guards.iter().zip(&copies) {
+        slices.push(match (copy, &**storage) {
+            (Some(c), _) => c.as_slice(),
+            (None, candle_core::Storage::Cpu(cpu)) => cpu_slice(cpu, layout, "backward input")?,
+            (None, _) => candle_core::bail!("backward input: CPU tensors only"),
+        });
+    }
+    Ok(f(&slices))
+}
+
 /// A gradient `v` for `like`: a tensor of its shape, device and dtype.
 pub(crate) fn grad_like(v: Vec<f32>, like: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())
@@ -121,7 +145,15 @@ impl CustomOp2 for RmsNorm {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let _t = span(Phase::Norms);
-        let (xs, ws, gs) = (vec_of(x)?, vec_of(w)?, vec_of(g)?);
+        let ws = vec_of(w)?;
+        let (gx, gw) = with_f32s(&[x, g], |v| self.backward(v[0], &ws, v[1]))?;
+        Ok((Some(grad_like(gx, x)?), Some(grad_like(gw, w)?)))
+    }
+}
+
+impl RmsNorm {
+    /// `(gx, gw)` for inputs `xs`, weight `ws` and output gradient `gs`.
+    fn backward(&self, xs: &[f32], ws: &[f32], gs: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let d = ws.len();
         let mut gx = vec![0f32; xs.len()];
         // Per row: r = 1/sqrt(mean x^2 + eps); gx = r (g w) - x r^3 mean(g w x); gw += g x r.
@@ -134,7 +166,7 @@ impl CustomOp2 for RmsNorm {
                 |mut acc, ((gxr, xr), gr)| {
                     let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
                     let r = 1.0 / (ms + self.eps).sqrt();
-                    let dot = gr.iter().zip(&ws).zip(xr).map(|((g, w), x)| g * w * x).sum::<f32>() / d as f32;
+                    let dot = gr.iter().zip(ws).zip(xr).map(|((g, w), x)| g * w * x).sum::<f32>() / d as f32;
                     let r3 = r * r * r;
                     for j in 0..d {
                         gxr[j] = r * gr[j] * ws[j] - xr[j] * r3 * dot;
@@ -148,7 +180,7 @@ impl CustomOp2 for RmsNorm {
         for row in gw_rows {
             gw.iter_mut().zip(row).for_each(|(a, b)| *a += b);
         }
-        Ok((Some(grad_like(gx, x)?), Some(grad_like(gw, w)?)))
+        (gx, gw)
     }
 }
 
@@ -393,7 +425,7 @@ impl CustomOp1 for Rope {
             sin: self.sin.clone(),
             inverse: !self.inverse,
         };
-        Ok(Some(grad_like(inv.apply(&vec_of(g)?, t, d), x)?))
+        Ok(Some(grad_like(with_f32s(&[g], |v| inv.apply(v[0], t, d))?, x)?))
     }
 }
 
@@ -452,19 +484,22 @@ impl CustomOp2 for SwiGlu {
         d: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let _t = span(Phase::SwiGlu);
-        let (gs, us, ds) = (vec_of(g)?, vec_of(u)?, vec_of(d)?);
-        let mut dg = vec![0f32; gs.len()];
-        let mut du = vec![0f32; gs.len()];
-        dg.par_chunks_mut(4096)
-            .zip(du.par_chunks_mut(4096))
-            .zip(gs.par_chunks(4096).zip(us.par_chunks(4096)).zip(ds.par_chunks(4096)))
-            .for_each(|((dg, du), ((g, u), d))| {
-                for i in 0..g.len() {
-                    let (silu, dsilu) = silu_parts(g[i]);
-                    dg[i] = d[i] * u[i] * dsilu;
-                    du[i] = d[i] * silu;
-                }
-            });
+        let backward = |gs: &[f32], us: &[f32], ds: &[f32]| {
+            let mut dg = vec![0f32; gs.len()];
+            let mut du = vec![0f32; gs.len()];
+            dg.par_chunks_mut(4096)
+                .zip(du.par_chunks_mut(4096))
+                .zip(gs.par_chunks(4096).zip(us.par_chunks(4096)).zip(ds.par_chunks(4096)))
+                .for_each(|((dg, du), ((g, u), d))| {
+                    for i in 0..g.len() {
+                        let (silu, dsilu) = silu_parts(g[i]);
+                        dg[i] = d[i] * u[i] * dsilu;
+                        du[i] = d[i] * silu;
+                    }
+                });
+            (dg, du)
+        };
+        let (dg, du) = with_f32s(&[g, u, d], |v| backward(v[0], v[1], v[2]))?;
         Ok((Some(grad_like(dg, g)?), Some(grad_like(du, u)?)))
     }
 }
