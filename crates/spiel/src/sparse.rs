@@ -27,7 +27,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp2, InplaceOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::ops::{cpu_f32, cpu_slice, grad_like, storage_like, vec_of};
+use crate::ops::{cpu_f32, cpu_slice, grad_like, storage_like};
 use crate::qmatrix::{with_slice, Frozen};
 
 /// Receives the transient dense weight gradient `[out, in]` of one module during a SpIEL-AG window.
@@ -237,39 +237,46 @@ impl CustomOp2 for SparseDeltaOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, _) = x.dims2()?;
-        let gy = vec_of(grad)?;
+        let (gx, gv) = crate::ops::with_f32s(&[grad, x], |t| self.backward(n, values, t[0], t[1]))??;
+        let (gx, gv) = (grad_like(gx, x)?, grad_like(gv, values)?);
+        Ok((Some(gx), Some(gv)))
+    }
+}
+
+impl SparseDeltaOp {
+    /// The input gradient and the values' gradient for `n` rows, from the output gradient `gy`
+    /// and the input `xs`, both read in place.
+    fn backward(&self, n: usize, values: &Tensor, gy: &[f32], xs: &[f32]) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
         let mut gx = match &self.base {
             SparseBase::Holding(base) | SparseBase::Plus(base) => {
                 let _t = span(Phase::ProjectionsInputGrad);
-                base.matmul(&gy, n)?
+                base.matmul(gy, n)?
             }
             SparseBase::None => vec![0f32; n * self.in_dim],
         };
         if !matches!(self.base, SparseBase::Holding(_)) {
             let _t = span(Phase::SparseProducts);
             let v: Vec<f32> = values.to_vec1()?;
-            spmm_t_add(&mut gx, &gy, &self.indices, &v, self.in_dim, self.out_dim);
+            spmm_t_add(&mut gx, gy, &self.indices, &v, self.in_dim, self.out_dim);
         }
-        let xs = vec_of(x)?;
         let mut gv = vec![0f32; self.indices.len()];
         match &self.hook {
             None => {
                 let _t = span(Phase::Sddmm);
-                sddmm(&mut gv, &gy, &xs, &self.indices, n, self.in_dim, self.out_dim)
+                sddmm(&mut gv, gy, xs, &self.indices, n, self.in_dim, self.out_dim)
             }
             Some(hook) => {
                 let _t = span(Phase::AgDenseGradients);
                 // Inside an AG window: the dense gradient once, then gather the active entries.
                 let mut dense = vec![0f32; self.out_dim * self.in_dim];
-                crate::qmatrix::gemm_gtx(&mut dense, &gy, &xs, n, self.out_dim, self.in_dim);
+                crate::qmatrix::gemm_gtx(&mut dense, gy, xs, n, self.out_dim, self.in_dim);
                 hook.observe(&dense, self.out_dim, self.in_dim);
                 for (g, &i) in gv.iter_mut().zip(self.indices.iter()) {
                     *g = dense[i as usize];
                 }
             }
         }
-        let (gx, gv) = (grad_like(gx, x)?, grad_like(gv, values)?);
-        Ok((Some(gx), Some(gv)))
+        Ok((gx, gv))
     }
 }
 
