@@ -68,11 +68,6 @@ impl Mask {
             s,
         })
     }
-
-    /// `[B, T, S]`.
-    pub fn dims(&self) -> (usize, usize, usize) {
-        (self.b, self.t, self.s)
-    }
 }
 
 /// `softmax(scale q k^T + mask) v` for `q: [B, KV, R*T, D]`, `k`, `v: [B, KV, S, D]` and an
