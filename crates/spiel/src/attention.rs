@@ -43,7 +43,7 @@ pub struct Mask {
 const HIDDEN: f32 = -1e20;
 
 /// Query positions per block: each block's products stop at the last key any of its queries may
-/// see (about 60% of the square's work under a causal mask of 256 positions).
+/// see (5/8 of the square's products under a causal mask of 256 positions).
 const BLOCK: usize = 64;
 
 impl Mask {
@@ -76,17 +76,9 @@ impl Mask {
 /// the first `S` positions of a longer `[B, KV, capacity, D]` buffer (the decoding cache), read
 /// in place.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Mask>, scale: f64) -> crate::Result<Tensor> {
-    let (b, _, _, _) = q.dims4()?;
-    let (_, _, s, _) = k.dims4()?;
     let op = Attention {
-        mask: mask.cloned().unwrap_or_else(|| Mask {
-            values: Arc::new(Vec::new()),
-            extents: Arc::new(vec![s; b]),
-            b,
-            t: 1,
-            s,
-        }),
-        masked: mask.is_some(),
+        mask: mask.cloned(),
+        b: q.dims4()?.0,
         scale: scale as f32,
     };
     Ok(q.contiguous()?.apply_op3(&rows_view(k)?, &rows_view(v)?, op)?)
@@ -131,9 +123,10 @@ fn key_groups<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Res
 }
 
 struct Attention {
-    /// `[B, T, S]`; empty (and `t` = 1) when unmasked.
-    mask: Mask,
-    masked: bool,
+    /// `None`: every query sees every key.
+    mask: Option<Mask>,
+    /// Batch rows.
+    b: usize,
     scale: f32,
 }
 
@@ -150,16 +143,17 @@ impl Attention {
     fn dims(&self, q: &Shape, k: &Shape, v: &Shape) -> candle_core::Result<(usize, Group)> {
         let (b, kv, rows, d) = q.dims4()?;
         let (kb, kkv, s, kd) = k.dims4()?;
-        let m = &self.mask;
-        if (kb, kkv, kd) != (b, kv, d) || k != v || b != m.b || s != m.s || rows % m.t != 0 {
+        let mask_fits = self
+            .mask
+            .as_ref()
+            .is_none_or(|m| (m.b, m.s) == (b, s) && rows % m.t == 0);
+        if (kb, kkv, kd) != (b, kv, d) || k != v || b != self.b || !mask_fits {
             candle_core::bail!(
-                "attention: q {:?}, k {:?}, v {:?} against a mask of [{}, {}, {}]",
+                "attention: q {:?}, k {:?}, v {:?} against a mask of {:?}",
                 q.dims(),
                 k.dims(),
                 v.dims(),
-                m.b,
-                m.t,
-                m.s
+                self.mask.as_ref().map(|m| [m.b, m.t, m.s])
             );
         }
         Ok((b * kv, Group { rows, s, d }))
@@ -168,20 +162,19 @@ impl Attention {
     /// The blocks of one group: `(first row, rows, keys)` for every head of the group and every
     /// block of up to [`BLOCK`] query positions, `keys` the most any of its queries may see.
     fn blocks(&self, gi: usize, kv: usize, g: Group) -> Vec<(usize, usize, usize)> {
-        let m = &self.mask;
-        let t = if self.masked { m.t } else { g.rows };
+        let t = self.mask.as_ref().map_or(g.rows, |m| m.t);
         let bi = gi / kv;
         let mut out = Vec::new();
         for head in 0..g.rows / t {
             for p0 in (0..t).step_by(BLOCK) {
                 let p1 = (p0 + BLOCK).min(t);
-                let keys = match self.masked {
-                    true => m.extents[bi * m.t + p0..bi * m.t + p1]
+                let keys = match &self.mask {
+                    Some(m) => m.extents[bi * m.t + p0..bi * m.t + p1]
                         .iter()
                         .copied()
                         .max()
                         .unwrap_or(g.s),
-                    false => g.s,
+                    None => g.s,
                 };
                 out.push((head * t + p0, p1 - p0, keys));
             }
@@ -213,15 +206,16 @@ impl Attention {
             k,
             (1, g.d),
         );
-        let (bi, m) = (gi / kv, &self.mask);
+        let bi = gi / kv;
         let mut p = vec![0f32; n * e];
         for (i, (pr, sr)) in p.chunks_mut(e).zip(scores.chunks(e)).enumerate() {
-            if self.masked {
-                let at = (bi * m.t + (r0 + i) % m.t) * m.s;
-                let mr = &m.values[at..at + e];
-                crate::ops::softmax_row(pr, sr, |j| mr[j]);
-            } else {
-                crate::ops::softmax_row(pr, sr, |_| 0.0);
+            match &self.mask {
+                Some(m) => {
+                    let at = (bi * m.t + (r0 + i) % m.t) * m.s;
+                    let mr = &m.values[at..at + e];
+                    crate::ops::softmax_row(pr, sr, |j| mr[j]);
+                }
+                None => crate::ops::softmax_row(pr, sr, |_| 0.0),
             }
         }
         p
@@ -244,7 +238,7 @@ impl CustomOp3 for Attention {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let _t = span(Phase::Attention);
         let (groups, g) = self.dims(l1.shape(), l2.shape(), l3.shape())?;
-        let kv = groups / self.mask.b;
+        let kv = groups / self.b;
         let q = cpu_f32(s1, l1, "attention q")?;
         let ((k, ks), (v, vs)) = (key_groups(s2, l2, "attention k")?, key_groups(s3, l3, "attention v")?);
         let (qn, kn, d) = (g.rows * g.d, g.s * g.d, g.d);
@@ -283,7 +277,7 @@ impl CustomOp3 for Attention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _t = span(Phase::Attention);
         let (groups, g) = self.dims(q.shape(), k.shape(), v.shape())?;
-        let kv = groups / self.mask.b;
+        let kv = groups / self.b;
         let backward = |qs: &[f32], ks: &[f32], vs: &[f32], os: &[f32], gs: &[f32]| {
             let (qn, kn, d) = (g.rows * g.d, g.s * g.d, g.d);
             let (mut dq, mut dk, mut dv) = (vec![0f32; qs.len()], vec![0f32; ks.len()], vec![0f32; vs.len()]);

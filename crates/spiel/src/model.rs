@@ -218,19 +218,14 @@ impl Linear {
                 .iter()
                 .any(|d| matches!(d, Delta::Sparse(s) if s.in_base))
         };
-        let width = ls.first().map(|l| l.shape().1);
-        let (Some(bases), Some(width)) = (bases, width) else {
+        let width = x.elem_count();
+        let fused = x.dtype() == DType::F32 && ls.iter().all(|l| l.shape().1 == width) && !ls.iter().any(in_base);
+        let Some(bases) = bases.filter(|_| fused) else {
             return ls
                 .iter()
                 .map(|l| l.forward(x, adapters.get(&l.name), Grad::No))
                 .collect();
         };
-        if x.dtype() != DType::F32 || x.elem_count() != width || ls.iter().any(in_base) {
-            return ls
-                .iter()
-                .map(|l| l.forward(x, adapters.get(&l.name), Grad::No))
-                .collect();
-        }
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let mut outs: Vec<Vec<f32>> = ls.iter().map(|l| vec![0f32; l.shape().0]).collect();
         let guards: Vec<_> = bases.iter().map(|w| w.storage_and_layout()).collect();

@@ -76,11 +76,14 @@ pub fn adamw_dense_step(values: &mut [f32], grads: &[f32], st: &mut DenseAdamSta
         .par_chunks_mut(ADAM_BLOCK)
         .zip(grads.par_chunks(ADAM_BLOCK))
         .zip(st.m.par_chunks_mut(ADAM_BLOCK).zip(st.v.par_chunks_mut(ADAM_BLOCK)))
-        .for_each(|((xs, gs), (ms, vs))| {
-            for (((x, g), m), v) in xs.iter_mut().zip(gs).zip(ms.iter_mut()).zip(vs.iter_mut()) {
-                adamw_update(h, x, *g, m, v, c);
-            }
-        });
+        .for_each(|((xs, gs), (ms, vs))| adamw_one_age(xs, gs, ms, vs, c, h));
+}
+
+/// The AdamW update of a block whose elements share the bias corrections `c` (vectorises).
+fn adamw_one_age(xs: &mut [f32], gs: &[f32], ms: &mut [f32], vs: &mut [f32], c: (f32, f32), h: &AdamW) {
+    for (((x, g), m), v) in xs.iter_mut().zip(gs).zip(ms.iter_mut()).zip(vs.iter_mut()) {
+        adamw_update(h, x, *g, m, v, c);
+    }
 }
 
 /// Elements per parallel block of the AdamW loops.
@@ -107,10 +110,9 @@ fn adamw_update(h: &AdamW, x: &mut f32, g: f32, m: &mut f32, v: &mut f32, (c1, c
 
 /// One AdamW step: moments, bias correction with each element's own age, the update, then
 /// decoupled weight decay `value -= lr * wd * value`. Runs in parallel blocks; a block whose
-/// elements share one age (every block of a dense tensor) takes the bias corrections as
+/// elements share one age (slots grown at the same reselection) takes the bias corrections as
 /// constants, so that its loop vectorises; the arithmetic per element is the same either way.
 pub fn adamw_step(values: &mut [f32], grads: &[f32], st: &mut AdamState, h: &AdamW) {
-    const BLOCK: usize = ADAM_BLOCK;
     assert!(
         grads.len() == values.len()
             && st.m.len() == values.len()
@@ -119,23 +121,18 @@ pub fn adamw_step(values: &mut [f32], grads: &[f32], st: &mut AdamState, h: &Ada
         "adamw: values, gradients and state differ in length"
     );
     values
-        .par_chunks_mut(BLOCK)
-        .zip(grads.par_chunks(BLOCK))
-        .zip(st.m.par_chunks_mut(BLOCK).zip(st.v.par_chunks_mut(BLOCK)))
-        .zip(st.age.par_chunks_mut(BLOCK))
+        .par_chunks_mut(ADAM_BLOCK)
+        .zip(grads.par_chunks(ADAM_BLOCK))
+        .zip(st.m.par_chunks_mut(ADAM_BLOCK).zip(st.v.par_chunks_mut(ADAM_BLOCK)))
+        .zip(st.age.par_chunks_mut(ADAM_BLOCK))
         .for_each(|(((x, g), (m, v)), age)| adamw_block(x, g, m, v, age, h));
 }
 
 /// [`adamw_step`] on one block.
 fn adamw_block(xs: &mut [f32], gs: &[f32], ms: &mut [f32], vs: &mut [f32], ages: &mut [u32], h: &AdamW) {
-    let corrections = |age: u32| corrections(h, age);
-    let update = |x: &mut f32, g: f32, m: &mut f32, v: &mut f32, c: (f32, f32)| adamw_update(h, x, g, m, v, c);
     let first = ages.first().copied().unwrap_or(0);
     if ages.iter().all(|&a| a == first) {
-        let c = corrections(first + 1);
-        for (((x, g), m), v) in xs.iter_mut().zip(gs).zip(ms.iter_mut()).zip(vs.iter_mut()) {
-            update(x, *g, m, v, c);
-        }
+        adamw_one_age(xs, gs, ms, vs, corrections(h, first + 1), h);
         ages.fill(first + 1);
     } else {
         for ((((x, g), m), v), age) in xs
@@ -146,7 +143,7 @@ fn adamw_block(xs: &mut [f32], gs: &[f32], ms: &mut [f32], vs: &mut [f32], ages:
             .zip(ages.iter_mut())
         {
             *age += 1;
-            update(x, *g, m, v, corrections(*age));
+            adamw_update(h, x, *g, m, v, corrections(h, *age));
         }
     }
 }
