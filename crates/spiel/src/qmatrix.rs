@@ -349,7 +349,7 @@ pub(crate) fn matvec_many(x: &[f32], parts: Vec<(&[f32], &mut [f32])>) {
     }
     blocks.into_par_iter().for_each(|(wb, yb)| {
         for (o, row) in yb.iter_mut().zip(wb.chunks_exact(k)) {
-            *o = crate::sparse::dot(x, row);
+            *o = crate::sparse::dot_streaming(x, row);
         }
     });
 }
@@ -853,6 +853,35 @@ mod tests {
 
     /// `g^T x` against an f64 reference, on shapes with no multiple of a SIMD width, one token,
     /// and more tokens than rows or columns.
+    #[test]
+    fn one_row_products_sharing_an_input_match_f64_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        // Widths off the 16-lane loop and longer than the prefetch distance; one matrix with
+        // fewer rows than a block, one with many blocks.
+        for k in [7, 37, 576, 1000] {
+            let x = random(k, &mut rng);
+            let sizes = [3, 130, 1];
+            let ws: Vec<Vec<f32>> = sizes.iter().map(|&r| random(r * k, &mut rng)).collect();
+            let mut ys: Vec<Vec<f32>> = sizes.iter().map(|&r| vec![f32::NAN; r]).collect();
+            matvec_many(
+                &x,
+                ws.iter()
+                    .map(|w| w.as_slice())
+                    .zip(ys.iter_mut().map(|y| y.as_mut_slice()))
+                    .collect(),
+            );
+            for (w, y) in ws.iter().zip(&ys) {
+                for (r, &got) in y.iter().enumerate() {
+                    let want: f64 = (0..k).map(|c| x[c] as f64 * w[r * k + c] as f64).sum();
+                    assert!(
+                        (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "k {k} row {r}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn weight_gradient_matches_f64_reference() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(6);
