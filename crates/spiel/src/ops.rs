@@ -469,13 +469,58 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     use crate::testing::rel_err_tensors as rel;
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         use rand::SeedableRng;
         crate::testing::uniform_tensor(shape, 2.0, &mut rand::rngs::StdRng::seed_from_u64(seed))
+    }
+
+    /// The patched backward (vendor/README.md) stores a node's first gradient without adding it
+    /// to zeroes: sums over several uses, first gradients arriving transposed or broadcast (stored
+    /// contiguous, as a gather's backward needs), against the analytic gradient in f64.
+    #[test]
+    fn backward_sums_every_use_and_stores_contiguous_gradients() {
+        let (r, c) = (5, 7);
+        let xs: Vec<f32> = (0..r * c).map(|i| ((i * 37 % 11) as f32 - 5.0) / 4.0).collect();
+        let x = Var::from_vec(xs.clone(), (r, c), &Device::Cpu).unwrap();
+        let ids: Vec<u32> = (0..r as u32).map(|i| (i * 3) % c as u32).collect();
+        let ids_t = Tensor::from_vec(ids.clone(), (r, 1), &Device::Cpu).unwrap();
+        let x_t = x.as_tensor();
+        // sum x^2 + sum 3 x^T + sum_i (sum_j x_ij)^2 over the broadcast row sums / c + sum of a gather.
+        let f = (x_t.sqr().unwrap().sum_all().unwrap()
+            + (x_t.t().unwrap() * 3.0).unwrap().sum_all().unwrap()
+            + (x_t
+                .sum_keepdim(1)
+                .unwrap()
+                .broadcast_as((r, c))
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                / c as f64)
+                .unwrap()
+            + x_t.gather(&ids_t, 1).unwrap().sum_all().unwrap())
+        .unwrap();
+        let grads = f.backward().unwrap();
+        let g = grads.get(x_t).unwrap();
+        assert!(g.is_contiguous());
+        let got: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+        for i in 0..r {
+            let row_sum: f64 = (0..c).map(|j| xs[i * c + j] as f64).sum();
+            for j in 0..c {
+                let gathered = if ids[i] as usize == j { 1.0 } else { 0.0 };
+                let want = 2.0 * xs[i * c + j] as f64 + 3.0 + 2.0 * row_sum + gathered;
+                assert!(
+                    (got[i * c + j] as f64 - want).abs() < 1e-5,
+                    "[{i},{j}]: {} vs {want}",
+                    got[i * c + j]
+                );
+            }
+        }
     }
 
     /// Forward and every input gradient of `fused` against `slow` under a random probe.
