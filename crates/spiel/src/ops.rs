@@ -268,9 +268,11 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let y = (p * r * r + r) + 1.0;
-    // 2^n as two factors, each a normal f32 over the whole range (n is in [-126, 128]).
+    // 2^n as two factors, each a normal f32 over the whole range (n is in [-126, 128]). The
+    // integer k is read from the low bits of k + 1.5 * 2^23 rather than by `k as i32`, whose
+    // saturating conversion does not vectorise.
     let n1 = (n * 0.5).floor();
-    let pow2 = |k: f32| f32::from_bits(((k as i32 + 127) as u32) << 23);
+    let pow2 = |k: f32| f32::from_bits((k + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
     let scaled = y * pow2(n1) * pow2(n - n1);
     if x < -87.336_55 {
         0.0

@@ -187,11 +187,7 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     // The head runs fused with the loss ([`crate::head`]): the gathered rows and their gradient,
     // and one chunk of logits at a time (two while the backward forms `p W`). A trainable head
     // (full fine-tuning) also holds its weight gradient from the forward to the backward.
-    let chunk_floats = match full {
-        true => crate::head::TRAINABLE_CHUNK_FLOATS,
-        false => crate::head::CHUNK_FLOATS,
-    };
-    let chunk_rows = (chunk_floats as f64 / v).floor().max(1.0).min(tokens);
+    let chunk_rows = (crate::head::CHUNK_FLOATS as f64 / v).floor().max(1.0).min(tokens);
     let head = tokens * 2.0 * h * f + 2.0 * chunk_rows * v * f + if full { v * h * f } else { 0.0 };
     // Backward frontier: about one block's worth of gradients in flight (one per op output,
     // whatever the adapter adds to a projection).
