@@ -252,7 +252,10 @@ mod tests {
     fn loss_and_gradient_match_f64_reference() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let (v, h) = (8_000, 24);
-        assert!(CHUNK_FLOATS / v < 4_500, "a ragged second chunk at the larger row count");
+        assert!(
+            CHUNK_FLOATS / v < 4_500,
+            "a ragged second chunk at the larger row count"
+        );
         for n in [1, 5, 4_500] {
             let w: Vec<f32> = (0..v * h).map(|_| rng.gen_range(-0.5..0.5)).collect();
             let x: Vec<f32> = (0..n * h).map(|_| rng.gen_range(-1.0..1.0)).collect();

@@ -13,9 +13,11 @@
 //! Shapes: N rows (tokens), IN input features, OUT output features, R the rank.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 
-use crate::ops::{cpu_f32, cpu_slice, grad_like, vec_of};
+use crate::ops::{cpu_f32, cpu_slice, grad_like, with_f32s};
 use crate::qmatrix::{gemm_into, Frozen};
 
 /// `x W^T + scale (m * x) A^T B^T` for `x: [N, IN]` (f32 or bf16), a frozen base `W`, and f32
@@ -60,13 +62,13 @@ struct FrozenPlusLora {
 }
 
 impl FrozenPlusLora {
-    /// The input as the adapter sees it: `m * x`, or `x` itself without dropout.
-    fn dropped(&self, x: Vec<f32>) -> Vec<f32> {
+    /// The input as the adapter sees it: `m * x`, or `x` itself (not copied) without dropout.
+    fn dropped<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
         match self.dropout {
-            None => x,
+            None => Cow::Borrowed(x),
             Some((p, seed)) => {
                 let m = dropout_mask(x.len(), p, seed);
-                x.into_iter().zip(m).map(|(v, m)| v * m).collect()
+                Cow::Owned(x.iter().zip(m).map(|(v, m)| v * m).collect())
             }
         }
     }
@@ -110,7 +112,7 @@ impl CustomOp3 for FrozenPlusLora {
             let _t = crate::profile::span(crate::profile::Phase::ProjectionsForward);
             self.base.matmul_t(&x, n)?
         };
-        let xm = self.dropped(x.into_owned());
+        let xm = self.dropped(&x);
         let mut u = vec![0f32; n * r];
         gemm_into(true, &mut u, false, 1.0, (n, r, inp), &xm, (inp, 1), a, (1, inp));
         gemm_into(true, &mut y, true, self.scale, (n, out, r), &u, (r, 1), b, (1, r));
@@ -125,37 +127,52 @@ impl CustomOp3 for FrozenPlusLora {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, inp, out, r) = self.dims(x.shape(), a.shape(), b.shape())?;
-        let (g, av, bv) = (vec_of(grad)?, vec_of(a)?, vec_of(b)?);
-        let xm = self.dropped(vec_of(x)?);
+        let dims = self.dims(x.shape(), a.shape(), b.shape())?;
+        let (gx, ga, gb) = with_f32s(&[grad, a, b, x], |t| self.backward(dims, t[0], t[1], t[2], t[3]))??;
+        Ok((
+            Some(grad_like(gx, x)?),
+            Some(grad_like(ga, a)?),
+            Some(grad_like(gb, b)?),
+        ))
+    }
+}
+
+impl FrozenPlusLora {
+    /// The input, A and B gradients from the output gradient `g`, `A`, `B` and the input `x`
+    /// (all read in place), for `(n, in, out, r)` from [`Self::dims`].
+    fn backward(
+        &self,
+        (n, inp, out, r): (usize, usize, usize, usize),
+        g: &[f32],
+        av: &[f32],
+        bv: &[f32],
+        x: &[f32],
+    ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let xm = self.dropped(x);
         let mut u = vec![0f32; n * r];
-        gemm_into(true, &mut u, false, 1.0, (n, r, inp), &xm, (inp, 1), &av, (1, inp));
+        gemm_into(true, &mut u, false, 1.0, (n, r, inp), &xm, (inp, 1), av, (1, inp));
         let mut gu = vec![0f32; n * r];
-        gemm_into(true, &mut gu, false, self.scale, (n, r, out), &g, (out, 1), &bv, (r, 1));
+        gemm_into(true, &mut gu, false, self.scale, (n, r, out), g, (out, 1), bv, (r, 1));
         let mut gb = vec![0f32; out * r];
-        gemm_into(true, &mut gb, false, self.scale, (out, r, n), &g, (1, out), &u, (r, 1));
+        gemm_into(true, &mut gb, false, self.scale, (out, r, n), g, (1, out), &u, (r, 1));
         let mut ga = vec![0f32; r * inp];
         gemm_into(true, &mut ga, false, 1.0, (r, inp, n), &gu, (1, r), &xm, (inp, 1));
         let mut gx = {
             let _t = crate::profile::span(crate::profile::Phase::ProjectionsInputGrad);
-            self.base.matmul(&g, n)?
+            self.base.matmul(g, n)?
         };
         match self.dropout {
-            None => gemm_into(true, &mut gx, true, 1.0, (n, inp, r), &gu, (r, 1), &av, (inp, 1)),
+            None => gemm_into(true, &mut gx, true, 1.0, (n, inp, r), &gu, (r, 1), av, (inp, 1)),
             Some((p, seed)) => {
                 let mut gxm = vec![0f32; n * inp];
-                gemm_into(true, &mut gxm, false, 1.0, (n, inp, r), &gu, (r, 1), &av, (inp, 1));
+                gemm_into(true, &mut gxm, false, 1.0, (n, inp, r), &gu, (r, 1), av, (inp, 1));
                 let m = dropout_mask(n * inp, p, seed);
                 gx.par_iter_mut()
                     .zip(gxm.par_iter().zip(m.par_iter()))
                     .for_each(|(o, (v, m))| *o += v * m);
             }
         }
-        Ok((
-            Some(grad_like(gx, x)?),
-            Some(grad_like(ga, a)?),
-            Some(grad_like(gb, b)?),
-        ))
+        Ok((gx, ga, gb))
     }
 }
 

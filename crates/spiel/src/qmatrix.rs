@@ -625,17 +625,21 @@ impl CustomOp2 for TrainableMatmulT {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let ((n, cols), (rows, _)) = (x.dims2()?, w.dims2()?);
-        let (xs, gs) = (crate::ops::vec_of(x)?, crate::ops::vec_of(grad)?);
-        let mut dx = vec![0f32; n * cols];
-        {
-            let _t = span(Phase::ProjectionsInputGrad);
-            with_slice(w, |ws| gemm_gw(&mut dx, false, &gs, 0, rows, n, ws, rows))?;
-        }
-        let mut dw = vec![0f32; rows * cols];
-        {
-            let _t = span(Phase::WeightGradients);
-            gemm_gtx(&mut dw, &gs, &xs, n, rows, cols);
-        }
+        // x, g and W read in place (each a copy before).
+        let (dx, dw) = crate::ops::with_f32s(&[x, grad, w], |t| {
+            let (xs, gs, ws) = (t[0], t[1], t[2]);
+            let mut dx = vec![0f32; n * cols];
+            {
+                let _t = span(Phase::ProjectionsInputGrad);
+                gemm_gw(&mut dx, false, gs, 0, rows, n, ws, rows);
+            }
+            let mut dw = vec![0f32; rows * cols];
+            {
+                let _t = span(Phase::WeightGradients);
+                gemm_gtx(&mut dw, gs, xs, n, rows, cols);
+            }
+            (dx, dw)
+        })?;
         Ok((
             Some(crate::ops::grad_like(dx, x)?),
             Some(Tensor::from_vec(dw, (rows, cols), w.device())?),
