@@ -98,9 +98,12 @@ fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         let c0 = band * BAND;
         let cn = BAND.min(cols - c0);
         let (full_r, full_c) = (rows / 8 * 8, cn / 8 * 8);
-        let mut tiled = false;
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
+        let tiled = std::is_x86_feature_detected!("avx2");
+        #[cfg(not(target_arch = "x86_64"))]
+        let tiled = false;
+        #[cfg(target_arch = "x86_64")]
+        if tiled {
             for r in (0..full_r).step_by(8) {
                 for c in (0..full_c).step_by(8) {
                     // SAFETY: AVX2 is present (checked); the tile reads rows r..r+8 of m at
@@ -116,7 +119,6 @@ fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
                     };
                 }
             }
-            tiled = true;
         }
         for c in 0..cn {
             let done_r = if tiled && c < full_c { full_r } else { 0 };
