@@ -12,9 +12,9 @@
 //!
 //! Shapes: N rows (tokens), IN input features, OUT output features, R the rank.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use std::borrow::Cow;
 
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::ops::{cpu_f32, cpu_slice, grad_like, with_f32s};

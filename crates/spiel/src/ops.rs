@@ -145,8 +145,7 @@ impl CustomOp2 for RmsNorm {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let _t = span(Phase::Norms);
-        let ws = vec_of(w)?;
-        let (gx, gw) = with_f32s(&[x, g], |v| self.backward(v[0], &ws, v[1]))?;
+        let (gx, gw) = with_f32s(&[x, w, g], |v| self.backward(v[0], v[1], v[2]))?;
         Ok((Some(grad_like(gx, x)?), Some(grad_like(gw, w)?)))
     }
 }

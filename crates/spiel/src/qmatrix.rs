@@ -855,8 +855,8 @@ mod tests {
         }
     }
 
-    /// `g^T x` against an f64 reference, on shapes with no multiple of a SIMD width, one token,
-    /// and more tokens than rows or columns.
+    /// The decoding path's one-row products (`matvec_many`, prefetching dot products) against an
+    /// f64 reference, several matrices sharing one input.
     #[test]
     fn one_row_products_sharing_an_input_match_f64_reference() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
@@ -886,6 +886,8 @@ mod tests {
         }
     }
 
+    /// `g^T x` against an f64 reference, on shapes with no multiple of a SIMD width, one token,
+    /// and more tokens than rows or columns.
     #[test]
     fn weight_gradient_matches_f64_reference() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(6);

@@ -174,9 +174,9 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 const PREFETCH_FLOATS: usize = 512;
 
 /// `a . b` for a `b` streamed from memory once (a weight row in a one-row product): [`dot`]
-/// plus a prefetch of `b` 2 KiB ahead, which carries on into the next row. Decoding reads its
-/// weights ~25% faster with it (measured, docs/performance.md); not for operands already in
-/// cache (the SDDMM), where the extra instruction only costs.
+/// plus a prefetch of `b` 2 KiB ahead, which carries on into the next row. A stand-alone loop
+/// over the decode matrices read 20 -> 24-26 GB/s with it, and decoding went 27 -> 30.6
+/// tokens/s (docs/performance.md); not for operands already in cache (the SDDMM).
 pub(crate) fn dot_streaming(a: &[f32], b: &[f32]) -> f32 {
     dot_dispatch::<true>(a, b)
 }
