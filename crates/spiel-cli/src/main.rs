@@ -783,12 +783,16 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!(
-                    "f32 GEMM x W^T, {} threads, median of {rounds}",
-                    candle_core::utils::get_num_threads()
+                    "GEMM x W^T, {} threads, median of {rounds}; bf16 products on {}",
+                    candle_core::utils::get_num_threads(),
+                    spiel::bench::bf16_kernel()
                 );
-                println!("| shape | M | K | N | GFLOP/s |\n|---|---:|---:|---:|---:|");
+                println!("| shape | M | K | N | f32 GFLOP/s | bf16 GFLOP/s |\n|---|---:|---:|---:|---:|---:|");
                 for r in &rows {
-                    println!("| {} | {} | {} | {} | {:.1} |", r.name, r.m, r.k, r.n, r.gflops);
+                    println!(
+                        "| {} | {} | {} | {} | {:.1} | {:.1} |",
+                        r.name, r.m, r.k, r.n, r.gflops, r.bf16_gflops
+                    );
                 }
             }
         }

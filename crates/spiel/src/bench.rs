@@ -429,10 +429,23 @@ pub struct GemmBench {
     pub n: usize,
     /// Median GFLOP/s over the rounds.
     pub gflops: f64,
+    /// Median GFLOP/s of the same product over bf16-rounded operands (`--dtype bf16`), packing
+    /// included.
+    pub bf16_gflops: f64,
+}
+
+/// The code that runs `--dtype bf16` products on this CPU: `"amx"` or `"f32 over rounded
+/// operands"`.
+pub fn bf16_kernel() -> &'static str {
+    match crate::bf16mm::kernel() {
+        crate::bf16mm::Kernel::Amx => "amx",
+        crate::bf16mm::Kernel::Rounded => "f32 over rounded operands",
+    }
 }
 
 /// The machine's f32 GEMM rate at the model's training shapes (`x W^T` with `x: [tokens, in]`,
-/// `W: [out, in]`, as the projections and the head run), median of `rounds` after a warm-up.
+/// `W: [out, in]`, as the projections and the head run), median of `rounds` after a warm-up; and
+/// the rate of the same products over bf16 operands.
 pub fn bench_gemm(cfg: &crate::config::ModelConfig, tokens: usize, rounds: usize) -> Result<Vec<GemmBench>> {
     let dev = candle_core::Device::Cpu;
     let h = cfg.hidden_size;
@@ -450,14 +463,27 @@ pub fn bench_gemm(cfg: &crate::config::ModelConfig, tokens: usize, rounds: usize
     for (name, k, n) in shapes {
         let x = Tensor::randn(0f32, 1.0, (tokens, k), &dev)?;
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
-        let mut rates = Vec::new();
+        let flop = 2.0 * (tokens * k * n) as f64;
+        let (mut rates, mut bf16_rates) = (Vec::new(), Vec::new());
+        let (xs, ws) = (x.flatten_all()?.to_vec1::<f32>()?, w.flatten_all()?.to_vec1::<f32>()?);
+        let mut y16 = vec![0f32; tokens * n];
         for r in 0..=rounds {
             let t0 = Instant::now();
             let y = x.matmul(&w.t()?)?;
             let secs = t0.elapsed().as_secs_f64();
             drop(y);
+            let t0 = Instant::now();
+            crate::bf16mm::gemm(
+                &mut y16,
+                false,
+                1.0,
+                crate::bf16mm::View::rows(&xs, tokens, k),
+                crate::bf16mm::View::transposed(&ws, k, n),
+            );
+            let secs16 = t0.elapsed().as_secs_f64();
             if r > 0 {
-                rates.push(2.0 * (tokens * k * n) as f64 / secs / 1e9);
+                rates.push(flop / secs / 1e9);
+                bf16_rates.push(flop / secs16 / 1e9);
             }
         }
         out.push(GemmBench {
@@ -466,6 +492,7 @@ pub fn bench_gemm(cfg: &crate::config::ModelConfig, tokens: usize, rounds: usize
             k,
             n,
             gflops: median(rates),
+            bf16_gflops: median(bf16_rates),
         });
     }
     Ok(out)
