@@ -478,7 +478,7 @@ pub fn bench_gemm(cfg: &crate::config::ModelConfig, tokens: usize, rounds: usize
                 false,
                 1.0,
                 crate::bf16mm::View::rows(&xs, tokens, k),
-                crate::bf16mm::View::transposed(&ws, k, n),
+                crate::bf16mm::Right::Matrix(crate::bf16mm::View::transposed(&ws, k, n)),
             );
             let secs16 = t0.elapsed().as_secs_f64();
             if r > 0 {

@@ -63,6 +63,127 @@ impl<'a> View<'a> {
     }
 }
 
+/// A weight `[rows, cols]` read as f32 rows, a block at a time (a dense f32 tensor, or a
+/// bf16 / quantised one dequantised on the fly).
+pub(crate) trait WeightRows: Sync {
+    /// `(rows, cols)`.
+    fn shape(&self) -> (usize, usize);
+    /// Rows `r0 .. r1` into `out` (`(r1 - r0) * cols` values).
+    fn read_rows(&self, r0: usize, r1: usize, out: &mut [f32]);
+}
+
+/// A sparse matrix added to a weight before it is rounded: `values[i]` at the flat (row-major)
+/// position `indices[i]`, sorted and unique.
+#[derive(Clone, Copy)]
+pub(crate) struct SparseAdd<'a> {
+    /// Flat positions in the weight, ascending.
+    pub indices: &'a [u32],
+    /// The values added there.
+    pub values: &'a [f32],
+}
+
+impl SparseAdd<'_> {
+    /// Add the entries that fall in rows `r0 .. r1` of a weight with `cols` columns to `rows`,
+    /// which holds those rows.
+    fn add_to_rows(&self, r0: usize, r1: usize, cols: usize, rows: &mut [f32]) {
+        let (lo, hi) = ((r0 * cols) as u32, (r1 * cols) as u32);
+        let start = self.indices.partition_point(|&i| i < lo);
+        let end = self.indices.partition_point(|&i| i < hi);
+        for (&i, &v) in self.indices[start..end].iter().zip(&self.values[start..end]) {
+            rows[(i - lo) as usize] += v;
+        }
+    }
+}
+
+/// The right operand of a product: a strided f32 matrix, or a weight `W` (plus an optional
+/// sparse delta) as `W^T` (for `x W^T`) or as `W` (for `g W`).
+#[derive(Clone, Copy)]
+pub(crate) enum Right<'a> {
+    /// Any f32 matrix.
+    Matrix(View<'a>),
+    /// `(W + delta)^T` when `transposed`, else `W + delta`.
+    Weight {
+        /// The weight.
+        w: &'a dyn WeightRows,
+        /// Added to the weight's values before rounding.
+        delta: Option<SparseAdd<'a>>,
+        /// Whether the operand is the weight's transpose.
+        transposed: bool,
+    },
+}
+
+impl Right<'_> {
+    /// `(k, n)`: rows and columns of the operand.
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Right::Matrix(v) => (v.rows, v.cols),
+            Right::Weight { w, transposed: true, .. } => (w.shape().1, w.shape().0),
+            Right::Weight { w, .. } => w.shape(),
+        }
+    }
+
+    /// The operand as a contiguous row-major f32 matrix (weight and delta summed), unrounded.
+    fn to_rows(self) -> Vec<f32> {
+        match self {
+            Right::Matrix(v) => (0..v.rows).flat_map(|i| (0..v.cols).map(move |j| v.at(i, j))).collect(),
+            Right::Weight { w, delta, transposed } => {
+                let (rows, cols) = w.shape();
+                let mut m = vec![0f32; rows * cols];
+                w.read_rows(0, rows, &mut m);
+                if let Some(d) = delta {
+                    d.add_to_rows(0, rows, cols, &mut m);
+                }
+                if transposed {
+                    let mut t = vec![0f32; rows * cols];
+                    for (r, row) in m.chunks_exact(cols).enumerate() {
+                        for (c, &x) in row.iter().enumerate() {
+                            t[c * rows + r] = x;
+                        }
+                    }
+                    t
+                } else {
+                    m
+                }
+            }
+        }
+    }
+}
+
+/// The precision of a product's operands: f32, or bf16 with f32 sums (`--dtype bf16`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Products {
+    /// f32 operands.
+    F32,
+    /// Operands rounded to bf16, f32 sums.
+    Bf16,
+}
+
+impl Products {
+    /// The products that go with activations of `dtype`: bf16 for bf16, else f32.
+    pub fn for_activations(dtype: candle_core::DType) -> Products {
+        if dtype == candle_core::DType::BF16 {
+            Products::Bf16
+        } else {
+            Products::F32
+        }
+    }
+
+    /// The products that go with an op's input storage.
+    pub(crate) fn for_storage(s: &candle_core::CpuStorage) -> Products {
+        match s {
+            candle_core::CpuStorage::BF16(_) => Products::Bf16,
+            _ => Products::F32,
+        }
+    }
+
+    /// Whether a product with `rows` rows of activations takes bf16 operands. Below 16 rows
+    /// (decoding) the product is a pass over the weight, which packing it would double, so it
+    /// stays f32.
+    pub(crate) fn bf16_for(self, rows: usize) -> bool {
+        self == Products::Bf16 && rows >= 16
+    }
+}
+
 /// Which code computes a product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kernel {
@@ -99,17 +220,20 @@ pub(crate) fn rounded(x: f32) -> f32 {
 /// `dst (+)= beta * a b` for `a: [m, k]`, `b: [k, n]` and `dst: [m, n]` (row-major, contiguous),
 /// with both operands rounded to bf16 and f32 sums; adds to `dst` when `accumulate`, else
 /// overwrites it.
-pub(crate) fn gemm(dst: &mut [f32], accumulate: bool, beta: f32, a: View, b: View) {
+pub(crate) fn gemm(dst: &mut [f32], accumulate: bool, beta: f32, a: View, b: Right) {
     gemm_with(kernel(), dst, accumulate, beta, a, b)
 }
 
 /// [`gemm`] on a chosen kernel (the tests run both).
-pub(crate) fn gemm_with(kernel: Kernel, dst: &mut [f32], accumulate: bool, beta: f32, a: View, b: View) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert_eq!(b.rows, k, "bf16 product: [{m}, {k}] times [{}, {n}]", b.rows);
+pub(crate) fn gemm_with(kernel: Kernel, dst: &mut [f32], accumulate: bool, beta: f32, a: View, b: Right) {
+    let (m, k) = (a.rows, a.cols);
+    let (bk, n) = b.dims();
+    assert_eq!(bk, k, "bf16 product: [{m}, {k}] times [{bk}, {n}]");
     assert!(dst.len() >= m * n, "bf16 product: output of {} for [{m}, {n}]", dst.len());
     a.check("left operand");
-    b.check("right operand");
+    if let Right::Matrix(b) = b {
+        b.check("right operand");
+    }
     if m == 0 || n == 0 {
         return;
     }
@@ -123,7 +247,8 @@ pub(crate) fn gemm_with(kernel: Kernel, dst: &mut [f32], accumulate: bool, beta:
         Kernel::Amx => amx::gemm(dst, accumulate, beta, a, b),
         Kernel::Rounded => {
             let ra = round_rows(a);
-            let rb = round_rows(b);
+            let mut rb = b.to_rows();
+            rb.par_iter_mut().for_each(|x| *x = rounded(*x));
             crate::qmatrix::gemm_into(true, dst, accumulate, beta, (m, n, k), &ra, (k, 1), &rb, (n, 1));
         }
     }
@@ -142,7 +267,7 @@ fn round_rows(v: View) -> Vec<f32> {
 
 /// The AMX path: operand packing, the tile kernel and the process's permission to use the tiles.
 mod amx {
-    use super::{round_bf16, View};
+    use super::{round_bf16, Right, SparseAdd, View, WeightRows};
     use rayon::prelude::*;
 
     /// Output rows and columns per block (2 x 2 tiles of 16 x 16 f32).
@@ -160,13 +285,10 @@ mod amx {
             if std::env::var_os("SPIEL_NO_AMX").is_some() {
                 return false;
             }
-            // SAFETY: cpuid leaf 7 exists on every x86-64 CPU that reports a max leaf >= 7.
-            let leaf7 = unsafe {
-                if std::arch::x86_64::__cpuid(0).eax < 7 {
-                    return false;
-                }
-                std::arch::x86_64::__cpuid_count(7, 0)
-            };
+            if std::arch::x86_64::__cpuid(0).eax < 7 {
+                return false;
+            }
+            let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
             let (amx_bf16, amx_tile) = (leaf7.edx >> 22 & 1 == 1, leaf7.edx >> 24 & 1 == 1);
             if !(amx_bf16 && amx_tile) {
                 return false;
@@ -216,6 +338,9 @@ mod amx {
         out.par_chunks_mut(panel).enumerate().for_each(|(p, dst)| {
             let j0 = p * 16;
             let width = b.cols.saturating_sub(j0).min(16);
+            if width == 0 {
+                return; // a padding panel: zeros
+            }
             if b.rs == 1 {
                 // Each column is contiguous (the transpose of a row-major weight): walk it.
                 for jj in 0..width {
@@ -243,6 +368,72 @@ mod amx {
                 for kk in 0..k.div_ceil(2) {
                     for jj in 0..width {
                         dst[kk * 16 + jj] = pair(value(2 * kk, j0 + jj), value(2 * kk + 1, j0 + jj));
+                    }
+                }
+            }
+        });
+        out
+    }
+
+    /// [`pack_right`] for either kind of right operand.
+    fn pack(b: Right, depth: usize, cols: usize) -> Vec<u32> {
+        match b {
+            Right::Matrix(v) => pack_right(v, depth, cols),
+            Right::Weight { w, delta, transposed: true } => pack_weight_transposed(w, delta, depth, cols),
+            Right::Weight { w, delta, transposed: false } => pack_weight(w, delta, depth, cols),
+        }
+    }
+
+    /// `(W + delta)^T` packed as [`pack_right`] does: each panel is 16 rows of `W`, read
+    /// (and the delta added) in one block.
+    fn pack_weight_transposed(w: &dyn WeightRows, delta: Option<SparseAdd>, depth: usize, cols: usize) -> Vec<u32> {
+        let (rows, k) = w.shape();
+        let panel = depth / 2 * 16;
+        let mut out = vec![0u32; cols / 16 * panel];
+        out.par_chunks_mut(panel).enumerate().for_each(|(p, dst)| {
+            let (r0, r1) = ((p * 16).min(rows), (p * 16 + 16).min(rows));
+            let mut block = vec![0f32; (r1 - r0) * k];
+            w.read_rows(r0, r1, &mut block);
+            if let Some(d) = delta {
+                d.add_to_rows(r0, r1, k, &mut block);
+            }
+            for (jj, row) in block.chunks_exact(k.max(1)).enumerate().take(r1 - r0) {
+                let mut pairs = row.chunks_exact(2);
+                for (kk, two) in pairs.by_ref().enumerate() {
+                    dst[kk * 16 + jj] = round_bf16(two[0]) as u32 | (round_bf16(two[1]) as u32) << 16;
+                }
+                if let [last] = pairs.remainder() {
+                    dst[k / 2 * 16 + jj] = round_bf16(*last) as u32;
+                }
+            }
+        });
+        out
+    }
+
+    /// `W + delta` packed as [`pack_right`] does: 32 rows of `W` at a time (16 rows of pairs in
+    /// every panel), read (and the delta added) in one block.
+    fn pack_weight(w: &dyn WeightRows, delta: Option<SparseAdd>, depth: usize, cols: usize) -> Vec<u32> {
+        let (rows, n) = w.shape();
+        let panel = depth / 2 * 16;
+        let mut out = vec![0u32; cols / 16 * panel];
+        let dst = SendPtr(out.as_mut_ptr());
+        (0..rows.div_ceil(DEPTH)).into_par_iter().for_each(|s| {
+            let (r0, r1) = (s * DEPTH, (s * DEPTH + DEPTH).min(rows));
+            let mut block = vec![0f32; DEPTH * n];
+            w.read_rows(r0, r1, &mut block[..(r1 - r0) * n]);
+            if let Some(d) = delta {
+                d.add_to_rows(r0, r1, n, &mut block[..(r1 - r0) * n]);
+            }
+            for p in 0..cols / 16 {
+                let (j0, width) = (p * 16, n.saturating_sub(p * 16).min(16));
+                for kk in 0..DEPTH / 2 {
+                    let at = p * panel + (s * DEPTH / 2 + kk) * 16;
+                    // SAFETY: task `s` writes pair rows s * 16 .. s * 16 + 16 of every panel,
+                    // inside `out`; no other task writes them.
+                    let row = unsafe { std::slice::from_raw_parts_mut(dst.get().add(at), 16) };
+                    let (lo, hi) = (&block[2 * kk * n..][..n], &block[(2 * kk + 1) * n..][..n]);
+                    for (jj, o) in row[..width].iter_mut().enumerate() {
+                        *o = round_bf16(lo[j0 + jj]) as u32 | (round_bf16(hi[j0 + jj]) as u32) << 16;
                     }
                 }
             }
@@ -341,11 +532,11 @@ mod amx {
     }
 
     /// [`super::gemm`] on the tiles.
-    pub(super) fn gemm(dst: &mut [f32], accumulate: bool, beta: f32, a: View, b: View) {
-        let (m, k, n) = (a.rows, a.cols, b.cols);
+    pub(super) fn gemm(dst: &mut [f32], accumulate: bool, beta: f32, a: View, b: Right) {
+        let (m, k, n) = (a.rows, a.cols, b.dims().1);
         let (rows, depth, cols) = (m.next_multiple_of(BLOCK), k.next_multiple_of(DEPTH), n.next_multiple_of(BLOCK));
         let left = pack_left(a, rows, depth);
-        let right = pack_right(b, depth, cols);
+        let right = pack(b, depth, cols);
         let panel = depth / 2 * 16;
         // Tasks: TASK_ROWS output rows by BLOCK columns, column-block major, so that each thread
         // walks one run of right panels.
@@ -386,14 +577,19 @@ mod amx {
         });
     }
 
-    /// A raw output pointer shared by tasks that write disjoint blocks.
-    #[derive(Clone, Copy)]
-    struct SendPtr(*mut f32);
-    // SAFETY: the tasks write disjoint blocks of the output.
-    unsafe impl Send for SendPtr {}
-    unsafe impl Sync for SendPtr {}
-    impl SendPtr {
-        fn get(self) -> *mut f32 {
+    /// A raw output pointer shared by tasks that write disjoint parts.
+    struct SendPtr<T>(*mut T);
+    impl<T> Clone for SendPtr<T> {
+        fn clone(&self) -> Self {
+            *self
+        }
+    }
+    impl<T> Copy for SendPtr<T> {}
+    // SAFETY: the tasks write disjoint parts of the output.
+    unsafe impl<T> Send for SendPtr<T> {}
+    unsafe impl<T> Sync for SendPtr<T> {}
+    impl<T> SendPtr<T> {
+        fn get(self) -> *mut T {
             self.0
         }
     }
@@ -426,7 +622,7 @@ mod tests {
                     let (a, b) = (view(&av, m, k, ta), view(&bv, k, n, tb));
                     for &kern in &kernels {
                         let mut got = init.clone();
-                        gemm_with(kern, &mut got, accumulate, beta, a, b);
+                        gemm_with(kern, &mut got, accumulate, beta, a, Right::Matrix(b));
                         for i in 0..m {
                             for j in 0..n {
                                 let (mut want, mut mag) = (0f64, 0f64);
@@ -443,6 +639,66 @@ mod tests {
                                 assert!(
                                     err <= 1e-6 * (mag + 1.0) * (k as f64).sqrt(),
                                     "{kern:?} [{m}, {k}] x [{n}] layouts {ta} {tb} at ({i}, {j}): {} vs {want}",
+                                    got[i * n + j]
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A dense row-major weight for the tests.
+    struct Dense(Vec<f32>, usize, usize);
+
+    impl WeightRows for Dense {
+        fn shape(&self) -> (usize, usize) {
+            (self.1, self.2)
+        }
+        fn read_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+            out.copy_from_slice(&self.0[r0 * self.2..r1 * self.2]);
+        }
+    }
+
+    /// A weight operand, plain or with a sparse delta, as `W^T` and as `W`: both kernels
+    /// against an f64 product of the rounded sum `W + delta`.
+    #[test]
+    fn weight_products_add_the_delta_before_rounding() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let kernels = if kernel() == Kernel::Amx { vec![Kernel::Amx, Kernel::Rounded] } else { vec![Kernel::Rounded] };
+        for &(m, rows, cols) in &[(3, 5, 7), (40, 33, 70), (64, 96, 64), (20, 130, 31)] {
+            let w = Dense((0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect(), rows, cols);
+            let mut indices: Vec<u32> = (0..(rows * cols) as u32).filter(|_| rng.gen_bool(0.2)).collect();
+            indices.dedup();
+            // Deltas below half a bf16 step of most weights: lost if rounded before adding.
+            let values: Vec<f32> = indices.iter().map(|_| rng.gen_range(-3e-3..3e-3)).collect();
+            let mut sum = w.0.clone();
+            indices.iter().zip(&values).for_each(|(&i, &v)| sum[i as usize] += v);
+            for delta in [None, Some(SparseAdd { indices: &indices, values: &values })] {
+                let full = if delta.is_some() { &sum } else { &w.0 };
+                for transposed in [true, false] {
+                    let (k, n) = if transposed { (cols, rows) } else { (rows, cols) };
+                    let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-2.0..2.0)).collect();
+                    let b = |l: usize, j: usize| if transposed { full[j * cols + l] } else { full[l * cols + j] };
+                    for &kern in &kernels {
+                        let mut got = vec![0f32; m * n];
+                        let right = Right::Weight { w: &w, delta, transposed };
+                        gemm_with(kern, &mut got, false, 1.0, View::rows(&x, m, k), right);
+                        for i in 0..m {
+                            for j in 0..n {
+                                let (mut want, mut mag) = (0f64, 0f64);
+                                for l in 0..k {
+                                    let p = rounded(x[i * k + l]) as f64 * rounded(b(l, j)) as f64;
+                                    want += p;
+                                    mag += p.abs();
+                                }
+                                let err = (got[i * n + j] as f64 - want).abs();
+                                assert!(
+                                    err <= 1e-6 * (mag + 1.0) * (k as f64).sqrt(),
+                                    "{kern:?} [{m}, {k}] x W{} of [{rows}, {cols}], delta {}: ({i}, {j}) {} vs {want}",
+                                    if transposed { "^T" } else { "" },
+                                    delta.is_some(),
                                     got[i * n + j]
                                 );
                             }

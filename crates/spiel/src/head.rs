@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::bf16mm::{self, Products, Right, View};
 use crate::profile::{span, Phase};
 use crate::qmatrix::Frozen;
 #[cfg(test)]
@@ -27,22 +28,24 @@ use crate::{Error, Result};
 pub const CHUNK_FLOATS: usize = 32 << 20;
 
 /// Mean cross-entropy of `targets` (one per row) under the logits `rows W^T`, for `rows: [N, H]`,
-/// differentiable in `rows`; the `[N, V]` logits are never all held at once.
-pub fn head_cross_entropy(rows: &Tensor, w: &Frozen, targets: &[u32]) -> Result<Tensor> {
-    let op = HeadLoss::new(rows, w.clone(), targets, false)?;
+/// differentiable in `rows`; the `[N, V]` logits are never all held at once. The head's products
+/// take `products`' operands.
+pub fn head_cross_entropy(rows: &Tensor, w: &Frozen, targets: &[u32], products: Products) -> Result<Tensor> {
+    let op = HeadLoss::new(rows, w.clone(), targets, false, products)?;
     Ok(rows.contiguous()?.apply_op1(op)?)
 }
 
 /// [`head_cross_entropy`] for a trainable f32 head `w: [V, H]` (full fine-tuning), also
 /// differentiable in `w`: each chunk's `(softmax - onehot) / N` is multiplied by its rows into the
 /// weight gradient as well, in the same pass.
-pub fn trainable_head_cross_entropy(rows: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
-    let op = HeadLoss::new(rows, Frozen::Dense(w.clone()), targets, w.track_op())?;
+pub fn trainable_head_cross_entropy(rows: &Tensor, w: &Tensor, targets: &[u32], products: Products) -> Result<Tensor> {
+    let op = HeadLoss::new(rows, Frozen::Dense(w.clone()), targets, w.track_op(), products)?;
     Ok(rows.contiguous()?.apply_op2(w, op)?)
 }
 
 struct HeadLoss {
     w: Frozen,
+    products: Products,
     targets: Arc<Vec<u32>>,
     /// When a backward will follow: the input gradient for an incoming gradient of 1, formed
     /// in the forward while each chunk's probabilities are at hand (so the backward needs no
@@ -61,7 +64,7 @@ struct Pass {
 }
 
 impl HeadLoss {
-    fn new(rows: &Tensor, w: Frozen, targets: &[u32], trainable: bool) -> Result<HeadLoss> {
+    fn new(rows: &Tensor, w: Frozen, targets: &[u32], trainable: bool, products: Products) -> Result<HeadLoss> {
         let (n, h) = rows.dims2()?;
         if n != targets.len() || n == 0 {
             return Err(Error::Invalid(format!(
@@ -82,6 +85,7 @@ impl HeadLoss {
         }
         Ok(HeadLoss {
             w,
+            products,
             targets: Arc::new(targets.to_vec()),
             eager: rows.track_op().then(|| Mutex::new(None)),
             eager_weight: trainable.then(|| Mutex::new(None)),
@@ -104,7 +108,7 @@ impl HeadLoss {
         for (c, xs) in x.chunks(self.chunk() * h).enumerate() {
             let m = xs.len() / h;
             let first = c * self.chunk();
-            let mut p = self.w.matmul_t(xs, m)?;
+            let mut p = self.w.matmul_t(xs, m, self.products)?;
             // Each row becomes its softmax times k, minus k at the target (the gradient of
             // `scale` times the mean loss); its loss term is kept.
             let losses: Vec<f64> = p
@@ -120,11 +124,15 @@ impl HeadLoss {
                 .collect();
             loss += losses.iter().sum::<f64>();
             if want_dx {
-                dx.extend(self.w.matmul(&p, m)?);
+                dx.extend(self.w.matmul(&p, m, self.products)?);
             }
             if want_dw {
                 // dW (+)= p^T xs.
-                crate::qmatrix::gemm_into(true, &mut dw, c > 0, 1.0, (v, h, m), &p, (1, v), xs, (h, 1));
+                if self.products.bf16_for(m) {
+                    bf16mm::gemm(&mut dw, c > 0, 1.0, View::transposed(&p, v, m), Right::Matrix(View::rows(xs, m, h)));
+                } else {
+                    crate::qmatrix::gemm_into(true, &mut dw, c > 0, 1.0, (v, h, m), &p, (1, v), xs, (h, 1));
+                }
             }
         }
         Ok(Pass {
@@ -275,7 +283,7 @@ mod tests {
                 ),
             ] {
                 let xv = Var::from_vec(x.clone(), (n, h), &Device::Cpu).unwrap();
-                let loss = head_cross_entropy(xv.as_tensor(), head, &targets).unwrap();
+                let loss = head_cross_entropy(xv.as_tensor(), head, &targets, Products::F32).unwrap();
                 let grads = (&loss * 3.0).unwrap().backward().unwrap();
                 let got_loss = loss.to_scalar::<f32>().unwrap() as f64;
                 let got: Vec<f32> = grads.get(&xv).unwrap().flatten_all().unwrap().to_vec1().unwrap();
@@ -341,7 +349,7 @@ mod tests {
                 Var::from_vec(x.clone(), (n, h), &Device::Cpu).unwrap(),
                 Var::from_vec(w.clone(), (v, h), &Device::Cpu).unwrap(),
             );
-            let got = trainable_head_cross_entropy(xb.as_tensor(), wb.as_tensor(), &targets).unwrap();
+            let got = trainable_head_cross_entropy(xb.as_tensor(), wb.as_tensor(), &targets, Products::F32).unwrap();
             let gg = (&got * 3.0).unwrap().backward().unwrap();
             let again = (&got * 3.0).unwrap().backward().unwrap();
             let (l1, l2) = (got.to_scalar::<f32>().unwrap(), want.to_scalar::<f32>().unwrap());
@@ -359,13 +367,13 @@ mod tests {
     fn mismatched_or_out_of_range_targets_are_errors() {
         let w = Frozen::Dense(Tensor::zeros((10, 4), candle_core::DType::F32, &Device::Cpu).unwrap());
         let x = Tensor::zeros((2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert!(head_cross_entropy(&x, &w, &[1]).is_err());
-        assert!(head_cross_entropy(&x, &w, &[1, 10])
+        assert!(head_cross_entropy(&x, &w, &[1], Products::F32).is_err());
+        assert!(head_cross_entropy(&x, &w, &[1, 10], Products::F32)
             .unwrap_err()
             .to_string()
             .contains("10"));
         // A uniform distribution over 10 tokens: loss ln 10.
-        let l = head_cross_entropy(&x, &w, &[1, 2]).unwrap().to_scalar::<f32>().unwrap();
+        let l = head_cross_entropy(&x, &w, &[1, 2], Products::F32).unwrap().to_scalar::<f32>().unwrap();
         assert!((l - 10f32.ln()).abs() < 1e-6);
     }
 }

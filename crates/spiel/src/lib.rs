@@ -8,7 +8,7 @@ pub mod adapter;
 pub mod assets;
 pub mod attention;
 pub mod bench;
-pub(crate) mod bf16mm;
+pub mod bf16mm;
 pub mod checkpoint;
 pub mod compare;
 pub mod config;

@@ -18,6 +18,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::ops::{cpu_f32, cpu_slice, grad_like, with_f32s};
+use crate::bf16mm::Products;
 use crate::qmatrix::{gemm_into, Frozen};
 
 /// `x W^T + scale (m * x) A^T B^T` for `x: [N, IN]` (f32 or bf16), a frozen base `W`, and f32
@@ -110,7 +111,7 @@ impl CustomOp3 for FrozenPlusLora {
         let (a, b) = (cpu_slice(s2, l2, "lora A")?, cpu_slice(s3, l3, "lora B")?);
         let mut y = {
             let _t = crate::profile::span(crate::profile::Phase::ProjectionsForward);
-            self.base.matmul_t(&x, n)?
+            self.base.matmul_t(&x, n, Products::for_storage(s1))?
         };
         let xm = self.dropped(&x);
         let mut u = vec![0f32; n * r];
@@ -128,7 +129,8 @@ impl CustomOp3 for FrozenPlusLora {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = self.dims(x.shape(), a.shape(), b.shape())?;
-        let (gx, ga, gb) = with_f32s(&[grad, a, b, x], |t| self.backward(dims, t[0], t[1], t[2], t[3]))??;
+        let products = Products::for_activations(grad.dtype());
+        let (gx, ga, gb) = with_f32s(&[grad, a, b, x], |t| self.backward(dims, products, t[0], t[1], t[2], t[3]))??;
         Ok((
             Some(grad_like(gx, x)?),
             Some(grad_like(ga, a)?),
@@ -139,10 +141,12 @@ impl CustomOp3 for FrozenPlusLora {
 
 impl FrozenPlusLora {
     /// The input, A and B gradients from the output gradient `g`, `A`, `B` and the input `x`
-    /// (all read in place), for `(n, in, out, r)` from [`Self::dims`].
+    /// (all read in place), for `(n, in, out, r)` from [`Self::dims`]; the base's product with
+    /// `products`' operands.
     fn backward(
         &self,
         (n, inp, out, r): (usize, usize, usize, usize),
+        products: Products,
         g: &[f32],
         av: &[f32],
         bv: &[f32],
@@ -159,7 +163,7 @@ impl FrozenPlusLora {
         gemm_into(true, &mut ga, false, 1.0, (r, inp, n), &gu, (1, r), &xm, (inp, 1));
         let mut gx = {
             let _t = crate::profile::span(crate::profile::Phase::ProjectionsInputGrad);
-            self.base.matmul(g, n)?
+            self.base.matmul(g, n, products)?
         };
         match self.dropout {
             None => gemm_into(true, &mut gx, true, 1.0, (n, inp, r), &gu, (r, 1), av, (inp, 1)),

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
 
+use crate::bf16mm::Products;
 use crate::adapter::{AdapterSet, Delta};
 use crate::attention::Mask;
 use crate::config::ModelConfig;
@@ -625,7 +626,9 @@ impl Llama {
     /// projection outputs, and their gradients) held in `dtype`, f32 or bf16. With bf16 every
     /// op widens its inputs to f32, computes in f32 and rounds its result to bf16, so the tensors
     /// kept for the backward take half the memory; the final hidden states return to f32 for the
-    /// head, and adapter values, their gradients and optimizer state stay f32.
+    /// head, and adapter values, their gradients and optimizer state stay f32. The dense
+    /// weights' products (projections and head) then take bf16 operands with f32 sums
+    /// ([`crate::bf16mm`]), as PyTorch's bf16 autocast does.
     pub fn compute_in(&mut self, dtype: DType) -> Result<()> {
         match dtype {
             DType::F32 | DType::BF16 => {
@@ -641,6 +644,11 @@ impl Llama {
     /// The dtype activations are computed in ([`Llama::compute_in`]).
     pub fn activation_dtype(&self) -> DType {
         self.activations
+    }
+
+    /// The operands of the weights' products, from the activations' dtype.
+    fn products(&self) -> Products {
+        Products::for_activations(self.activations)
     }
 
     /// The storage format of the projection weights (`None`: dense f32).
@@ -749,9 +757,11 @@ impl Llama {
     pub fn head_loss(&self, rows: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let targets = targets.to_vec1::<u32>()?;
         match self.lm_head.as_ref().unwrap_or(&self.embed_tokens) {
-            Weight::Dense(w) if w.is_variable() => crate::head::trainable_head_cross_entropy(rows, w, &targets),
+            Weight::Dense(w) if w.is_variable() => {
+                crate::head::trainable_head_cross_entropy(rows, w, &targets, self.products())
+            }
             head => match head.frozen() {
-                Some(frozen) => crate::head::head_cross_entropy(rows, &frozen, &targets),
+                Some(frozen) => crate::head::head_cross_entropy(rows, &frozen, &targets, self.products()),
                 None => Err(Error::Invalid(
                     "the head weight is neither frozen nor a trainable f32 tensor".into(),
                 )),

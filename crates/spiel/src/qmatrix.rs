@@ -18,6 +18,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::bf16mm::{self, Products, Right, SparseAdd, View, WeightRows};
 use crate::profile::{span, Phase};
 use crate::quant::{self, Format};
 use crate::{Error, Result};
@@ -538,8 +539,11 @@ impl Frozen {
         }
     }
 
-    /// `x W^T` for `x: [n, cols]`.
-    pub(crate) fn matmul_t(&self, x: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
+    /// `x W^T` for `x: [n, cols]`, with `products`' operands.
+    pub(crate) fn matmul_t(&self, x: &[f32], n: usize, products: Products) -> candle_core::Result<Vec<f32>> {
+        if products.bf16_for(n) {
+            return Ok(self.bf16_product(x, n, true, None));
+        }
         match self {
             Frozen::Quantized(q) => Ok(q.matmul_t(x, n)),
             Frozen::Dense(t) => with_slice(t, |w| {
@@ -551,8 +555,11 @@ impl Frozen {
         }
     }
 
-    /// `g W` for `g: [n, rows]`.
-    pub(crate) fn matmul(&self, g: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
+    /// `g W` for `g: [n, rows]`, with `products`' operands.
+    pub(crate) fn matmul(&self, g: &[f32], n: usize, products: Products) -> candle_core::Result<Vec<f32>> {
+        if products.bf16_for(n) {
+            return Ok(self.bf16_product(g, n, false, None));
+        }
         match self {
             Frozen::Quantized(q) => Ok(q.matmul(g, n)),
             Frozen::Dense(t) => with_slice(t, |w| {
@@ -561,6 +568,35 @@ impl Frozen {
                 gemm_gw(&mut dx, false, g, 0, rows, n, w, rows);
                 dx
             }),
+        }
+    }
+
+    /// `x (W + delta)^T` for `x: [n, cols]` when `transposed`, else `x (W + delta)` for
+    /// `x: [n, rows]`, over bf16 operands ([`bf16mm`]); any storage, read a block of rows at a
+    /// time.
+    pub(crate) fn bf16_product(&self, x: &[f32], n: usize, transposed: bool, delta: Option<SparseAdd>) -> Vec<f32> {
+        let (rows, cols) = self.shape();
+        let (k, width) = if transposed { (cols, rows) } else { (rows, cols) };
+        let mut y = vec![0f32; n * width];
+        let right = Right::Weight { w: self, delta, transposed };
+        bf16mm::gemm(&mut y, false, 1.0, View::rows(x, n, k), right);
+        y
+    }
+}
+
+impl WeightRows for Frozen {
+    fn shape(&self) -> (usize, usize) {
+        Frozen::shape(self)
+    }
+
+    fn read_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        match self {
+            Frozen::Quantized(q) => q.dequantize_rows(r0, r1, out),
+            Frozen::Dense(t) => {
+                let cols = self.shape().1;
+                with_slice(t, |w| out.copy_from_slice(&w[r0 * cols..r1 * cols]))
+                    .expect("a frozen dense weight is a contiguous f32 CPU tensor");
+            }
         }
     }
 }
@@ -613,7 +649,11 @@ impl CustomOp2 for TrainableMatmulT {
             candle_core::bail!("trainable-matmul-t: input has {k} columns, weight has {cols}");
         }
         let mut y = vec![0f32; n * rows];
-        gemm_xwt(&mut y, 0, rows, &x, n, w, rows);
+        if Products::for_storage(s1).bf16_for(n) {
+            bf16mm::gemm(&mut y, false, 1.0, View::rows(&x, n, k), Right::Matrix(View::transposed(w, k, rows)));
+        } else {
+            gemm_xwt(&mut y, 0, rows, &x, n, w, rows);
+        }
         Ok((crate::ops::storage_like(y, s1), Shape::from((n, rows))))
     }
 
@@ -625,18 +665,27 @@ impl CustomOp2 for TrainableMatmulT {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let ((n, cols), (rows, _)) = (x.dims2()?, w.dims2()?);
+        let bf16 = Products::for_activations(x.dtype()).bf16_for(n);
         // x, g and W read in place (each a copy before).
         let (dx, dw) = crate::ops::with_f32s(&[x, grad, w], |t| {
             let (xs, gs, ws) = (t[0], t[1], t[2]);
             let mut dx = vec![0f32; n * cols];
             {
                 let _t = span(Phase::ProjectionsInputGrad);
-                gemm_gw(&mut dx, false, gs, 0, rows, n, ws, rows);
+                if bf16 {
+                    bf16mm::gemm(&mut dx, false, 1.0, View::rows(gs, n, rows), Right::Matrix(View::rows(ws, rows, cols)));
+                } else {
+                    gemm_gw(&mut dx, false, gs, 0, rows, n, ws, rows);
+                }
             }
             let mut dw = vec![0f32; rows * cols];
             {
                 let _t = span(Phase::WeightGradients);
-                gemm_gtx(&mut dw, gs, xs, n, rows, cols);
+                if bf16 {
+                    bf16mm::gemm(&mut dw, false, 1.0, View::transposed(gs, rows, n), Right::Matrix(View::rows(xs, n, cols)));
+                } else {
+                    gemm_gtx(&mut dw, gs, xs, n, rows, cols);
+                }
             }
             (dx, dw)
         })?;
@@ -665,7 +714,7 @@ impl CustomOp1 for FrozenMatmulT {
         if k != cols {
             candle_core::bail!("frozen-matmul-t: input has {k} columns, weight has {cols}");
         }
-        let y = self.w.matmul_t(&x, n)?;
+        let y = self.w.matmul_t(&x, n, Products::for_storage(s))?;
         Ok((crate::ops::storage_like(y, s), Shape::from((n, rows))))
     }
 
@@ -695,7 +744,7 @@ impl CustomOp1 for FrozenMatmul {
         if r != rows {
             candle_core::bail!("frozen-matmul: gradient has {r} columns, weight has {rows} rows");
         }
-        let dx = self.w.matmul(&g, n)?;
+        let dx = self.w.matmul(&g, n, Products::for_storage(s))?;
         Ok((crate::ops::storage_like(dx, s), Shape::from((n, cols))))
     }
 }

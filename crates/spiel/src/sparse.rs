@@ -28,6 +28,7 @@ use candle_core::{CpuStorage, CustomOp2, InplaceOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::ops::{cpu_f32, cpu_slice, grad_like, storage_like};
+use crate::bf16mm::{Products, SparseAdd};
 use crate::qmatrix::{with_slice, Frozen};
 
 /// Receives the transient dense weight gradient `[out, in]` of one module during a SpIEL-AG window.
@@ -344,10 +345,19 @@ impl CustomOp2 for SparseDeltaOp {
                 self.in_dim
             );
         }
+        let products = Products::for_storage(s1);
+        if let (SparseBase::Plus(base), true) = (&self.base, products.bf16_for(n)) {
+            // bf16 products: the delta joins the base's values as they are packed (no sparse
+            // product of its own).
+            let _t = span(Phase::ProjectionsForward);
+            let delta = SparseAdd { indices: &self.indices, values: v };
+            let y = base.bf16_product(&x, n, true, Some(delta));
+            return Ok((storage_like(y, s1), Shape::from((n, self.out_dim))));
+        }
         let mut y = match &self.base {
             SparseBase::Holding(base) | SparseBase::Plus(base) => {
                 let _t = span(Phase::ProjectionsForward);
-                base.matmul_t(&x, n)?
+                base.matmul_t(&x, n, products)?
             }
             SparseBase::None => vec![0f32; n * self.out_dim],
         };
@@ -366,7 +376,8 @@ impl CustomOp2 for SparseDeltaOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, _) = x.dims2()?;
-        let (gx, gv) = crate::ops::with_f32s(&[grad, x], |t| self.backward(n, values, t[0], t[1]))??;
+        let products = Products::for_activations(grad.dtype());
+        let (gx, gv) = crate::ops::with_f32s(&[grad, x], |t| self.backward(n, products, values, t[0], t[1]))??;
         let (gx, gv) = (grad_like(gx, x)?, grad_like(gv, values)?);
         Ok((Some(gx), Some(gv)))
     }
@@ -374,20 +385,41 @@ impl CustomOp2 for SparseDeltaOp {
 
 impl SparseDeltaOp {
     /// The input gradient and the values' gradient for `n` rows, from the output gradient `gy`
-    /// and the input `xs`, both read in place.
-    fn backward(&self, n: usize, values: &Tensor, gy: &[f32], xs: &[f32]) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
-        let mut gx = match &self.base {
+    /// and the input `xs`, both read in place; the base's product with `products`' operands.
+    fn backward(
+        &self,
+        n: usize,
+        products: Products,
+        values: &Tensor,
+        gy: &[f32],
+        xs: &[f32],
+    ) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+        let gx = match &self.base {
+            SparseBase::Plus(base) if products.bf16_for(n) => {
+                // As in the forward: the delta joins the packed base.
+                let _t = span(Phase::ProjectionsInputGrad);
+                let v: Vec<f32> = values.to_vec1()?;
+                let delta = SparseAdd { indices: &self.indices, values: &v };
+                base.bf16_product(gy, n, false, Some(delta))
+            }
             SparseBase::Holding(base) | SparseBase::Plus(base) => {
                 let _t = span(Phase::ProjectionsInputGrad);
-                base.matmul(gy, n)?
+                let mut gx = base.matmul(gy, n, products)?;
+                if let SparseBase::Plus(_) = self.base {
+                    let _t = span(Phase::SparseProducts);
+                    let v: Vec<f32> = values.to_vec1()?;
+                    spmm_t_add(&mut gx, gy, &self.indices, &v, self.in_dim, self.out_dim);
+                }
+                gx
             }
-            SparseBase::None => vec![0f32; n * self.in_dim],
+            SparseBase::None => {
+                let _t = span(Phase::SparseProducts);
+                let mut gx = vec![0f32; n * self.in_dim];
+                let v: Vec<f32> = values.to_vec1()?;
+                spmm_t_add(&mut gx, gy, &self.indices, &v, self.in_dim, self.out_dim);
+                gx
+            }
         };
-        if !matches!(self.base, SparseBase::Holding(_)) {
-            let _t = span(Phase::SparseProducts);
-            let v: Vec<f32> = values.to_vec1()?;
-            spmm_t_add(&mut gx, gy, &self.indices, &v, self.in_dim, self.out_dim);
-        }
         let mut gv = vec![0f32; self.indices.len()];
         match &self.hook {
             None => {
@@ -815,15 +847,22 @@ mod tests {
         }
     }
 
+    /// bf16 activations: the base and the delta are summed in f32 and rounded once, the
+    /// input is rounded, the product runs over those bf16 operands with f32 sums, and its
+    /// result is rounded to bf16: within one bf16 step of the f64 product of the rounded
+    /// operands, forward and backward. The values' gradient stays f32 (no rounding of the
+    /// operands beyond the bf16 inputs themselves).
     #[test]
-    fn bf16_activations_give_the_f32_result_rounded() {
+    fn bf16_activations_multiply_rounded_operands() {
+        use crate::bf16mm::rounded;
         use candle_core::DType;
         let dev = Device::Cpu;
         let mut rng = rand::rngs::StdRng::seed_from_u64(12);
         let (n, inp, out, k) = (19, 64, 40, 200);
         let idx = Arc::new(indices(out, inp, k, &mut rng));
-        let vals = random(idx.len(), &mut rng);
-        let base = Frozen::Dense(Tensor::from_vec(random(out * inp, &mut rng), (out, inp), &dev).unwrap());
+        let vals: Vec<f32> = random(idx.len(), &mut rng).iter().map(|v| v * 0.01).collect();
+        let wv = random(out * inp, &mut rng);
+        let base = Frozen::Dense(Tensor::from_vec(wv.clone(), (out, inp), &dev).unwrap());
         let x16 = Tensor::from_vec(random(n * inp, &mut rng), (n, inp), &dev)
             .unwrap()
             .to_dtype(DType::BF16)
@@ -832,40 +871,47 @@ mod tests {
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap();
-        let run = |dtype: DType| {
-            let x = Var::from_tensor(&x16.to_dtype(dtype).unwrap()).unwrap();
-            let v = Var::from_vec(vals.clone(), idx.len(), &dev).unwrap();
-            let y = frozen_plus_delta_matmul(&x, &base, &v, idx.clone(), None).unwrap();
-            let g = (&y * p16.to_dtype(dtype).unwrap())
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let (gx, gv) = (g.get(&x).unwrap().clone(), g.get(&v).unwrap().clone());
-            (y, gx, gv)
+        let x = Var::from_tensor(&x16).unwrap();
+        let v = Var::from_vec(vals.clone(), idx.len(), &dev).unwrap();
+        let y = frozen_plus_delta_matmul(&x, &base, &v, idx.clone(), None).unwrap();
+        let g = (&y * &p16).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gx, gv) = (g.get(&x).unwrap(), g.get(&v).unwrap());
+        assert_eq!((y.dtype(), gx.dtype(), gv.dtype()), (DType::BF16, DType::BF16, DType::F32));
+
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (xs, ps) = (f32s(&x16), f32s(&p16));
+        let mut w = wv.clone();
+        idx.iter().zip(&vals).for_each(|(&i, &d)| w[i as usize] += d);
+        let w16: Vec<f64> = w.iter().map(|&v| rounded(v) as f64).collect();
+        // Within one bf16 step (2^-8 relative) of the reference, plus the f32 sums' error.
+        let close = |got: f32, want: f64, mag: f64, what: &str| {
+            assert!(
+                (got as f64 - want).abs() <= want.abs() / 256.0 + 1e-5 * mag,
+                "{what}: {got} vs {want}"
+            );
         };
-        let (y16, gx16, gv16) = run(DType::BF16);
-        let (y32, gx32, gv32) = run(DType::F32);
-        assert_eq!(
-            (y16.dtype(), gx16.dtype(), gv16.dtype()),
-            (DType::BF16, DType::BF16, DType::F32)
-        );
-        let bits = |t: &Tensor| -> Vec<u16> {
-            t.to_dtype(DType::BF16)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<half::bf16>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        };
-        assert_eq!(bits(&y16), bits(&y32), "forward");
-        assert_eq!(bits(&gx16), bits(&gx32), "input gradient");
-        // Value gradients stay f32, from the same widened inputs: identical.
-        assert_eq!(gv16.to_vec1::<f32>().unwrap(), gv32.to_vec1::<f32>().unwrap());
+        let yv = f32s(&y);
+        for i in 0..n {
+            for o in 0..out {
+                let terms = (0..inp).map(|c| xs[i * inp + c] as f64 * w16[o * inp + c]);
+                let mag = terms.clone().map(f64::abs).sum();
+                close(yv[i * out + o], terms.sum(), mag, "forward");
+            }
+        }
+        let gxv = f32s(gx);
+        for i in 0..n {
+            for c in 0..inp {
+                let terms = (0..out).map(|o| ps[i * out + o] as f64 * w16[o * inp + c]);
+                let mag = terms.clone().map(f64::abs).sum();
+                close(gxv[i * inp + c], terms.sum(), mag, "input gradient");
+            }
+        }
+        // The values' gradient: p^T x at the active entries, from the bf16 inputs, in f32.
+        for (j, &flat) in idx.iter().enumerate() {
+            let (o, c) = (flat as usize / inp, flat as usize % inp);
+            let want: f64 = (0..n).map(|i| ps[i * out + o] as f64 * xs[i * inp + c] as f64).sum();
+            assert!((gv.to_vec1::<f32>().unwrap()[j] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()));
+        }
     }
 
     #[test]
