@@ -310,6 +310,18 @@ mod amx {
         let mut out = vec![0u16; rows * depth];
         // 16 rows per task: a row alone is too little work for a hand-off to the pool.
         out.par_chunks_mut(16 * depth).enumerate().for_each(|(c, dst)| {
+            if a.rs == 1 && a.cs != 1 {
+                // Columns contiguous (a transposed view): 16 rows are 16 adjacent values of
+                // each source row.
+                let (i0, h) = (c * 16, a.rows.saturating_sub(c * 16).min(16));
+                for j in 0..a.cols {
+                    let src = &a.data[i0 + j * a.cs..][..h];
+                    for (r, &x) in src.iter().enumerate() {
+                        dst[r * depth + j] = round_bf16(x);
+                    }
+                }
+                return;
+            }
             for (r, row) in dst.chunks_exact_mut(depth).enumerate() {
                 let i = c * 16 + r;
                 if i >= a.rows {

@@ -28,7 +28,7 @@ use candle_core::{CpuStorage, CustomOp2, InplaceOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::ops::{cpu_f32, cpu_slice, grad_like, storage_like};
-use crate::bf16mm::{Products, SparseAdd};
+use crate::bf16mm::{Products, Right, SparseAdd, View};
 use crate::qmatrix::{with_slice, Frozen};
 
 /// Receives the transient dense weight gradient `[out, in]` of one module during a SpIEL-AG window.
@@ -430,7 +430,13 @@ impl SparseDeltaOp {
                 let _t = span(Phase::AgDenseGradients);
                 // Inside an AG window: the dense gradient once, then gather the active entries.
                 let mut dense = vec![0f32; self.out_dim * self.in_dim];
-                crate::qmatrix::gemm_gtx(&mut dense, gy, xs, n, self.out_dim, self.in_dim);
+                if products.bf16_for(n) {
+                    // bf16 activations and gradients are exact in bf16: the products lose nothing.
+                    let (gt, x) = (View::transposed(gy, self.out_dim, n), View::rows(xs, n, self.in_dim));
+                    crate::bf16mm::gemm(&mut dense, false, 1.0, gt, Right::Matrix(x));
+                } else {
+                    crate::qmatrix::gemm_gtx(&mut dense, gy, xs, n, self.out_dim, self.in_dim);
+                }
                 hook.observe(&dense, self.out_dim, self.in_dim);
                 for (g, &i) in gv.iter_mut().zip(self.indices.iter()) {
                     *g = dense[i as usize];
