@@ -3,6 +3,7 @@
 #
 #   scripts/bench-peers.sh            # 3 rounds, 2 threads each
 #   ROUNDS=5 STEPS=20 scripts/bench-peers.sh
+#   DTYPE=bf16 scripts/bench-peers.sh   # both sides in bf16 mixed precision
 #
 # Sets up bench/peers/.venv from bench/peers/requirements.txt (pinned), exports the default model
 # to a Hugging Face directory, then runs spiel and the peers alternately (A B A B ..., ROUNDS
@@ -17,7 +18,9 @@ STEPS=${STEPS:-10}             # measured spiel updates per method (one reselect
 PEER_STEPS=${PEER_STEPS:-5}    # measured PyTorch steps per method (every step is alike there)
 BATCH=${BATCH:-4}
 SEQ=${SEQ:-256}
-OUT=runs/bench-peers
+DTYPE=${DTYPE:-f32}            # f32, or bf16 (spiel --dtype bf16 against torch.autocast bf16)
+OUT=runs/bench-peers/$DTYPE
+MODEL_DIR=runs/bench-peers/model
 VENV=bench/peers/.venv
 
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, transformers, peft" 2>/dev/null; then
@@ -28,18 +31,18 @@ fi
 cargo build --release --bin spiel
 SPIEL=target/release/spiel
 mkdir -p "$OUT"
-if [ ! -f "$OUT/model/config.json" ]; then
-    "$SPIEL" export "$OUT/model"
+if [ ! -f "$MODEL_DIR/config.json" ]; then
+    "$SPIEL" export "$MODEL_DIR"
 fi
 
 export OMP_NUM_THREADS=$THREADS
 run_spiel_train() {
     "$SPIEL" --threads "$THREADS" bench train --json --methods "$1" --batch-size "$BATCH" \
-        --seq-len "$SEQ" --steps "$STEPS" --reselection-steps 10
+        --seq-len "$SEQ" --steps "$STEPS" --reselection-steps 10 --dtype "$DTYPE"
 }
 run_peer() {
-    "$VENV/bin/python" bench/peers/bench.py --model "$OUT/model" --method "$1" --threads "$THREADS" \
-        --batch-size "$BATCH" --seq-len "$SEQ" --steps "$PEER_STEPS"
+    "$VENV/bin/python" bench/peers/bench.py --model "$MODEL_DIR" --method "$1" --threads "$THREADS" \
+        --batch-size "$BATCH" --seq-len "$SEQ" --steps "$PEER_STEPS" --dtype "$DTYPE"
 }
 
 for r in $(seq 1 "$ROUNDS"); do
@@ -55,7 +58,7 @@ for r in $(seq 1 "$ROUNDS"); do
         esac
     done
     echo "  spiel generate" >&2
-    "$SPIEL" --threads "$THREADS" bench generate --json > "$OUT/spiel-generate-$r.json"
+    "$SPIEL" --threads "$THREADS" bench generate --json --dtype "$DTYPE" > "$OUT/spiel-generate-$r.json"
     echo "  peer generate" >&2
     run_peer generate > "$OUT/peer-generate-$r.json"
 done

@@ -2,13 +2,17 @@
 
 Runs the same workload as spiel's benchmarks on the same model (a Hugging Face directory, e.g. the
 one `spiel export --to hf` writes): synthetic sequences of exactly --seq-len tokens, all predicted,
-batches of --batch-size, f32, --threads threads; one warm-up step, then --steps measured steps.
+batches of --batch-size, --dtype, --threads threads; one warm-up step, then --steps measured steps.
 Prints JSON with the fields spiel prints (method, median_s, mean_cycle_s, tokens_per_s, gflops,
 peak_rss_mib), so scripts/bench-peers.sh can put both in one table.
 
 Methods: `full` (every weight trained, AdamW) and `lora` (PEFT LoRA r=8, alpha 16, on q, k, v, o,
 gate, up and down, AdamW); `generate` measures prefill and greedy decode tokens/s with
 transformers' generate. Run one method per process, so each peak RSS is that method's own.
+
+--dtype bf16 is PyTorch's mixed precision on a CPU, as spiel's `--dtype bf16` computes: products
+and activations in bf16 under torch.autocast, f32 master weights for full fine-tuning, a bf16
+frozen base under f32 LoRA adapters (PEFT keeps adapters in f32), a bf16 model for generation.
 """
 
 import argparse
@@ -59,9 +63,11 @@ def bench_train(args, torch, model, method):
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.tensor(tokens(model.config.vocab_size, args.batch_size, args.seq_len))
     times = []
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     for step in range(args.steps + 1):
         t0 = time.perf_counter()
-        out = model(input_ids=ids, labels=ids)
+        with autocast:
+            out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -73,6 +79,7 @@ def bench_train(args, torch, model, method):
     flops = train_flops(model.config, n_tokens, args.seq_len, method == "full")
     return {
         "method": method,
+        "dtype": args.dtype,
         "median_s": med,
         "min_s": min(times),
         "max_s": max(times),
@@ -110,6 +117,7 @@ def bench_generate(args, torch, model):
                 decode.append(args.decode_tokens / max((t2 - t1) - prefill_s, 1e-9))
     return {
         "method": "generate",
+        "dtype": args.dtype,
         "prompt_tokens": args.prompt_tokens,
         "decode_tokens": args.decode_tokens,
         "prefill_tokens_per_s": statistics.median(prefill),
@@ -126,6 +134,7 @@ def main():
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
@@ -136,7 +145,10 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    # bf16: the frozen base (LoRA, generation) is held in bf16; full fine-tuning keeps f32
+    # master weights and computes in bf16 under autocast.
+    held = torch.bfloat16 if args.dtype == "bf16" and args.method != "full" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=held)
     if args.method == "generate":
         row = bench_generate(args, torch, model)
     else:

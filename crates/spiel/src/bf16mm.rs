@@ -275,7 +275,7 @@ mod amx {
     /// Depth per tile step: 32 bf16 (64 bytes) per tile row.
     const DEPTH: usize = 32;
     /// Output rows per task of the thread pool.
-    const TASK_ROWS: usize = 128;
+    const TASK_ROWS: usize = 256;
 
     /// Ask Linux for the AMX tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`)
     /// when the CPU reports AMX-TILE and AMX-BF16; true when granted.
@@ -290,7 +290,7 @@ mod amx {
             }
             let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
             let (amx_bf16, amx_tile) = (leaf7.edx >> 22 & 1 == 1, leaf7.edx >> 24 & 1 == 1);
-            if !(amx_bf16 && amx_tile) {
+            if !(amx_bf16 && amx_tile && std::arch::is_x86_feature_detected!("avx512bf16")) {
                 return false;
             }
             const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
@@ -305,35 +305,61 @@ mod amx {
         }
     }
 
-    /// Rows of `a` as bf16, `rows` x `depth` (both padded with zeros).
+    /// `src` rounded to bf16 into `dst` (as long as `src`), 32 values per instruction
+    /// (`vcvtne2ps2bf16`; like the tile unit, it reads subnormal inputs as zero).
+    fn round_into(src: &[f32], dst: &mut [u16]) {
+        assert_eq!(src.len(), dst.len());
+        let mut i = 0;
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: `enable` checked AVX-512 BF16; each step reads and writes 32 values
+            // inside both slices.
+            unsafe {
+                while i + 32 <= src.len() {
+                    round32(src.as_ptr().add(i), dst.as_mut_ptr().add(i));
+                    i += 32;
+                }
+            }
+        }
+        for (o, &x) in dst[i..].iter_mut().zip(&src[i..]) {
+            *o = round_bf16(x);
+        }
+    }
+
+    /// 32 values at `src` rounded to bf16 at `dst`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 BF16; `src` and `dst` must hold 32 values.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn round32(src: *const f32, dst: *mut u16) {
+        use std::arch::x86_64::*;
+        let (lo, hi) = (_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)));
+        let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(dst as *mut __m512i, packed);
+    }
+
+    /// Rows of `a` as bf16 tiles: for each 16 rows (padded with zeros), `depth / 32` tiles of
+    /// 16 x 32 values, each tile contiguous (1 KiB), so that a tile load reads 16 adjacent
+    /// cache lines.
     fn pack_left(a: View, rows: usize, depth: usize) -> Vec<u16> {
         let mut out = vec![0u16; rows * depth];
+        let tile = 16 * DEPTH;
         // 16 rows per task: a row alone is too little work for a hand-off to the pool.
         out.par_chunks_mut(16 * depth).enumerate().for_each(|(c, dst)| {
-            if a.rs == 1 && a.cs != 1 {
-                // Columns contiguous (a transposed view): 16 rows are 16 adjacent values of
-                // each source row.
-                let (i0, h) = (c * 16, a.rows.saturating_sub(c * 16).min(16));
-                for j in 0..a.cols {
-                    let src = &a.data[i0 + j * a.cs..][..h];
-                    for (r, &x) in src.iter().enumerate() {
-                        dst[r * depth + j] = round_bf16(x);
-                    }
-                }
-                return;
-            }
-            for (r, row) in dst.chunks_exact_mut(depth).enumerate() {
-                let i = c * 16 + r;
-                if i >= a.rows {
-                    break;
-                }
+            let (i0, h) = (c * 16, a.rows.saturating_sub(c * 16).min(16));
+            let mut row = vec![0u16; depth];
+            let mut column = vec![0f32; a.cols];
+            for r in 0..h {
+                let i = i0 + r;
                 if a.cs == 1 {
-                    let src = &a.data[i * a.rs..i * a.rs + a.cols];
-                    row.iter_mut().zip(src).for_each(|(o, &x)| *o = round_bf16(x));
+                    round_into(&a.data[i * a.rs..i * a.rs + a.cols], &mut row[..a.cols]);
                 } else {
-                    for (j, o) in row[..a.cols].iter_mut().enumerate() {
-                        *o = round_bf16(a.at(i, j));
-                    }
+                    column.iter_mut().enumerate().for_each(|(j, x)| *x = a.at(i, j));
+                    round_into(&column, &mut row[..a.cols]);
+                }
+                for (s, part) in row.chunks_exact(DEPTH).enumerate() {
+                    dst[s * tile + r * DEPTH..][..DEPTH].copy_from_slice(part);
                 }
             }
         });
@@ -409,13 +435,11 @@ mod amx {
             if let Some(d) = delta {
                 d.add_to_rows(r0, r1, k, &mut block);
             }
+            let mut bits = vec![0u16; k + 1];
             for (jj, row) in block.chunks_exact(k.max(1)).enumerate().take(r1 - r0) {
-                let mut pairs = row.chunks_exact(2);
-                for (kk, two) in pairs.by_ref().enumerate() {
-                    dst[kk * 16 + jj] = round_bf16(two[0]) as u32 | (round_bf16(two[1]) as u32) << 16;
-                }
-                if let [last] = pairs.remainder() {
-                    dst[k / 2 * 16 + jj] = round_bf16(*last) as u32;
+                round_into(row, &mut bits[..k]);
+                for kk in 0..k.div_ceil(2) {
+                    dst[kk * 16 + jj] = bits[2 * kk] as u32 | (bits[2 * kk + 1] as u32) << 16;
                 }
             }
         });
@@ -436,6 +460,8 @@ mod amx {
             if let Some(d) = delta {
                 d.add_to_rows(r0, r1, n, &mut block[..(r1 - r0) * n]);
             }
+            let mut bits = vec![0u16; DEPTH * n];
+            round_into(&block, &mut bits);
             for p in 0..cols / 16 {
                 let (j0, width) = (p * 16, n.saturating_sub(p * 16).min(16));
                 for kk in 0..DEPTH / 2 {
@@ -443,9 +469,9 @@ mod amx {
                     // SAFETY: task `s` writes pair rows s * 16 .. s * 16 + 16 of every panel,
                     // inside `out`; no other task writes them.
                     let row = unsafe { std::slice::from_raw_parts_mut(dst.get().add(at), 16) };
-                    let (lo, hi) = (&block[2 * kk * n..][..n], &block[(2 * kk + 1) * n..][..n]);
+                    let (lo, hi) = (&bits[2 * kk * n..][..n], &bits[(2 * kk + 1) * n..][..n]);
                     for (jj, o) in row[..width].iter_mut().enumerate() {
-                        *o = round_bf16(lo[j0 + jj]) as u32 | (round_bf16(hi[j0 + jj]) as u32) << 16;
+                        *o = lo[j0 + jj] as u32 | (hi[j0 + jj] as u32) << 16;
                     }
                 }
             }
@@ -471,59 +497,86 @@ mod amx {
         rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
     };
 
-    /// One 32 x 32 output block into `out` (row stride 32): `depth / 32` steps over the packed
-    /// left rows at `a` (row stride `lda` values) and the two right panels at `b0`, `b1`.
+    /// One 32 x 32 output block `c` (row stride `ldc` values), added to (`accumulate`) or
+    /// overwritten: `depth / 32` steps over two 16-row groups of packed left tiles at `a0`,
+    /// `a1` and the two right panels at `b0`, `b1`.
     ///
     /// # Safety
-    /// The tile configuration must be loaded on this thread; `a` must hold 32 rows of `depth`
-    /// values at stride `lda`, `b0` and `b1` `depth / 2 * 16` pairs each.
+    /// The tile configuration must be loaded on this thread; `a0`, `a1` must each hold
+    /// `depth / 32` tiles of 512 values, `b0` and `b1` `depth / 2 * 16` pairs each, and `c`
+    /// 32 rows of 32 values at stride `ldc`.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn block(a: *const u16, lda: usize, b0: *const u32, b1: *const u32, depth: usize, out: *mut f32) {
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block(
+        a0: *const u16,
+        a1: *const u16,
+        b0: *const u32,
+        b1: *const u32,
+        depth: usize,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
         use std::arch::asm;
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        );
-        let stride = lda * 2;
-        for s in 0..depth / DEPTH {
-            let a0 = a.add(s * DEPTH);
+        let (c0, c1, c2, c3) = (c, c.add(16), c.add(16 * ldc), c.add(16 * ldc + 16));
+        let stride = ldc * 4;
+        if accumulate {
             asm!(
-                "tileloadd tmm4, [{a0} + {stride} * 1]",
-                "tileloadd tmm5, [{a1} + {stride} * 1]",
+                "tileloadd tmm0, [{c0} + {s} * 1]",
+                "tileloadd tmm1, [{c1} + {s} * 1]",
+                "tileloadd tmm2, [{c2} + {s} * 1]",
+                "tileloadd tmm3, [{c3} + {s} * 1]",
+                c0 = in(reg) c0,
+                c1 = in(reg) c1,
+                c2 = in(reg) c2,
+                c3 = in(reg) c3,
+                s = in(reg) stride,
+                options(nostack, readonly)
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
+        for s in 0..depth / DEPTH {
+            asm!(
+                "tileloadd tmm4, [{a0} + {w} * 1]",
+                "tileloadd tmm5, [{a1} + {w} * 1]",
                 "tileloadd tmm6, [{b0} + {w} * 1]",
                 "tileloadd tmm7, [{b1} + {w} * 1]",
                 "tdpbf16ps tmm0, tmm4, tmm6",
                 "tdpbf16ps tmm1, tmm4, tmm7",
                 "tdpbf16ps tmm2, tmm5, tmm6",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                a0 = in(reg) a0,
-                a1 = in(reg) a0.add(16 * lda),
+                a0 = in(reg) a0.add(s * 512),
+                a1 = in(reg) a1.add(s * 512),
                 b0 = in(reg) b0.add(s * 256),
                 b1 = in(reg) b1.add(s * 256),
-                stride = in(reg) stride,
                 w = in(reg) 64usize,
                 options(nostack, readonly)
             );
         }
         asm!(
-            "tilestored [{o0} + {s} * 1], tmm0",
-            "tilestored [{o1} + {s} * 1], tmm1",
-            "tilestored [{o2} + {s} * 1], tmm2",
-            "tilestored [{o3} + {s} * 1], tmm3",
-            o0 = in(reg) out,
-            o1 = in(reg) out.add(16),
-            o2 = in(reg) out.add(16 * BLOCK),
-            o3 = in(reg) out.add(16 * BLOCK + 16),
-            s = in(reg) BLOCK * 4,
+            "tilestored [{c0} + {s} * 1], tmm0",
+            "tilestored [{c1} + {s} * 1], tmm1",
+            "tilestored [{c2} + {s} * 1], tmm2",
+            "tilestored [{c3} + {s} * 1], tmm3",
+            c0 = in(reg) c0,
+            c1 = in(reg) c1,
+            c2 = in(reg) c2,
+            c3 = in(reg) c3,
+            s = in(reg) stride,
             options(nostack)
         );
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn block(_: *const u16, _: usize, _: *const u32, _: *const u32, _: usize, _: *mut f32) {
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block(_: *const u16, _: *const u16, _: *const u32, _: *const u32, _: usize, _: *mut f32, _: usize, _: bool) {
         unreachable!("AMX is only enabled on x86-64")
     }
 
@@ -547,8 +600,12 @@ mod amx {
     pub(super) fn gemm(dst: &mut [f32], accumulate: bool, beta: f32, a: View, b: Right) {
         let (m, k, n) = (a.rows, a.cols, b.dims().1);
         let (rows, depth, cols) = (m.next_multiple_of(BLOCK), k.next_multiple_of(DEPTH), n.next_multiple_of(BLOCK));
+        let t0 = std::time::Instant::now();
         let left = pack_left(a, rows, depth);
+        let t1 = std::time::Instant::now();
         let right = pack(b, depth, cols);
+        let t2 = std::time::Instant::now();
+        let _g = Dbg(t0, t1, t2);
         let panel = depth / 2 * 16;
         // Tasks: TASK_ROWS output rows by BLOCK columns, column-block major, so that each thread
         // walks one run of right panels.
@@ -560,19 +617,36 @@ mod amx {
             let mut scratch = [0f32; BLOCK * BLOCK];
             with_tiles(|| {
                 for i0 in (rt * TASK_ROWS..((rt + 1) * TASK_ROWS).min(rows)).step_by(BLOCK) {
+                    let (h, w) = ((m - i0.min(m)).min(BLOCK), (n - j0).min(BLOCK));
+                    if h == 0 {
+                        break;
+                    }
+                    // A whole block with beta 1 goes straight to (and from) the output; an edge
+                    // block, or a scaled one, through the scratch block.
+                    let direct = h == BLOCK && w == BLOCK && beta == 1.0;
+                    let (c, ldc) = match direct {
+                        // SAFETY: rows i0 .. i0 + 32 and columns j0 .. j0 + 32 are inside `dst`.
+                        true => (unsafe { dst_ptr.get().add(i0 * n + j0) }, n),
+                        false => (scratch.as_mut_ptr(), BLOCK),
+                    };
                     // SAFETY: the packed operands are `rows x depth` and `cols / 16` panels, so
-                    // rows i0 .. i0 + 32 and panels j0 / 16, j0 / 16 + 1 are in bounds.
+                    // rows i0 .. i0 + 32 and panels j0 / 16, j0 / 16 + 1 are in bounds; `c` is a
+                    // 32 x 32 block at stride `ldc`, written by this task alone.
                     unsafe {
                         block(
                             left.as_ptr().add(i0 * depth),
-                            depth,
+                            left.as_ptr().add((i0 + 16) * depth),
                             right.as_ptr().add(j0 / 16 * panel),
                             right.as_ptr().add((j0 / 16 + 1) * panel),
                             depth,
-                            scratch.as_mut_ptr(),
+                            c,
+                            ldc,
+                            direct && accumulate,
                         );
                     }
-                    let (h, w) = ((m - i0.min(m)).min(BLOCK), (n - j0).min(BLOCK));
+                    if direct {
+                        continue;
+                    }
                     for r in 0..h {
                         // SAFETY: each task writes its own (rows, columns) block of `dst`,
                         // `m x n`, inside the bounds checked by the caller.
@@ -589,6 +663,8 @@ mod amx {
         });
     }
 
+    struct Dbg(std::time::Instant, std::time::Instant, std::time::Instant);
+    impl Drop for Dbg { fn drop(&mut self) { if std::env::var_os("DBG").is_some() { eprintln!("left {:?} right {:?} kernel {:?}", self.1 - self.0, self.2 - self.1, self.2.elapsed()); } } }
     /// A raw output pointer shared by tasks that write disjoint parts.
     struct SendPtr<T>(*mut T);
     impl<T> Clone for SendPtr<T> {
@@ -621,7 +697,7 @@ mod tests {
         let kernels = if kernel() == Kernel::Amx { vec![Kernel::Amx, Kernel::Rounded] } else { vec![Kernel::Rounded] };
         for &(m, k, n) in &[(1, 1, 1), (5, 3, 7), (32, 32, 32), (33, 65, 47), (130, 96, 64), (17, 200, 129), (64, 576, 192)] {
             for &(ta, tb) in &[(0, 0), (1, 0), (0, 1), (1, 1), (2, 2)] {
-                for &(accumulate, beta) in &[(false, 1.0f32), (true, 0.5f32)] {
+                for &(accumulate, beta) in &[(false, 1.0f32), (true, 1.0), (true, 0.5)] {
                     // Twice the values, so that the strided layout (2) can skip every other one.
                     let av: Vec<f32> = (0..2 * m * k).map(|_| rng.gen_range(-2.0..2.0)).collect();
                     let bv: Vec<f32> = (0..2 * k * n).map(|_| rng.gen_range(-2.0..2.0)).collect();
