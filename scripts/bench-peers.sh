@@ -19,6 +19,8 @@ PEER_STEPS=${PEER_STEPS:-5}    # measured PyTorch steps per method (every step i
 BATCH=${BATCH:-4}
 SEQ=${SEQ:-256}
 DTYPE=${DTYPE:-f32}            # f32, or bf16 (spiel --dtype bf16 against torch.autocast bf16)
+# spiel's --dtype applies to adapter methods (full fine-tuning trains in f32): no full row in bf16.
+if [ "$DTYPE" = bf16 ]; then METHODS="spiel-ag spiel-ma lora"; else METHODS="spiel-ag spiel-ma lora full"; fi
 OUT=runs/bench-peers/$DTYPE
 MODEL_DIR=runs/bench-peers/model
 VENV=bench/peers/.venv
@@ -47,7 +49,7 @@ run_peer() {
 
 for r in $(seq 1 "$ROUNDS"); do
     echo "round $r of $ROUNDS" >&2
-    for m in spiel-ag spiel-ma lora full; do
+    for m in $METHODS; do
         echo "  spiel $m" >&2
         run_spiel_train "$m" > "$OUT/spiel-$m-$r.json"
         case $m in
@@ -63,9 +65,9 @@ for r in $(seq 1 "$ROUNDS"); do
     run_peer generate > "$OUT/peer-generate-$r.json"
 done
 
-"$VENV/bin/python" - "$OUT" "$ROUNDS" <<'EOF'
+"$VENV/bin/python" - "$OUT" "$ROUNDS" "$METHODS" <<'EOF'
 import json, statistics, sys
-out, rounds = sys.argv[1], int(sys.argv[2])
+out, rounds, methods = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
 
 def rows(name):
     loaded = [json.load(open(f"{out}/{name}-{r}.json")) for r in range(1, rounds + 1)]
@@ -77,7 +79,7 @@ def med(name, field):
 print(f"| method | spiel s/step | peer s/step | spiel/peer time | spiel GFLOP/s | spiel RSS MiB | peer RSS MiB | spiel/peer RSS |")
 print("|---|---|---|---|---|---|---|---|")
 peer_of = {"spiel-ag": "lora", "spiel-ma": "lora", "lora": "lora", "full": "full"}
-for m in ["spiel-ag", "spiel-ma", "lora", "full"]:
+for m in methods:
     p = peer_of[m]
     st, pt = med(f"spiel-{m}", "mean_cycle_s"), med(f"peer-{p}", "mean_cycle_s")
     sr, pr = med(f"spiel-{m}", "peak_rss_mib"), med(f"peer-{p}", "peak_rss_mib")
