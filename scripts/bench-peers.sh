@@ -8,7 +8,7 @@
 # Sets up bench/peers/.venv from bench/peers/requirements.txt (pinned), exports the default model
 # to a Hugging Face directory, then runs spiel and the peers alternately (A B A B ..., ROUNDS
 # rounds), each method in its own process, and prints one table with the medians over rounds and
-# the ratios spiel / peer. Raw JSON of every run goes to runs/bench-peers/. A benchmark, not a test.
+# the ratios spiel / peer. Raw JSON of every run goes to runs/bench-peers/$DTYPE/. A benchmark, not a test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

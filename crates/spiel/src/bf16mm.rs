@@ -36,12 +36,24 @@ pub(crate) struct View<'a> {
 impl<'a> View<'a> {
     /// A row-major `[rows, cols]` matrix.
     pub fn rows(data: &'a [f32], rows: usize, cols: usize) -> View<'a> {
-        View { data, rows, cols, rs: cols, cs: 1 }
+        View {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
     }
 
     /// The transpose of a row-major `[cols, rows]` matrix, as `[rows, cols]`.
     pub fn transposed(data: &'a [f32], rows: usize, cols: usize) -> View<'a> {
-        View { data, rows, cols, rs: 1, cs: rows }
+        View {
+            data,
+            rows,
+            cols,
+            rs: 1,
+            cs: rows,
+        }
     }
 
     fn at(&self, i: usize, j: usize) -> f32 {
@@ -117,7 +129,9 @@ impl Right<'_> {
     fn dims(&self) -> (usize, usize) {
         match self {
             Right::Matrix(v) => (v.rows, v.cols),
-            Right::Weight { w, transposed: true, .. } => (w.shape().1, w.shape().0),
+            Right::Weight {
+                w, transposed: true, ..
+            } => (w.shape().1, w.shape().0),
             Right::Weight { w, .. } => w.shape(),
         }
     }
@@ -229,7 +243,11 @@ pub(crate) fn gemm_with(kernel: Kernel, dst: &mut [f32], accumulate: bool, beta:
     let (m, k) = (a.rows, a.cols);
     let (bk, n) = b.dims();
     assert_eq!(bk, k, "bf16 product: [{m}, {k}] times [{bk}, {n}]");
-    assert!(dst.len() >= m * n, "bf16 product: output of {} for [{m}, {n}]", dst.len());
+    assert!(
+        dst.len() >= m * n,
+        "bf16 product: output of {} for [{m}, {n}]",
+        dst.len()
+    );
     a.check("left operand");
     if let Right::Matrix(b) = b {
         b.check("right operand");
@@ -396,7 +414,9 @@ mod amx {
                     let r0 = &b.data[2 * kk * b.rs + j0..][..width];
                     if 2 * kk + 1 < k {
                         let r1 = &b.data[(2 * kk + 1) * b.rs + j0..][..width];
-                        row.iter_mut().zip(r0.iter().zip(r1)).for_each(|(o, (&lo, &hi))| *o = pair(lo, hi));
+                        row.iter_mut()
+                            .zip(r0.iter().zip(r1))
+                            .for_each(|(o, (&lo, &hi))| *o = pair(lo, hi));
                     } else {
                         row.iter_mut().zip(r0).for_each(|(o, &lo)| *o = pair(lo, 0.0));
                     }
@@ -417,8 +437,16 @@ mod amx {
     fn pack(b: Right, depth: usize, cols: usize) -> Vec<u32> {
         match b {
             Right::Matrix(v) => pack_right(v, depth, cols),
-            Right::Weight { w, delta, transposed: true } => pack_weight_transposed(w, delta, depth, cols),
-            Right::Weight { w, delta, transposed: false } => pack_weight(w, delta, depth, cols),
+            Right::Weight {
+                w,
+                delta,
+                transposed: true,
+            } => pack_weight_transposed(w, delta, depth, cols),
+            Right::Weight {
+                w,
+                delta,
+                transposed: false,
+            } => pack_weight(w, delta, depth, cols),
         }
     }
 
@@ -576,7 +604,16 @@ mod amx {
 
     #[cfg(not(target_arch = "x86_64"))]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block(_: *const u16, _: *const u16, _: *const u32, _: *const u32, _: usize, _: *mut f32, _: usize, _: bool) {
+    unsafe fn block(
+        _: *const u16,
+        _: *const u16,
+        _: *const u32,
+        _: *const u32,
+        _: usize,
+        _: *mut f32,
+        _: usize,
+        _: bool,
+    ) {
         unreachable!("AMX is only enabled on x86-64")
     }
 
@@ -599,7 +636,11 @@ mod amx {
     /// [`super::gemm`] on the tiles.
     pub(super) fn gemm(dst: &mut [f32], accumulate: bool, beta: f32, a: View, b: Right) {
         let (m, k, n) = (a.rows, a.cols, b.dims().1);
-        let (rows, depth, cols) = (m.next_multiple_of(BLOCK), k.next_multiple_of(DEPTH), n.next_multiple_of(BLOCK));
+        let (rows, depth, cols) = (
+            m.next_multiple_of(BLOCK),
+            k.next_multiple_of(DEPTH),
+            n.next_multiple_of(BLOCK),
+        );
         let t0 = std::time::Instant::now();
         let left = pack_left(a, rows, depth);
         let t1 = std::time::Instant::now();
@@ -664,7 +705,18 @@ mod amx {
     }
 
     struct Dbg(std::time::Instant, std::time::Instant, std::time::Instant);
-    impl Drop for Dbg { fn drop(&mut self) { if std::env::var_os("DBG").is_some() { eprintln!("left {:?} right {:?} kernel {:?}", self.1 - self.0, self.2 - self.1, self.2.elapsed()); } } }
+    impl Drop for Dbg {
+        fn drop(&mut self) {
+            if std::env::var_os("DBG").is_some() {
+                eprintln!(
+                    "left {:?} right {:?} kernel {:?}",
+                    self.1 - self.0,
+                    self.2 - self.1,
+                    self.2.elapsed()
+                );
+            }
+        }
+    }
     /// A raw output pointer shared by tasks that write disjoint parts.
     struct SendPtr<T>(*mut T);
     impl<T> Clone for SendPtr<T> {
@@ -694,8 +746,20 @@ mod tests {
     #[test]
     fn products_match_f64_reference_of_rounded_operands() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let kernels = if kernel() == Kernel::Amx { vec![Kernel::Amx, Kernel::Rounded] } else { vec![Kernel::Rounded] };
-        for &(m, k, n) in &[(1, 1, 1), (5, 3, 7), (32, 32, 32), (33, 65, 47), (130, 96, 64), (17, 200, 129), (64, 576, 192)] {
+        let kernels = if kernel() == Kernel::Amx {
+            vec![Kernel::Amx, Kernel::Rounded]
+        } else {
+            vec![Kernel::Rounded]
+        };
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 3, 7),
+            (32, 32, 32),
+            (33, 65, 47),
+            (130, 96, 64),
+            (17, 200, 129),
+            (64, 576, 192),
+        ] {
             for &(ta, tb) in &[(0, 0), (1, 0), (0, 1), (1, 1), (2, 2)] {
                 for &(accumulate, beta) in &[(false, 1.0f32), (true, 1.0), (true, 0.5)] {
                     // Twice the values, so that the strided layout (2) can skip every other one.
@@ -705,7 +769,13 @@ mod tests {
                     let view = |data, rows, cols, layout| match layout {
                         0 => View::rows(data, rows, cols),
                         1 => View::transposed(data, rows, cols),
-                        _ => View { data, rows, cols, rs: 2 * cols, cs: 2 },
+                        _ => View {
+                            data,
+                            rows,
+                            cols,
+                            rs: 2 * cols,
+                            cs: 2,
+                        },
                     };
                     let (a, b) = (view(&av, m, k, ta), view(&bv, k, n, tb));
                     for &kern in &kernels {
@@ -754,7 +824,11 @@ mod tests {
     #[test]
     fn weight_products_add_the_delta_before_rounding() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        let kernels = if kernel() == Kernel::Amx { vec![Kernel::Amx, Kernel::Rounded] } else { vec![Kernel::Rounded] };
+        let kernels = if kernel() == Kernel::Amx {
+            vec![Kernel::Amx, Kernel::Rounded]
+        } else {
+            vec![Kernel::Rounded]
+        };
         for &(m, rows, cols) in &[(3, 5, 7), (40, 33, 70), (64, 96, 64), (20, 130, 31)] {
             let w = Dense((0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect(), rows, cols);
             let mut indices: Vec<u32> = (0..(rows * cols) as u32).filter(|_| rng.gen_bool(0.2)).collect();
@@ -763,15 +837,31 @@ mod tests {
             let values: Vec<f32> = indices.iter().map(|_| rng.gen_range(-3e-3..3e-3)).collect();
             let mut sum = w.0.clone();
             indices.iter().zip(&values).for_each(|(&i, &v)| sum[i as usize] += v);
-            for delta in [None, Some(SparseAdd { indices: &indices, values: &values })] {
+            for delta in [
+                None,
+                Some(SparseAdd {
+                    indices: &indices,
+                    values: &values,
+                }),
+            ] {
                 let full = if delta.is_some() { &sum } else { &w.0 };
                 for transposed in [true, false] {
                     let (k, n) = if transposed { (cols, rows) } else { (rows, cols) };
                     let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-2.0..2.0)).collect();
-                    let b = |l: usize, j: usize| if transposed { full[j * cols + l] } else { full[l * cols + j] };
+                    let b = |l: usize, j: usize| {
+                        if transposed {
+                            full[j * cols + l]
+                        } else {
+                            full[l * cols + j]
+                        }
+                    };
                     for &kern in &kernels {
                         let mut got = vec![0f32; m * n];
-                        let right = Right::Weight { w: &w, delta, transposed };
+                        let right = Right::Weight {
+                            w: &w,
+                            delta,
+                            transposed,
+                        };
                         gemm_with(kern, &mut got, false, 1.0, View::rows(&x, m, k), right);
                         for i in 0..m {
                             for j in 0..n {

@@ -129,7 +129,13 @@ impl HeadLoss {
             if want_dw {
                 // dW (+)= p^T xs.
                 if self.products.bf16_for(m) {
-                    bf16mm::gemm(&mut dw, c > 0, 1.0, View::transposed(&p, v, m), Right::Matrix(View::rows(xs, m, h)));
+                    bf16mm::gemm(
+                        &mut dw,
+                        c > 0,
+                        1.0,
+                        View::transposed(&p, v, m),
+                        Right::Matrix(View::rows(xs, m, h)),
+                    );
                 } else {
                     crate::qmatrix::gemm_into(true, &mut dw, c > 0, 1.0, (v, h, m), &p, (1, v), xs, (h, 1));
                 }
@@ -373,7 +379,10 @@ mod tests {
             .to_string()
             .contains("10"));
         // A uniform distribution over 10 tokens: loss ln 10.
-        let l = head_cross_entropy(&x, &w, &[1, 2], Products::F32).unwrap().to_scalar::<f32>().unwrap();
+        let l = head_cross_entropy(&x, &w, &[1, 2], Products::F32)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!((l - 10f32.ln()).abs() < 1e-6);
     }
 }

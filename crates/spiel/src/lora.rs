@@ -17,8 +17,8 @@ use std::borrow::Cow;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::ops::{cpu_f32, cpu_slice, grad_like, with_f32s};
 use crate::bf16mm::Products;
+use crate::ops::{cpu_f32, cpu_slice, grad_like, with_f32s};
 use crate::qmatrix::{gemm_into, Frozen};
 
 /// `x W^T + scale (m * x) A^T B^T` for `x: [N, IN]` (f32 or bf16), a frozen base `W`, and f32
@@ -130,7 +130,9 @@ impl CustomOp3 for FrozenPlusLora {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = self.dims(x.shape(), a.shape(), b.shape())?;
         let products = Products::for_activations(grad.dtype());
-        let (gx, ga, gb) = with_f32s(&[grad, a, b, x], |t| self.backward(dims, products, t[0], t[1], t[2], t[3]))??;
+        let (gx, ga, gb) = with_f32s(&[grad, a, b, x], |t| {
+            self.backward(dims, products, t[0], t[1], t[2], t[3])
+        })??;
         Ok((
             Some(grad_like(gx, x)?),
             Some(grad_like(ga, a)?),

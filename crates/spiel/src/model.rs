@@ -17,9 +17,9 @@ use std::sync::Arc;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
 
-use crate::bf16mm::Products;
 use crate::adapter::{AdapterSet, Delta};
 use crate::attention::Mask;
+use crate::bf16mm::Products;
 use crate::config::ModelConfig;
 use crate::qmatrix::{frozen_matmul_t, Frozen, QFormat, QMatrix};
 use crate::{Error, Result};

@@ -654,7 +654,11 @@ impl Frozen {
         let (rows, cols) = self.shape();
         let (k, width) = if transposed { (cols, rows) } else { (rows, cols) };
         let mut y = vec![0f32; n * width];
-        let right = Right::Weight { w: self, delta, transposed };
+        let right = Right::Weight {
+            w: self,
+            delta,
+            transposed,
+        };
         bf16mm::gemm(&mut y, false, 1.0, View::rows(x, n, k), right);
         y
     }
@@ -726,7 +730,13 @@ impl CustomOp2 for TrainableMatmulT {
         }
         let mut y = vec![0f32; n * rows];
         if Products::for_storage(s1).bf16_for(n) {
-            bf16mm::gemm(&mut y, false, 1.0, View::rows(&x, n, k), Right::Matrix(View::transposed(w, k, rows)));
+            bf16mm::gemm(
+                &mut y,
+                false,
+                1.0,
+                View::rows(&x, n, k),
+                Right::Matrix(View::transposed(w, k, rows)),
+            );
         } else {
             gemm_xwt(&mut y, 0, rows, &x, n, w, rows);
         }
@@ -749,7 +759,13 @@ impl CustomOp2 for TrainableMatmulT {
             {
                 let _t = span(Phase::ProjectionsInputGrad);
                 if bf16 {
-                    bf16mm::gemm(&mut dx, false, 1.0, View::rows(gs, n, rows), Right::Matrix(View::rows(ws, rows, cols)));
+                    bf16mm::gemm(
+                        &mut dx,
+                        false,
+                        1.0,
+                        View::rows(gs, n, rows),
+                        Right::Matrix(View::rows(ws, rows, cols)),
+                    );
                 } else {
                     gemm_gw(&mut dx, false, gs, 0, rows, n, ws, rows);
                 }
@@ -758,7 +774,13 @@ impl CustomOp2 for TrainableMatmulT {
             {
                 let _t = span(Phase::WeightGradients);
                 if bf16 {
-                    bf16mm::gemm(&mut dw, false, 1.0, View::transposed(gs, rows, n), Right::Matrix(View::rows(xs, n, cols)));
+                    bf16mm::gemm(
+                        &mut dw,
+                        false,
+                        1.0,
+                        View::transposed(gs, rows, n),
+                        Right::Matrix(View::rows(xs, n, cols)),
+                    );
                 } else {
                     gemm_gtx(&mut dw, gs, xs, n, rows, cols);
                 }

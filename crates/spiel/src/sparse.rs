@@ -27,8 +27,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp2, InplaceOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::ops::{cpu_f32, cpu_slice, grad_like, storage_like};
 use crate::bf16mm::{Products, Right, SparseAdd, View};
+use crate::ops::{cpu_f32, cpu_slice, grad_like, storage_like};
 use crate::qmatrix::{with_slice, Frozen};
 
 /// Receives the transient dense weight gradient `[out, in]` of one module during a SpIEL-AG window.
@@ -350,7 +350,10 @@ impl CustomOp2 for SparseDeltaOp {
             // bf16 products: the delta joins the base's values as they are packed (no sparse
             // product of its own).
             let _t = span(Phase::ProjectionsForward);
-            let delta = SparseAdd { indices: &self.indices, values: v };
+            let delta = SparseAdd {
+                indices: &self.indices,
+                values: v,
+            };
             let y = base.bf16_product(&x, n, true, Some(delta));
             return Ok((storage_like(y, s1), Shape::from((n, self.out_dim))));
         }
@@ -399,7 +402,10 @@ impl SparseDeltaOp {
                 // As in the forward: the delta joins the packed base.
                 let _t = span(Phase::ProjectionsInputGrad);
                 let v: Vec<f32> = values.to_vec1()?;
-                let delta = SparseAdd { indices: &self.indices, values: &v };
+                let delta = SparseAdd {
+                    indices: &self.indices,
+                    values: &v,
+                };
                 base.bf16_product(gy, n, false, Some(delta))
             }
             SparseBase::Holding(base) | SparseBase::Plus(base) => {
@@ -882,9 +888,19 @@ mod tests {
         let y = frozen_plus_delta_matmul(&x, &base, &v, idx.clone(), None).unwrap();
         let g = (&y * &p16).unwrap().sum_all().unwrap().backward().unwrap();
         let (gx, gv) = (g.get(&x).unwrap(), g.get(&v).unwrap());
-        assert_eq!((y.dtype(), gx.dtype(), gv.dtype()), (DType::BF16, DType::BF16, DType::F32));
+        assert_eq!(
+            (y.dtype(), gx.dtype(), gv.dtype()),
+            (DType::BF16, DType::BF16, DType::F32)
+        );
 
-        let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let f32s = |t: &Tensor| {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
         let (xs, ps) = (f32s(&x16), f32s(&p16));
         let mut w = wv.clone();
         idx.iter().zip(&vals).for_each(|(&i, &d)| w[i as usize] += d);
