@@ -121,8 +121,15 @@ pub(crate) enum Right<'a> {
         delta: Option<SparseAdd<'a>>,
         /// Whether the operand is the weight's transpose.
         transposed: bool,
+        /// Where the packed operand is kept for later products (a weight that never changes,
+        /// without a delta); `None` packs it on every call.
+        cache: Option<&'a PackCache>,
     },
 }
+
+/// The packed forms of a weight that never changes, kept after their first use: as `W^T`
+/// (index 1) and as `W` (index 0), each only once asked for.
+pub(crate) type PackCache = [OnceLock<Vec<u32>>; 2];
 
 impl Right<'_> {
     /// `(k, n)`: rows and columns of the operand.
@@ -140,7 +147,9 @@ impl Right<'_> {
     fn to_rows(self) -> Vec<f32> {
         match self {
             Right::Matrix(v) => (0..v.rows).flat_map(|i| (0..v.cols).map(move |j| v.at(i, j))).collect(),
-            Right::Weight { w, delta, transposed } => {
+            Right::Weight {
+                w, delta, transposed, ..
+            } => {
                 let (rows, cols) = w.shape();
                 let mut m = vec![0f32; rows * cols];
                 w.read_rows(0, rows, &mut m);
@@ -441,11 +450,13 @@ mod amx {
                 w,
                 delta,
                 transposed: true,
+                ..
             } => pack_weight_transposed(w, delta, depth, cols),
             Right::Weight {
                 w,
                 delta,
                 transposed: false,
+                ..
             } => pack_weight(w, delta, depth, cols),
         }
     }
@@ -641,12 +652,20 @@ mod amx {
             k.next_multiple_of(DEPTH),
             n.next_multiple_of(BLOCK),
         );
-        let t0 = std::time::Instant::now();
         let left = pack_left(a, rows, depth);
-        let t1 = std::time::Instant::now();
-        let right = pack(b, depth, cols);
-        let t2 = std::time::Instant::now();
-        let _g = Dbg(t0, t1, t2);
+        let packed;
+        let right: &[u32] = match b {
+            Right::Weight {
+                cache: Some(c),
+                delta: None,
+                transposed,
+                ..
+            } => c[transposed as usize].get_or_init(|| pack(b, depth, cols)),
+            _ => {
+                packed = pack(b, depth, cols);
+                &packed
+            }
+        };
         let panel = depth / 2 * 16;
         // Tasks: TASK_ROWS output rows by BLOCK columns, column-block major, so that each thread
         // walks one run of right panels.
@@ -704,19 +723,6 @@ mod amx {
         });
     }
 
-    struct Dbg(std::time::Instant, std::time::Instant, std::time::Instant);
-    impl Drop for Dbg {
-        fn drop(&mut self) {
-            if std::env::var_os("DBG").is_some() {
-                eprintln!(
-                    "left {:?} right {:?} kernel {:?}",
-                    self.1 - self.0,
-                    self.2 - self.1,
-                    self.2.elapsed()
-                );
-            }
-        }
-    }
     /// A raw output pointer shared by tasks that write disjoint parts.
     struct SendPtr<T>(*mut T);
     impl<T> Clone for SendPtr<T> {
@@ -856,13 +862,30 @@ mod tests {
                         }
                     };
                     for &kern in &kernels {
-                        let mut got = vec![0f32; m * n];
-                        let right = Right::Weight {
-                            w: &w,
-                            delta,
-                            transposed,
-                        };
-                        gemm_with(kern, &mut got, false, 1.0, View::rows(&x, m, k), right);
+                        // Without a cache, and (when there is no delta) twice through one: the
+                        // second product reads the kept packing.
+                        let cache = PackCache::default();
+                        let mut runs = vec![None];
+                        if delta.is_none() {
+                            runs.extend([Some(&cache), Some(&cache)]);
+                        }
+                        let mut outs = Vec::new();
+                        for c in runs {
+                            let mut got = vec![0f32; m * n];
+                            let right = Right::Weight {
+                                w: &w,
+                                delta,
+                                transposed,
+                                cache: c,
+                            };
+                            gemm_with(kern, &mut got, false, 1.0, View::rows(&x, m, k), right);
+                            outs.push(got);
+                        }
+                        assert!(
+                            outs.iter().all(|o| o == &outs[0]),
+                            "{kern:?}: a kept packing changed the product"
+                        );
+                        let got = outs.swap_remove(0);
                         for i in 0..m {
                             for j in 0..n {
                                 let (mut want, mut mag) = (0f64, 0f64);

@@ -615,6 +615,12 @@ impl Llama {
         if let Some(head) = &mut self.lm_head {
             to_bf16(head, "lm_head.weight")?;
         }
+        // The head's bf16 products keep their packed operands (four products per update).
+        if let Weight::Quantized(q) = self.lm_head.as_mut().unwrap_or(&mut self.embed_tokens) {
+            if let Some(q) = Arc::get_mut(q) {
+                q.keep_bf16_packs();
+            }
+        }
         for lin in self.linears_mut() {
             let name = format!("{}.weight", lin.name);
             to_bf16(&mut lin.weight, &name)?;

@@ -83,7 +83,7 @@ pub(crate) fn with_f32s<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> ca
     };
     let copies: Vec<Option<Vec<f32>>> = ts
         .iter()
-        .map(|t| if in_place(t) { Ok(None) } else { vec_of(t).map(Some) })
+        .map(|t| if in_place(t) { Ok(None) } else { widened(t).map(Some) })
         .collect::<candle_core::Result<_>>()?;
     let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
     let mut slices: Vec<&[f32]> = Vec::with_capacity(ts.len());
@@ -97,9 +97,29 @@ pub(crate) fn with_f32s<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> ca
     Ok(f(&slices))
 }
 
-/// A gradient `v` for `like`: a tensor of its shape, device and dtype.
+/// A tensor's values as f32: a contiguous bf16 CPU tensor widened in one parallel pass
+/// ([`widen`]), anything else through candle ([`vec_of`]: a single-threaded conversion, then a
+/// copy).
+fn widened(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(CpuStorage::BF16(v)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(widen(&v[start..end]));
+        }
+    }
+    vec_of(t)
+}
+
+/// A gradient `v` for `like`: a tensor of its shape, device and dtype (bf16 narrowed in one
+/// parallel pass, [`narrow`]).
 pub(crate) fn grad_like(v: Vec<f32>, like: &Tensor) -> candle_core::Result<Tensor> {
-    Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())
+    match like.dtype() {
+        DType::F32 => Tensor::from_vec(v, like.shape(), like.device()),
+        DType::BF16 => Tensor::from_vec(narrow(&v), like.shape(), like.device()),
+        other => Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(other),
+    }
 }
 
 /// `y = x / sqrt(mean(x^2) + eps) * w` over the last dimension.

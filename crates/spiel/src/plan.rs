@@ -186,9 +186,14 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     };
     // The head runs fused with the loss ([`crate::head`]): the gathered rows and their gradient,
     // and one chunk of logits at a time (two while the backward forms `p W`). A trainable head
-    // (full fine-tuning) also holds its weight gradient from the forward to the backward.
+    // (full fine-tuning) also holds its weight gradient from the forward to the backward. With
+    // bf16 a frozen head keeps its two packed bf16 forms (`QMatrix::keep_bf16_packs`).
     let chunk_rows = (crate::head::CHUNK_FLOATS as f64 / v).floor().max(1.0).min(tokens);
-    let head = tokens * 2.0 * h * f + 2.0 * chunk_rows * v * f + if full { v * h * f } else { 0.0 };
+    let kept_packs = match (cfg.dtype, full) {
+        (Dtype::Bf16, false) => 2.0 * v * h * 2.0,
+        _ => 0.0,
+    };
+    let head = tokens * 2.0 * h * f + 2.0 * chunk_rows * v * f + if full { v * h * f } else { 0.0 } + kept_packs;
     // Backward frontier: about one block's worth of gradients in flight (one per op output,
     // whatever the adapter adds to a projection).
     // With bf16 activations each op also holds f32 copies while it runs: at most a projection's

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::bf16mm::{self, Products, Right, SparseAdd, View, WeightRows};
+use crate::bf16mm::{self, PackCache, Products, Right, SparseAdd, View, WeightRows};
 use crate::profile::{span, Phase};
 use crate::quant::{self, Format};
 use crate::{Error, Result};
@@ -81,6 +81,8 @@ pub struct QMatrix {
     group_scales: Vec<f32>,
     /// NF4 only: the mean absmax, subtracted before the second-level quantisation.
     absmax_offset: f32,
+    /// The packed bf16 operands kept after their first use ([`QMatrix::keep_bf16_packs`]).
+    packs: Option<Arc<PackCache>>,
 }
 
 impl QMatrix {
@@ -120,6 +122,7 @@ impl QMatrix {
             absmax_codes,
             group_scales,
             absmax_offset: offset,
+            packs: None,
         };
         let bpr = cols.div_ceil(NF4_BLOCK);
         let scales: Vec<f32> = (0..absmax.len()).map(|b| q.nf4_absmax(b)).collect();
@@ -163,6 +166,7 @@ impl QMatrix {
             absmax_codes: Vec::new(),
             group_scales: Vec::new(),
             absmax_offset: 0.0,
+            packs: None,
         })
     }
 
@@ -196,6 +200,13 @@ impl QMatrix {
     /// The dequantised absmax of NF4 block `b`.
     fn nf4_absmax(&self, b: usize) -> f32 {
         self.absmax_codes[b] as f32 * self.group_scales[b / NF4_GROUP] + self.absmax_offset
+    }
+
+    /// Keep the packed bf16 operands of bf16 products ([`bf16mm`]) once built, instead of
+    /// packing this never-changing matrix on every product: for the vocabulary head, which
+    /// takes four products per update; costs up to 4 bytes per value once used both ways.
+    pub fn keep_bf16_packs(&mut self) {
+        self.packs = Some(Arc::new(PackCache::default()));
     }
 
     /// Bytes of one stored row (GGUF formats) or nibble bytes (NF4).
@@ -654,10 +665,15 @@ impl Frozen {
         let (rows, cols) = self.shape();
         let (k, width) = if transposed { (cols, rows) } else { (rows, cols) };
         let mut y = vec![0f32; n * width];
+        let cache = match self {
+            Frozen::Quantized(q) if delta.is_none() => q.packs.as_deref(),
+            _ => None,
+        };
         let right = Right::Weight {
             w: self,
             delta,
             transposed,
+            cache,
         };
         bf16mm::gemm(&mut y, false, 1.0, View::rows(x, n, k), right);
         y
