@@ -8,10 +8,11 @@
 //! rounded operands go through the f32 GEMM, which gives the same result up to the order of the
 //! f32 sums.
 //!
-//! The AMX path packs both operands once per call: the left one into bf16 rows padded to 32
-//! columns, the right one into 16-column panels of bf16 pairs (the "VNNI" layout the tile
-//! instruction reads). Each task of the thread pool then computes 32 x 32 blocks of the output
-//! with four accumulator tiles, two tiles of each operand.
+//! The AMX path packs both operands per call: the left one into contiguous 16 x 32 bf16 tiles,
+//! the right one into 16-column panels of bf16 pairs (the "VNNI" layout the tile instruction
+//! reads); a weight that never changes can keep its packed form ([`PackCache`]). Each task of
+//! the thread pool then computes 32 x 32 blocks of the output with four accumulator tiles, two
+//! tiles of each operand.
 
 use std::sync::OnceLock;
 
