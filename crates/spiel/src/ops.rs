@@ -98,15 +98,15 @@ pub(crate) fn with_f32s<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> ca
 }
 
 /// A tensor's values as f32: a contiguous bf16 CPU tensor widened in one parallel pass
-/// ([`widen`]), anything else through candle ([`vec_of`]: a single-threaded conversion, then a
+/// ([`cpu_f32`]), anything else through candle ([`vec_of`]: a single-threaded conversion, then a
 /// copy).
 fn widened(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     {
         let (storage, layout) = t.storage_and_layout();
-        if let (candle_core::Storage::Cpu(CpuStorage::BF16(v)), Some((start, end))) =
-            (&*storage, layout.contiguous_offsets())
-        {
-            return Ok(widen(&v[start..end]));
+        if let candle_core::Storage::Cpu(cpu) = &*storage {
+            if let Ok(v) = cpu_f32(cpu, layout, "backward input") {
+                return Ok(v.into_owned());
+            }
         }
     }
     vec_of(t)
@@ -116,7 +116,6 @@ fn widened(t: &Tensor) -> candle_core::Result<Vec<f32>> {
 /// parallel pass, [`narrow`]).
 pub(crate) fn grad_like(v: Vec<f32>, like: &Tensor) -> candle_core::Result<Tensor> {
     match like.dtype() {
-        DType::F32 => Tensor::from_vec(v, like.shape(), like.device()),
         DType::BF16 => Tensor::from_vec(narrow(&v), like.shape(), like.device()),
         other => Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(other),
     }

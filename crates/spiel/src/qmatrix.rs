@@ -1021,6 +1021,28 @@ mod tests {
         }
     }
 
+    /// The bf16 dot product of the one-row products, both versions (AVX-512 where present, and
+    /// the portable loop alone) against f64, at lengths around its 64- and 16-value steps.
+    #[test]
+    fn bf16_dot_matches_f64_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for len in [0, 1, 15, 16, 17, 63, 64, 65, 100, 576, 1536 + 7] {
+            let x: Vec<f32> = (0..len).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let w: Vec<half::bf16> = (0..len)
+                .map(|_| half::bf16::from_f32(rng.gen_range(-1.0..1.0)))
+                .collect();
+            let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let want: f64 = x.iter().zip(&w).map(|(&a, b)| a as f64 * b.to_f64()).sum();
+            let tol = 1e-5 * (len as f64).sqrt().max(1.0);
+            for (what, got) in [
+                ("dispatched", dot_bf16(&x, &bytes)),
+                ("portable", dot_bf16_portable(&x, &bytes)),
+            ] {
+                assert!((got as f64 - want).abs() <= tol, "{what} length {len}: {got} vs {want}");
+            }
+        }
+    }
+
     /// The decoding path's one-row products (`matvec_many`, prefetching dot products) against an
     /// f64 reference, several matrices sharing one input.
     #[test]
