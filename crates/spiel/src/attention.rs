@@ -14,16 +14,90 @@
 //!
 //! Groups are independent and run in parallel, each product on one thread. At inference the keys
 //! and values are read in place from the decoding cache's buffers (no copy per token).
+//!
+//! With bf16 activations, blocks of 16 query rows or more take bf16 operands with f32 sums
+//! (`bf16mm`) for `Q K^T`, `P V`, `dO V^T` and `dS K`, as PyTorch's autocast does; each group
+//! packs its keys and values once for all its blocks. `dV` and `dK` stay f32: their left
+//! operand is a transpose, whose packing cost more than the tiles saved at these sizes.
 
 use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::bf16mm::{Packed, Products, View};
 use crate::ops::{cpu_f32, grad_like, storage_like, widen, with_f32s};
 use crate::profile::{span, Phase};
 use crate::qmatrix::gemm_into;
+
+/// The right operand of attention's products: an f32 matrix `[rows, cols]` seen through
+/// (row, column) strides, and for bf16 products the same matrix packed once on first use, so
+/// that every block of a head shares one packing of its keys and values.
+struct Operand<'a> {
+    view: View<'a>,
+    packed: OnceCell<Packed>,
+}
+
+impl<'a> Operand<'a> {
+    /// `data` as a row-major `[rows, cols]` matrix.
+    fn rows(data: &'a [f32], rows: usize, cols: usize) -> Operand<'a> {
+        Operand {
+            view: View::rows(data, rows, cols),
+            packed: OnceCell::new(),
+        }
+    }
+
+    /// The transpose of a row-major `[cols, rows]` matrix in `data`, as `[rows, cols]`.
+    fn transposed(data: &'a [f32], rows: usize, cols: usize) -> Operand<'a> {
+        Operand {
+            view: View::transposed(data, rows, cols),
+            packed: OnceCell::new(),
+        }
+    }
+}
+
+/// `dst (+)= beta lhs rhs[..k, ..n]` for `lhs: [m, k]` given by (row, column) strides and the
+/// leading `k` rows and `n` columns of `rhs`, on this thread (the heads already run in
+/// parallel): with bf16 operands and f32 sums where `bf16` (bf16 activations, as PyTorch's
+/// autocast computes attention), else in f32.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    bf16: bool,
+    dst: &mut [f32],
+    accumulate: bool,
+    beta: f32,
+    (m, n, k): (usize, usize, usize),
+    lhs: &[f32],
+    (rs, cs): (usize, usize),
+    rhs: &Operand,
+) {
+    if bf16 {
+        let a = View {
+            data: lhs,
+            rows: m,
+            cols: k,
+            rs,
+            cs,
+        };
+        let packed = rhs.packed.get_or_init(|| Packed::new(rhs.view));
+        crate::bf16mm::gemm_packed(dst, accumulate, beta, a, packed, n);
+    } else {
+        let b = rhs.view;
+        gemm_into(
+            false,
+            dst,
+            accumulate,
+            beta,
+            (m, n, k),
+            lhs,
+            (rs, cs),
+            b.data,
+            (b.rs, b.cs),
+        );
+    }
+}
 
 /// An additive attention mask `[B, T, S]` (0 where query `t` may see key `s`, a large negative
 /// value where not), built once per batch and shared by every layer.
@@ -183,29 +257,21 @@ impl Attention {
     }
 
     /// `P = softmax(scale q k^T + mask)` for `n` query rows from `r0` of group `gi` over its
-    /// first `e` keys: `[n, e]`, with `q` the block's rows and `k` the group's keys.
+    /// first `e` keys: `[n, e]`, with `q` the block's rows and `kt` the group's keys
+    /// transposed (`[D, S]`); `bf16`: the scores' product takes bf16 operands.
     #[allow(clippy::too_many_arguments)]
     fn probs(
         &self,
+        bf16: bool,
         gi: usize,
         kv: usize,
         g: Group,
         (r0, n, e): (usize, usize, usize),
         q: &[f32],
-        k: &[f32],
+        kt: &Operand,
     ) -> Vec<f32> {
         let mut scores = vec![0f32; n * e];
-        gemm_into(
-            false,
-            &mut scores,
-            false,
-            self.scale,
-            (n, e, g.d),
-            q,
-            (g.d, 1),
-            k,
-            (1, g.d),
-        );
+        product(bf16, &mut scores, false, self.scale, (n, e, g.d), q, (g.d, 1), kt);
         let bi = gi / kv;
         let mut p = vec![0f32; n * e];
         for (i, (pr, sr)) in p.chunks_mut(e).zip(scores.chunks(e)).enumerate() {
@@ -242,6 +308,7 @@ impl CustomOp3 for Attention {
         let q = cpu_f32(s1, l1, "attention q")?;
         let ((k, ks), (v, vs)) = (key_groups(s2, l2, "attention k")?, key_groups(s3, l3, "attention v")?);
         let (qn, kn, d) = (g.rows * g.d, g.s * g.d, g.d);
+        let products = Products::for_storage(s1);
         let mut out = vec![0f32; groups * qn];
         out.par_chunks_mut(qn).enumerate().for_each(|(gi, o)| {
             let (qg, kg, vg) = (
@@ -249,18 +316,19 @@ impl CustomOp3 for Attention {
                 &k[gi * ks..gi * ks + kn],
                 &v[gi * vs..gi * vs + kn],
             );
+            let (kt, vm) = (Operand::transposed(kg, d, g.s), Operand::rows(vg, g.s, d));
             for (r0, n, e) in self.blocks(gi, kv, g) {
-                let p = self.probs(gi, kv, g, (r0, n, e), &qg[r0 * d..], kg);
-                gemm_into(
-                    false,
+                let bf16 = products.bf16_for(n);
+                let p = self.probs(bf16, gi, kv, g, (r0, n, e), &qg[r0 * d..], &kt);
+                product(
+                    bf16,
                     &mut o[r0 * d..(r0 + n) * d],
                     false,
                     1.0,
                     (n, d, e),
                     &p,
                     (e, 1),
-                    vg,
-                    (d, 1),
+                    &vm,
                 );
             }
         });
@@ -278,6 +346,7 @@ impl CustomOp3 for Attention {
         let _t = span(Phase::Attention);
         let (groups, g) = self.dims(q.shape(), k.shape(), v.shape())?;
         let kv = groups / self.b;
+        let products = Products::for_activations(q.dtype());
         let backward = |qs: &[f32], ks: &[f32], vs: &[f32], os: &[f32], gs: &[f32]| {
             let (qn, kn, d) = (g.rows * g.d, g.s * g.d, g.d);
             let (mut dq, mut dk, mut dv) = (vec![0f32; qs.len()], vec![0f32; ks.len()], vec![0f32; vs.len()]);
@@ -291,15 +360,18 @@ impl CustomOp3 for Attention {
                         &vs[gi * kn..(gi + 1) * kn],
                     );
                     let (og, dog) = (&os[gi * qn..(gi + 1) * qn], &gs[gi * qn..(gi + 1) * qn]);
+                    let (kt, km) = (Operand::transposed(kg, d, g.s), Operand::rows(kg, g.s, d));
+                    let vt = Operand::transposed(vg, d, g.s);
                     for (r0, n, e) in self.blocks(gi, kv, g) {
                         let rows = r0 * d..(r0 + n) * d;
                         let (qb, ob, dob) = (&qg[rows.clone()], &og[rows.clone()], &dog[rows.clone()]);
-                        let p = self.probs(gi, kv, g, (r0, n, e), qb, kg);
-                        // dV += P^T dO.
+                        let bf16 = products.bf16_for(n);
+                        let p = self.probs(bf16, gi, kv, g, (r0, n, e), qb, &kt);
+                        // dV += P^T dO (f32, as dK below: see the module notes).
                         gemm_into(false, &mut dvg[..e * d], true, 1.0, (e, d, n), &p, (1, e), dob, (d, 1));
                         // dP = dO V^T, then dS = P (dP - rowsum(dO O)) in place.
                         let mut ds = vec![0f32; n * e];
-                        gemm_into(false, &mut ds, false, 1.0, (n, e, d), dob, (d, 1), vg, (1, d));
+                        product(bf16, &mut ds, false, 1.0, (n, e, d), dob, (d, 1), &vt);
                         for i in 0..n {
                             let dot: f32 = (0..d).map(|c| dob[i * d + c] * ob[i * d + c]).sum();
                             for (x, pv) in ds[i * e..(i + 1) * e].iter_mut().zip(&p[i * e..(i + 1) * e]) {
@@ -307,17 +379,7 @@ impl CustomOp3 for Attention {
                             }
                         }
                         // dQ = scale dS K; dK += scale dS^T Q.
-                        gemm_into(
-                            false,
-                            &mut dqg[rows],
-                            false,
-                            self.scale,
-                            (n, d, e),
-                            &ds,
-                            (e, 1),
-                            kg,
-                            (d, 1),
-                        );
+                        product(bf16, &mut dqg[rows], false, self.scale, (n, d, e), &ds, (e, 1), &km);
                         gemm_into(
                             false,
                             &mut dkg[..e * d],
@@ -412,29 +474,38 @@ mod tests {
                 let (x, y) = (gf.get(f[i].as_tensor()).unwrap(), gw.get(r[i].as_tensor()).unwrap());
                 assert!(rel(x, y) < 1e-5, "grad {name} {what}: {}", rel(x, y));
             }
-            // bf16 inputs: the same computation on the widened values, rounded once.
+            // bf16 inputs: the f32 op's result on the same (widened) values, forward and
+            // backward, within bf16's precision; from 16 query rows per block the products
+            // take bf16 operands (the probabilities and dS rounded), below it they are f32.
             let h = vars(DType::BF16);
             let got16 = attention(h[0].as_tensor(), h[1].as_tensor(), h[2].as_tensor(), Some(&mask), scale).unwrap();
             assert_eq!(got16.dtype(), DType::BF16);
-            let w = vars(DType::F32)
+            let w: Vec<Var> = h
                 .iter()
-                .map(|v| {
-                    v.as_tensor()
-                        .to_dtype(DType::BF16)
-                        .unwrap()
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                })
-                .collect::<Vec<_>>();
-            let want16 = attention(&w[0], &w[1], &w[2], Some(&mask), scale)
-                .unwrap()
-                .to_dtype(DType::BF16)
-                .unwrap();
-            assert_eq!(
-                got16.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap(),
-                want16.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap(),
-                "bf16 {what}"
+                .map(|v| Var::from_tensor(&v.as_tensor().to_dtype(DType::F32).unwrap()).unwrap())
+                .collect();
+            let want16 = attention(w[0].as_tensor(), w[1].as_tensor(), w[2].as_tensor(), Some(&mask), scale).unwrap();
+            let widened = got16.to_dtype(DType::F32).unwrap();
+            assert!(
+                rel(&widened, &want16) < 1e-2,
+                "bf16 forward {what}: {}",
+                rel(&widened, &want16)
             );
+            let probe16 = probe.to_dtype(DType::BF16).unwrap();
+            let g16 = (&got16 * &probe16).unwrap().sum_all().unwrap().backward().unwrap();
+            let g32 = (&want16 * &probe16.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (i, name) in ["q", "k", "v"].iter().enumerate() {
+                let x = g16.get(h[i].as_tensor()).unwrap();
+                assert_eq!(x.dtype(), DType::BF16);
+                let y = g32.get(w[i].as_tensor()).unwrap();
+                let x = x.to_dtype(DType::F32).unwrap();
+                assert!(rel(&x, y) < 2e-2, "bf16 grad {name} {what}: {}", rel(&x, y));
+            }
         }
         let bad = Mask::new(vec![0.0; 12], 1, 3, 4).unwrap();
         let q = Tensor::zeros((1, 1, 3, 8), DType::F32, &Device::Cpu).unwrap();

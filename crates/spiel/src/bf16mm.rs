@@ -248,6 +248,105 @@ pub(crate) fn gemm(dst: &mut [f32], accumulate: bool, beta: f32, a: View, b: Rig
     gemm_with(kernel(), dst, accumulate, beta, a, b)
 }
 
+/// Completes a product with no terms (`m`, `n` or `k` zero: `dst` zeroed unless `accumulate`)
+/// and says so; `false` for any other.
+fn empty_product(dst: &mut [f32], accumulate: bool, (m, n, k): (usize, usize, usize)) -> bool {
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return true;
+    }
+    false
+}
+
+/// A matrix packed once, on one thread, as the right operand of many products that each use a
+/// leading block of its rows and columns ([`gemm_packed`]): attention's keys and values, per
+/// head.
+pub(crate) struct Packed {
+    rows: usize,
+    cols: usize,
+    data: PackedData,
+}
+
+enum PackedData {
+    /// AMX panels (see [`amx`]), each of this many pairs.
+    Panels(Vec<u32>, usize),
+    /// Without AMX: the rounded values, row-major.
+    Rounded(Vec<f32>),
+}
+
+impl Packed {
+    /// `b` rounded to bf16 and laid out for [`gemm_packed`], on this thread.
+    pub(crate) fn new(b: View) -> Packed {
+        Packed::for_kernel(kernel(), b)
+    }
+
+    /// [`Packed::new`] for a chosen kernel (the tests run both).
+    pub(crate) fn for_kernel(kernel: Kernel, b: View) -> Packed {
+        b.check("packed operand");
+        let data = match kernel {
+            Kernel::Amx => {
+                let (panels, depth) = amx::pack_matrix(b);
+                PackedData::Panels(panels, depth / 2 * 16)
+            }
+            Kernel::Rounded => PackedData::Rounded(round_rows(b, false)),
+        };
+        Packed {
+            rows: b.rows,
+            cols: b.cols,
+            data,
+        }
+    }
+}
+
+/// `dst (+)= beta * a b[..k, ..n]` on this thread, for `a: [m, k]` and `dst: [m, n]`: [`gemm`]
+/// with the leading `k` rows and `n` columns of a packed right operand.
+pub(crate) fn gemm_packed(dst: &mut [f32], accumulate: bool, beta: f32, a: View, b: &Packed, n: usize) {
+    let (m, k) = (a.rows, a.cols);
+    assert!(
+        k <= b.rows && n <= b.cols && dst.len() >= m * n,
+        "bf16 product: [{m}, {k}] times [{k}, {n}] of a packed [{}, {}] into {} values",
+        b.rows,
+        b.cols,
+        dst.len()
+    );
+    a.check("left operand");
+    if empty_product(dst, accumulate, (m, n, k)) {
+        return;
+    }
+    match &b.data {
+        PackedData::Panels(panels, panel) => amx::gemm_prepacked(dst, accumulate, beta, a, panels, *panel, n),
+        PackedData::Rounded(values) => {
+            let ra = round_rows(a, false);
+            crate::qmatrix::gemm_into(
+                false,
+                dst,
+                accumulate,
+                beta,
+                (m, n, k),
+                &ra,
+                (k, 1),
+                values,
+                (b.cols, 1),
+            );
+        }
+    }
+}
+
+/// `f(i, chunk)` for every `size`-value chunk of `out`: on the pool where `parallel`, else on
+/// this thread.
+fn each_chunk<T: Send>(parallel: bool, out: &mut [T], size: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    if parallel {
+        out.par_chunks_mut(size).enumerate().for_each(|(i, c)| f(i, c));
+    } else {
+        out.chunks_mut(size).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
 /// [`gemm`] on a chosen kernel (the tests run both).
 pub(crate) fn gemm_with(kernel: Kernel, dst: &mut [f32], accumulate: bool, beta: f32, a: View, b: Right) {
     let (m, k) = (a.rows, a.cols);
@@ -262,19 +361,13 @@ pub(crate) fn gemm_with(kernel: Kernel, dst: &mut [f32], accumulate: bool, beta:
     if let Right::Matrix(b) = b {
         b.check("right operand");
     }
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
+    if empty_product(dst, accumulate, (m, n, k)) {
         return;
     }
     match kernel {
         Kernel::Amx => amx::gemm(dst, accumulate, beta, a, b),
         Kernel::Rounded => {
-            let ra = round_rows(a);
+            let ra = round_rows(a, true);
             let mut rb = b.to_rows();
             rb.par_iter_mut().for_each(|x| *x = rounded(*x));
             crate::qmatrix::gemm_into(true, dst, accumulate, beta, (m, n, k), &ra, (k, 1), &rb, (n, 1));
@@ -283,9 +376,9 @@ pub(crate) fn gemm_with(kernel: Kernel, dst: &mut [f32], accumulate: bool, beta:
 }
 
 /// `v` as a contiguous row-major matrix of bf16-rounded f32 values.
-fn round_rows(v: View) -> Vec<f32> {
+fn round_rows(v: View, parallel: bool) -> Vec<f32> {
     let mut out = vec![0f32; v.rows * v.cols];
-    out.par_chunks_mut(v.cols).enumerate().for_each(|(i, row)| {
+    each_chunk(parallel, &mut out, v.cols, |i, row| {
         for (j, o) in row.iter_mut().enumerate() {
             *o = rounded(v.at(i, j));
         }
@@ -295,7 +388,7 @@ fn round_rows(v: View) -> Vec<f32> {
 
 /// The AMX path: operand packing, the tile kernel and the process's permission to use the tiles.
 mod amx {
-    use super::{round_bf16, Right, SparseAdd, View, WeightRows};
+    use super::{each_chunk, round_bf16, Right, SparseAdd, View, WeightRows};
     use rayon::prelude::*;
 
     /// Output rows and columns per block (2 x 2 tiles of 16 x 16 f32).
@@ -370,24 +463,36 @@ mod amx {
     /// Rows of `a` as bf16 tiles: for each 16 rows (padded with zeros), `depth / 32` tiles of
     /// 16 x 32 values, each tile contiguous (1 KiB), so that a tile load reads 16 adjacent
     /// cache lines.
-    fn pack_left(a: View, rows: usize, depth: usize) -> Vec<u16> {
+    fn pack_left(a: View, rows: usize, depth: usize, parallel: bool) -> Vec<u16> {
         let mut out = vec![0u16; rows * depth];
         let tile = 16 * DEPTH;
         // 16 rows per task: a row alone is too little work for a hand-off to the pool.
-        out.par_chunks_mut(16 * depth).enumerate().for_each(|(c, dst)| {
+        each_chunk(parallel, &mut out, 16 * depth, |c, dst| {
             let (i0, h) = (c * 16, a.rows.saturating_sub(c * 16).min(16));
-            let mut row = vec![0u16; depth];
-            let mut column = vec![0f32; a.cols];
-            for r in 0..h {
-                let i = i0 + r;
-                if a.cs == 1 {
-                    round_into(&a.data[i * a.rs..i * a.rs + a.cols], &mut row[..a.cols]);
-                } else {
-                    column.iter_mut().enumerate().for_each(|(j, x)| *x = a.at(i, j));
-                    round_into(&column, &mut row[..a.cols]);
+            if h == 0 {
+                return; // padding rows: zeros
+            }
+            // Value (i0 + r, j) goes to tile j / 32, row r, column j % 32.
+            let at = |r: usize, j: usize| (j / DEPTH) * tile + r * DEPTH + j % DEPTH;
+            if a.cs == 1 {
+                for r in 0..h {
+                    let row = &a.data[(i0 + r) * a.rs..][..a.cols];
+                    for (s, part) in row.chunks(DEPTH).enumerate() {
+                        round_into(part, &mut dst[at(r, s * DEPTH)..][..part.len()]);
+                    }
                 }
-                for (s, part) in row.chunks_exact(DEPTH).enumerate() {
-                    dst[s * tile + r * DEPTH..][..DEPTH].copy_from_slice(part);
+            } else if a.rs == 1 {
+                // A transpose: each column of `a` is a contiguous run; read 16 rows at a time.
+                for j in 0..a.cols {
+                    for (r, &x) in a.data[j * a.cs + i0..][..h].iter().enumerate() {
+                        dst[at(r, j)] = round_bf16(x);
+                    }
+                }
+            } else {
+                for r in 0..h {
+                    for j in 0..a.cols {
+                        dst[at(r, j)] = round_bf16(a.at(i0 + r, j));
+                    }
                 }
             }
         });
@@ -396,27 +501,25 @@ mod amx {
 
     /// `b: [k, n]` as panels of 16 columns, each `depth / 2` rows of 16 bf16 pairs: the pair
     /// for (row `kk`, column `j`) holds `b[2 kk][j]` (low half) and `b[2 kk + 1][j]`.
-    fn pack_right(b: View, depth: usize, cols: usize) -> Vec<u32> {
+    fn pack_right(b: View, depth: usize, cols: usize, parallel: bool) -> Vec<u32> {
         let panel = depth / 2 * 16;
         let k = b.rows;
         let mut out = vec![0u32; cols / 16 * panel];
         let pair = |lo: f32, hi: f32| round_bf16(lo) as u32 | (round_bf16(hi) as u32) << 16;
-        out.par_chunks_mut(panel).enumerate().for_each(|(p, dst)| {
+        each_chunk(parallel, &mut out, panel, |p, dst| {
             let j0 = p * 16;
             let width = b.cols.saturating_sub(j0).min(16);
             if width == 0 {
                 return; // a padding panel: zeros
             }
             if b.rs == 1 {
-                // Each column is contiguous (the transpose of a row-major weight): walk it.
+                // Each column is contiguous (the transpose of a row-major matrix): round it 32
+                // values at a time; its pairs are then adjacent bf16 values.
+                let mut col = vec![0u16; k.next_multiple_of(2)];
                 for jj in 0..width {
-                    let col = &b.data[(j0 + jj) * b.cs..][..k];
-                    let mut pairs = col.chunks_exact(2);
-                    for (kk, two) in pairs.by_ref().enumerate() {
-                        dst[kk * 16 + jj] = pair(two[0], two[1]);
-                    }
-                    if let [last] = pairs.remainder() {
-                        dst[k / 2 * 16 + jj] = pair(*last, 0.0);
+                    round_into(&b.data[(j0 + jj) * b.cs..][..k], &mut col[..k]);
+                    for (kk, two) in col.chunks_exact(2).enumerate() {
+                        dst[kk * 16 + jj] = two[0] as u32 | (two[1] as u32) << 16;
                     }
                 }
             } else if b.cs == 1 {
@@ -443,10 +546,10 @@ mod amx {
         out
     }
 
-    /// [`pack_right`] for either kind of right operand.
+    /// [`pack_right`] for either kind of right operand, on the pool.
     fn pack(b: Right, depth: usize, cols: usize) -> Vec<u32> {
         match b {
-            Right::Matrix(v) => pack_right(v, depth, cols),
+            Right::Matrix(v) => pack_right(v, depth, cols, true),
             Right::Weight {
                 w,
                 delta,
@@ -653,7 +756,7 @@ mod amx {
             k.next_multiple_of(DEPTH),
             n.next_multiple_of(BLOCK),
         );
-        let left = pack_left(a, rows, depth);
+        let left = pack_left(a, rows, depth, true);
         let packed;
         let right: &[u32] = match b {
             Right::Weight {
@@ -667,12 +770,54 @@ mod amx {
                 &packed
             }
         };
-        let panel = depth / 2 * 16;
+        run(true, dst, accumulate, beta, (m, n), &left, depth, right, depth / 2 * 16);
+    }
+
+    /// A matrix `b` packed as right operand for [`gemm_prepacked`]: `(panels, rows padded)`.
+    pub(super) fn pack_matrix(b: View) -> (Vec<u32>, usize) {
+        let depth = b.rows.next_multiple_of(DEPTH);
+        (pack_right(b, depth, b.cols.next_multiple_of(BLOCK), false), depth)
+    }
+
+    /// [`super::gemm_packed`] on the tiles, on this thread: `right` holds panels of `panel`
+    /// pairs each, from [`pack_matrix`] of a matrix with at least `a.cols` rows and `n` columns.
+    pub(super) fn gemm_prepacked(
+        dst: &mut [f32],
+        accumulate: bool,
+        beta: f32,
+        a: View,
+        right: &[u32],
+        panel: usize,
+        n: usize,
+    ) {
+        let (rows, depth) = (a.rows.next_multiple_of(BLOCK), a.cols.next_multiple_of(DEPTH));
+        assert!(depth / 2 * 16 <= panel && n.next_multiple_of(BLOCK) / 16 * panel <= right.len());
+        let left = pack_left(a, rows, depth, false);
+        run(false, dst, accumulate, beta, (a.rows, n), &left, depth, right, panel);
+    }
+
+    /// `dst (+)= beta left right` for `dst: [m, n]` from packed operands: `left` as
+    /// [`pack_left`] lays out `m` rows (padded to [`BLOCK`]) of `depth` values, `right` as
+    /// panels of `panel` pairs (at least `depth / 2` rows of 16 pairs used; padded to `n`
+    /// rounded up to [`BLOCK`] columns).
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        parallel: bool,
+        dst: &mut [f32],
+        accumulate: bool,
+        beta: f32,
+        (m, n): (usize, usize),
+        left: &[u16],
+        depth: usize,
+        right: &[u32],
+        panel: usize,
+    ) {
+        let (rows, cols) = (m.next_multiple_of(BLOCK), n.next_multiple_of(BLOCK));
         // Tasks: TASK_ROWS output rows by BLOCK columns, column-block major, so that each thread
         // walks one run of right panels.
         let row_tasks = rows.div_ceil(TASK_ROWS);
         let dst_ptr = SendPtr(dst.as_mut_ptr());
-        (0..row_tasks * (cols / BLOCK)).into_par_iter().for_each(|t| {
+        let task = |t: usize| {
             let (cb, rt) = (t / row_tasks, t % row_tasks);
             let j0 = cb * BLOCK;
             let mut scratch = [0f32; BLOCK * BLOCK];
@@ -721,7 +866,13 @@ mod amx {
                     }
                 }
             })
-        });
+        };
+        let tasks = row_tasks * (cols / BLOCK);
+        if parallel {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            (0..tasks).for_each(task);
+        }
     }
 
     /// A raw output pointer shared by tasks that write disjoint parts.
@@ -749,7 +900,8 @@ mod tests {
 
     /// Both kernels against an f64 product of the rounded operands, over shapes that leave
     /// every kind of ragged edge (rows, depth, columns), row-major, transposed and strided
-    /// views, accumulation and scaling.
+    /// views, accumulation and scaling; also with the right operand packed once
+    /// ([`Packed`], on one thread) and used whole and by a leading block of rows and columns.
     #[test]
     fn products_match_f64_reference_of_rounded_operands() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -785,28 +937,41 @@ mod tests {
                         },
                     };
                     let (a, b) = (view(&av, m, k, ta), view(&bv, k, n, tb));
-                    for &kern in &kernels {
-                        let mut got = init.clone();
-                        gemm_with(kern, &mut got, accumulate, beta, a, Right::Matrix(b));
+                    // `got` against the product of the leading `kk` columns of `a` and `kk` rows
+                    // and `nn` columns of `b`.
+                    let check = |got: &[f32], kk: usize, nn: usize, what: String| {
                         for i in 0..m {
-                            for j in 0..n {
+                            for j in 0..nn {
                                 let (mut want, mut mag) = (0f64, 0f64);
-                                for l in 0..k {
+                                for l in 0..kk {
                                     let p = rounded(a.at(i, l)) as f64 * rounded(b.at(l, j)) as f64;
                                     want += p;
                                     mag += p.abs();
                                 }
                                 want *= beta as f64;
                                 if accumulate {
-                                    want += init[i * n + j] as f64;
+                                    want += init[i * nn + j] as f64;
                                 }
-                                let err = (got[i * n + j] as f64 - want).abs();
+                                let err = (got[i * nn + j] as f64 - want).abs();
                                 assert!(
-                                    err <= 1e-6 * (mag + 1.0) * (k as f64).sqrt(),
-                                    "{kern:?} [{m}, {k}] x [{n}] layouts {ta} {tb} at ({i}, {j}): {} vs {want}",
-                                    got[i * n + j]
+                                    err <= 1e-6 * (mag + 1.0) * (kk as f64).sqrt(),
+                                    "{what} [{m}, {kk}] x [{nn}] layouts {ta} {tb} at ({i}, {j}): {} vs {want}",
+                                    got[i * nn + j]
                                 );
                             }
+                        }
+                    };
+                    for &kern in &kernels {
+                        let mut got = init.clone();
+                        gemm_with(kern, &mut got, accumulate, beta, a, Right::Matrix(b));
+                        check(&got, k, n, format!("{kern:?}"));
+                        // Packed once, then used whole and by a leading block.
+                        let packed = Packed::for_kernel(kern, b);
+                        for (kk, nn) in [(k, n), (k.div_ceil(2), n - n / 3)] {
+                            let a_lead = View { cols: kk, ..a };
+                            let mut got = init[..m * nn].to_vec();
+                            gemm_packed(&mut got, accumulate, beta, a_lead, &packed, nn);
+                            check(&got, kk, nn, format!("{kern:?} packed"));
                         }
                     }
                 }

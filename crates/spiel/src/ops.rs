@@ -121,6 +121,182 @@ pub(crate) fn grad_like(v: Vec<f32>, like: &Tensor) -> candle_core::Result<Tenso
     }
 }
 
+/// Values per chunk of the element-wise ops (rounded to whole rows for the row-wise ones): a
+/// few such chunks per input and output stay in a core's L2 cache.
+const CHUNK: usize = 4096;
+
+/// A contiguous f32 or bf16 input of an element-wise op, read a chunk at a time as f32.
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> Src<'a> {
+    /// The values of a contiguous f32 or bf16 CPU storage; errors name the op (`what`).
+    fn of(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Src<'a>> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("{what}: input must be contiguous")
+        };
+        match s {
+            CpuStorage::F32(d) => Ok(Src::F32(&d[a..b])),
+            CpuStorage::BF16(d) => Ok(Src::Bf16(&d[a..b])),
+            _ => candle_core::bail!("{what}: f32 or bf16 only"),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Src::F32(v) => v.len(),
+            Src::Bf16(v) => v.len(),
+        }
+    }
+
+    /// Values `at` as f32: borrowed when f32, widened into `scratch` when bf16.
+    fn chunk<'s>(&'s self, at: std::ops::Range<usize>, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+        match self {
+            Src::F32(v) => &v[at],
+            Src::Bf16(v) => {
+                scratch.clear();
+                scratch.extend(v[at].iter().map(|x| f32::from_bits((x.to_bits() as u32) << 16)));
+                scratch
+            }
+        }
+    }
+}
+
+/// One output of an element-wise op, held in the activations' dtype.
+enum Dst {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+/// A chunk of a [`Dst`] being written.
+enum DstChunk<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [bf16]),
+}
+
+impl Dst {
+    fn new(len: usize, bf16_out: bool) -> Dst {
+        if bf16_out {
+            Dst::Bf16(vec![bf16::ZERO; len])
+        } else {
+            Dst::F32(vec![0f32; len])
+        }
+    }
+
+    fn chunks(&mut self, chunk: usize) -> Vec<DstChunk<'_>> {
+        match self {
+            Dst::F32(v) => v.chunks_mut(chunk).map(DstChunk::F32).collect(),
+            Dst::Bf16(v) => v.chunks_mut(chunk).map(DstChunk::Bf16).collect(),
+        }
+    }
+
+    fn into_storage(self) -> CpuStorage {
+        match self {
+            Dst::F32(v) => CpuStorage::F32(v),
+            Dst::Bf16(v) => CpuStorage::BF16(v),
+        }
+    }
+
+    /// This output as a gradient for `like` (its shape, device and dtype).
+    fn into_grad(self, like: &Tensor) -> candle_core::Result<Tensor> {
+        let t = match self {
+            Dst::F32(v) => Tensor::from_vec(v, like.shape(), like.device())?,
+            Dst::Bf16(v) => Tensor::from_vec(v, like.shape(), like.device())?,
+        };
+        t.to_dtype(like.dtype())
+    }
+}
+
+/// Runs `f(start, inputs, outputs)` over consecutive chunks of `chunk` values (the last one may
+/// be shorter) of the equally long `ins`, in parallel, and returns the `O` outputs (bf16 where
+/// `bf16_out`, else f32) and `f`'s result per chunk. `f` sees every input and output as f32:
+/// bf16 inputs are widened and bf16 outputs narrowed (nearest even) a chunk at a time, in
+/// per-thread scratch that stays in cache, so a bf16 op moves 2 bytes per value and never holds
+/// a whole f32 copy; f32 inputs and outputs are read and written in place.
+fn map_chunks<const I: usize, const O: usize, R: Send>(
+    ins: [Src; I],
+    bf16_out: bool,
+    chunk: usize,
+    f: impl Fn(usize, [&[f32]; I], [&mut [f32]; O]) -> R + Sync,
+) -> ([Dst; O], Vec<R>) {
+    let n = ins.first().map_or(0, Src::len);
+    assert!(
+        ins.iter().all(|s| s.len() == n),
+        "element-wise op: inputs of different lengths"
+    );
+    let mut outs: [Dst; O] = std::array::from_fn(|_| Dst::new(n, bf16_out));
+    let chunk = chunk.max(1);
+    let results = {
+        let mut columns: Vec<std::vec::IntoIter<DstChunk>> =
+            outs.iter_mut().map(|o| o.chunks(chunk).into_iter()).collect();
+        let work: Vec<(usize, [DstChunk; O])> = (0..n.div_ceil(chunk))
+            .map(|c| {
+                (
+                    c * chunk,
+                    std::array::from_fn(|o| columns[o].next().expect("one chunk per output")),
+                )
+            })
+            .collect();
+        work.into_par_iter()
+            .map_init(
+                || (vec![Vec::with_capacity(chunk); I], vec![vec![0f32; chunk]; O]),
+                |(in_scratch, out_scratch), (start, mut dsts)| {
+                    let at = start..(start + chunk).min(n);
+                    let mut sources = ins.iter().zip(in_scratch.iter_mut());
+                    let inputs: [&[f32]; I] = std::array::from_fn(|_| {
+                        let (s, scratch) = sources.next().expect("one scratch per input");
+                        s.chunk(at.clone(), scratch)
+                    });
+                    let mut targets = dsts.iter_mut().zip(out_scratch.iter_mut());
+                    let outputs: [&mut [f32]; O] =
+                        std::array::from_fn(|_| match targets.next().expect("one scratch per output") {
+                            (DstChunk::F32(d), _) => &mut **d,
+                            (DstChunk::Bf16(d), scratch) => &mut scratch[..d.len()],
+                        });
+                    let r = f(start, inputs, outputs);
+                    for (d, scratch) in dsts.iter_mut().zip(out_scratch.iter()) {
+                        if let DstChunk::Bf16(d) = d {
+                            for (o, &v) in d.iter_mut().zip(scratch.iter()) {
+                                *o = bf16::from_bits(crate::bf16mm::round_bf16(v));
+                            }
+                        }
+                    }
+                    r
+                },
+            )
+            .collect()
+    };
+    (outs, results)
+}
+
+/// Runs `f` on the element-wise sources of `ts`: each a contiguous f32 or bf16 CPU tensor read
+/// in place (others are first made contiguous f32).
+fn with_sources<const N: usize, R>(
+    ts: [&Tensor; N],
+    f: impl FnOnce([Src; N]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let owned: Vec<Tensor> = ts
+        .iter()
+        .map(|t| match t.dtype() {
+            DType::F32 | DType::BF16 => t.contiguous(),
+            _ => t.to_dtype(DType::F32)?.contiguous(),
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut sources = Vec::with_capacity(N);
+    for (storage, layout) in &guards {
+        match &**storage {
+            candle_core::Storage::Cpu(cpu) => sources.push(Src::of(cpu, layout, "backward input")?),
+            _ => candle_core::bail!("backward input: CPU tensors only"),
+        }
+    }
+    let mut it = sources.into_iter();
+    f(std::array::from_fn(|_| it.next().expect("one source per tensor")))
+}
+
 /// `y = x / sqrt(mean(x^2) + eps) * w` over the last dimension.
 struct RmsNorm {
     eps: f32,
@@ -139,21 +315,23 @@ impl CustomOp2 for RmsNorm {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let _t = span(Phase::Norms);
-        let x = cpu_f32(s1, l1, "rms-norm")?;
+        let x = Src::of(s1, l1, "rms-norm")?;
         let w = cpu_f32(s2, l2, "rms-norm")?;
         let d = w.len();
-        if l1.shape().dims().last() != Some(&d) {
+        if l1.shape().dims().last() != Some(&d) || d == 0 {
             candle_core::bail!("rms-norm: x {:?} vs weight [{d}]", l1.shape());
         }
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
-            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-            let r = 1.0 / (ms + self.eps).sqrt();
-            for ((o, xv), wv) in yr.iter_mut().zip(xr).zip(w.iter()) {
-                *o = xv * r * wv;
+        let bf16_out = matches!(s1, CpuStorage::BF16(_));
+        let ([y], _) = map_chunks([x], bf16_out, (CHUNK / d).max(1) * d, |_, [x], [y]| {
+            for (yr, xr) in y.chunks_mut(d).zip(x.chunks(d)) {
+                let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let r = 1.0 / (ms + self.eps).sqrt();
+                for ((o, xv), wv) in yr.iter_mut().zip(xr).zip(w.iter()) {
+                    *o = xv * r * wv;
+                }
             }
         });
-        Ok((storage_like(y, s1), l1.shape().clone()))
+        Ok((y.into_storage(), l1.shape().clone()))
     }
 
     fn bwd(
@@ -164,39 +342,37 @@ impl CustomOp2 for RmsNorm {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let _t = span(Phase::Norms);
-        let (gx, gw) = with_f32s(&[x, w, g], |v| self.backward(v[0], v[1], v[2]))?;
-        Ok((Some(grad_like(gx, x)?), Some(grad_like(gw, w)?)))
+        let ws = vec_of(w)?;
+        let bf16_out = x.dtype() == DType::BF16;
+        let (gx, gw) = with_sources([x, g], |[xs, gs]| Ok(self.backward(xs, &ws, gs, bf16_out)))?;
+        Ok((Some(gx.into_grad(x)?), Some(grad_like(gw, w)?)))
     }
 }
 
 impl RmsNorm {
-    /// `(gx, gw)` for inputs `xs`, weight `ws` and output gradient `gs`.
-    fn backward(&self, xs: &[f32], ws: &[f32], gs: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    /// `(gx, gw)` for inputs `xs`, weight `ws` and output gradient `gs`; `gx` in bf16 where
+    /// `bf16_out`.
+    fn backward(&self, xs: Src, ws: &[f32], gs: Src, bf16_out: bool) -> (Dst, Vec<f32>) {
         let d = ws.len();
-        let mut gx = vec![0f32; xs.len()];
         // Per row: r = 1/sqrt(mean x^2 + eps); gx = r (g w) - x r^3 mean(g w x); gw += g x r.
-        let gw_rows: Vec<Vec<f32>> = gx
-            .par_chunks_mut(d)
-            .zip(xs.par_chunks(d))
-            .zip(gs.par_chunks(d))
-            .fold(
-                || vec![0f32; d],
-                |mut acc, ((gxr, xr), gr)| {
-                    let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-                    let r = 1.0 / (ms + self.eps).sqrt();
-                    let dot = gr.iter().zip(ws).zip(xr).map(|((g, w), x)| g * w * x).sum::<f32>() / d as f32;
-                    let r3 = r * r * r;
-                    for j in 0..d {
-                        gxr[j] = r * gr[j] * ws[j] - xr[j] * r3 * dot;
-                        acc[j] += gr[j] * xr[j] * r;
-                    }
-                    acc
-                },
-            )
-            .collect();
+        // Each chunk sums its rows' share of gw; the chunks' sums are added in order.
+        let ([gx], gw_chunks) = map_chunks([xs, gs], bf16_out, (CHUNK / d).max(1) * d, |_, [xc, gc], [gxc]| {
+            let mut acc = vec![0f32; d];
+            for ((gxr, xr), gr) in gxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
+                let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let r = 1.0 / (ms + self.eps).sqrt();
+                let dot = gr.iter().zip(ws).zip(xr).map(|((g, w), x)| g * w * x).sum::<f32>() / d as f32;
+                let r3 = r * r * r;
+                for j in 0..d {
+                    gxr[j] = r * gr[j] * ws[j] - xr[j] * r3 * dot;
+                    acc[j] += gr[j] * xr[j] * r;
+                }
+            }
+            acc
+        });
         let mut gw = vec![0f32; d];
-        for row in gw_rows {
-            gw.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+        for part in gw_chunks {
+            gw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
         }
         (gx, gw)
     }
@@ -266,26 +442,37 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(a.contiguous()?.apply_op2(&b.contiguous()?, Add)?)
 }
 
+/// `a * b + c`: one fused instruction where the build targets FMA (as `target-cpu=native` does
+/// on any recent x86), else a multiply and an add (`mul_add` would be a library call there).
+#[inline(always)]
+fn madd(a: f32, b: f32, c: f32) -> f32 {
+    if cfg!(target_feature = "fma") {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
 /// `e^x` in f32 without a library call, so that loops over it vectorise: `x = n ln 2 + r` with
 /// `|r| <= ln 2 / 2` (ln 2 split in two for an exact `n ln 2`), a degree-7 polynomial for `e^r`
-/// (Cephes' `expf` coefficients), and `2^n` built from exponent bits. Within 2 ulp of the
-/// exact value (test `exp_is_within_two_ulp_of_f64`); 0 below `-87.3` (where `e^x` leaves the
-/// normal range), infinity above `88.7`, `e^0 = 1` exactly.
+/// (Cephes' `expf` coefficients) in multiply-adds ([`madd`]), and `2^n` built from exponent
+/// bits. Within 2 ulp of the exact value (test `exp_is_within_two_ulp_of_f64`); 0 below
+/// `-87.3` (where `e^x` leaves the normal range), infinity above `88.7`, `e^0 = 1` exactly.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let c = x.clamp(-87.4, 88.8);
-    let n = (c * LOG2E + 0.5).floor();
-    let r = c - n * LN2_HI - n * LN2_LO;
+    let n = madd(c, LOG2E, 0.5).floor();
+    let r = madd(-n, LN2_LO, madd(-n, LN2_HI, c));
     let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let y = (p * r * r + r) + 1.0;
+    let p = madd(p, r, 1.398_199_9e-3);
+    let p = madd(p, r, 8.333_452e-3);
+    let p = madd(p, r, 4.166_579_6e-2);
+    let p = madd(p, r, 1.666_666_5e-1);
+    let p = madd(p, r, 0.5);
+    let y = madd(p * r, r, r) + 1.0;
     // 2^n as two factors, each a normal f32 over the whole range (n is in [-126, 128]). The
     // integer k is read from the low bits of k + 1.5 * 2^23 rather than by `k as i32`, whose
     // saturating conversion does not vectorise.
@@ -354,16 +541,15 @@ struct Rope {
 }
 
 impl Rope {
-    fn apply(&self, x: &[f32], t: usize, d: usize) -> Vec<f32> {
+    /// The rotation of `x` (rows of `d` laid out `(b, h, t)`), in bf16 where `bf16_out`.
+    fn apply(&self, x: Src, t: usize, d: usize, bf16_out: bool) -> Dst {
         let half = d / 2;
         let sign = if self.inverse { -1.0 } else { 1.0 };
-        let mut y = vec![0f32; x.len()];
-        // Rows of D are laid out (b, h, t); the position of row i is i % t.
-        y.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .enumerate()
-            .for_each(|(i, (yr, xr))| {
-                let p = i % t;
+        let rows_per = (CHUNK / d.max(1)).max(1);
+        let ([y], _) = map_chunks([x], bf16_out, rows_per * d, |start, [xc], [yc]| {
+            for (i, (yr, xr)) in yc.chunks_mut(d).zip(xc.chunks(d)).enumerate() {
+                // The position of row r is r % t.
+                let p = (start / d + i) % t;
                 let (c, s) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
                 for j in 0..half {
                     let (a, b) = (xr[j], xr[j + half]);
@@ -371,7 +557,8 @@ impl Rope {
                     yr[j] = a * c[j] - b * sn;
                     yr[j + half] = b * c[j] + a * sn;
                 }
-            });
+            }
+        });
         y
     }
 }
@@ -383,7 +570,7 @@ impl CustomOp1 for Rope {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let _t = span(Phase::Rope);
-        let x = cpu_f32(s, l, "rope")?;
+        let x = Src::of(s, l, "rope")?;
         let (_, _, t, d) = l.shape().dims4()?;
         if self.cos.len() != t * d / 2 {
             candle_core::bail!(
@@ -391,7 +578,11 @@ impl CustomOp1 for Rope {
                 self.cos.len() / (d / 2).max(1)
             );
         }
-        Ok((storage_like(self.apply(&x, t, d), s), l.shape().clone()))
+        if d % 2 == 1 {
+            candle_core::bail!("rope: odd head size {d}");
+        }
+        let bf16_out = matches!(s, CpuStorage::BF16(_));
+        Ok((self.apply(x, t, d, bf16_out).into_storage(), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -402,7 +593,10 @@ impl CustomOp1 for Rope {
             sin: self.sin.clone(),
             inverse: !self.inverse,
         };
-        Ok(Some(grad_like(with_f32s(&[g], |v| inv.apply(v[0], t, d))?, x)?))
+        let bf16_out = x.dtype() == DType::BF16;
+        Ok(Some(
+            with_sources([g], |[gs]| Ok(inv.apply(gs, t, d, bf16_out)))?.into_grad(x)?,
+        ))
     }
 }
 
@@ -438,19 +632,17 @@ impl CustomOp2 for SwiGlu {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let _t = span(Phase::SwiGlu);
-        let (g, u) = (cpu_f32(s1, l1, "swiglu")?, cpu_f32(s2, l2, "swiglu")?);
+        let (g, u) = (Src::of(s1, l1, "swiglu")?, Src::of(s2, l2, "swiglu")?);
         if l1.shape() != l2.shape() {
             candle_core::bail!("swiglu: gate {:?} vs up {:?}", l1.shape(), l2.shape());
         }
-        let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(4096)
-            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
-            .for_each(|(y, (g, u))| {
-                for ((o, &gv), &uv) in y.iter_mut().zip(g).zip(u) {
-                    *o = silu_parts(gv).0 * uv;
-                }
-            });
-        Ok((storage_like(y, s1), l1.shape().clone()))
+        let bf16_out = matches!(s1, CpuStorage::BF16(_));
+        let ([y], _) = map_chunks([g, u], bf16_out, CHUNK, |_, [g, u], [y]| {
+            for ((o, &gv), &uv) in y.iter_mut().zip(g).zip(u) {
+                *o = silu_parts(gv).0 * uv;
+            }
+        });
+        Ok((y.into_storage(), l1.shape().clone()))
     }
 
     fn bwd(
@@ -461,23 +653,17 @@ impl CustomOp2 for SwiGlu {
         d: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let _t = span(Phase::SwiGlu);
-        let backward = |gs: &[f32], us: &[f32], ds: &[f32]| {
-            let mut dg = vec![0f32; gs.len()];
-            let mut du = vec![0f32; gs.len()];
-            dg.par_chunks_mut(4096)
-                .zip(du.par_chunks_mut(4096))
-                .zip(gs.par_chunks(4096).zip(us.par_chunks(4096)).zip(ds.par_chunks(4096)))
-                .for_each(|((dg, du), ((g, u), d))| {
-                    for i in 0..g.len() {
-                        let (silu, dsilu) = silu_parts(g[i]);
-                        dg[i] = d[i] * u[i] * dsilu;
-                        du[i] = d[i] * silu;
-                    }
-                });
-            (dg, du)
-        };
-        let (dg, du) = with_f32s(&[g, u, d], |v| backward(v[0], v[1], v[2]))?;
-        Ok((Some(grad_like(dg, g)?), Some(grad_like(du, u)?)))
+        let bf16_out = g.dtype() == DType::BF16;
+        let ([dg, du], _) = with_sources([g, u, d], |sources| {
+            Ok(map_chunks(sources, bf16_out, CHUNK, |_, [g, u, d], [dg, du]| {
+                for i in 0..g.len() {
+                    let (silu, dsilu) = silu_parts(g[i]);
+                    dg[i] = d[i] * u[i] * dsilu;
+                    du[i] = d[i] * silu;
+                }
+            }))
+        })?;
+        Ok((Some(dg.into_grad(g)?), Some(du.into_grad(u)?)))
     }
 }
 
@@ -604,20 +790,25 @@ mod tests {
     #[test]
     fn bf16_activations_give_the_f32_result_rounded() {
         let none: &[Tensor] = &[];
-        check_bf16(
-            &[randn(&[5, 33], 1)],
-            &[randn(&[33], 2)],
-            |a, p| rms_norm(&a[0], &p[0], 1e-5).unwrap(),
-            3,
-        );
-        let ang = randn(&[9, 4], 7);
-        let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
-        check_bf16(
-            &[randn(&[1, 3, 9, 8], 8)],
-            none,
-            |a, _| rope(&a[0], &cos, &sin).unwrap(),
-            9,
-        );
+        // Shapes of one chunk and of several, the last one ragged (`CHUNK` values per chunk).
+        for rows in [5, 300] {
+            check_bf16(
+                &[randn(&[rows, 33], 1)],
+                &[randn(&[33], 2)],
+                |a, p| rms_norm(&a[0], &p[0], 1e-5).unwrap(),
+                3,
+            );
+        }
+        for (t, d) in [(9, 8), (130, 64)] {
+            let ang = randn(&[t, d / 2], 7);
+            let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+            check_bf16(
+                &[randn(&[1, 3, t, d], 8)],
+                none,
+                |a, _| rope(&a[0], &cos, &sin).unwrap(),
+                9,
+            );
+        }
         let (g, u) = ((randn(&[3, 4097], 10) * 4.0).unwrap(), randn(&[3, 4097], 11));
         check_bf16(&[g.clone(), u.clone()], none, |a, _| swiglu(&a[0], &a[1]).unwrap(), 12);
         check_bf16(&[g, u], none, |a, _| add(&a[0], &a[1]).unwrap(), 13);
