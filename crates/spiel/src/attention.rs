@@ -36,6 +36,7 @@ use crate::qmatrix::gemm_into;
 /// (row, column) strides, and for bf16 products the same matrix packed once on first use, so
 /// that every block of a head shares one packing of its keys and values.
 struct Operand<'a> {
+    data: &'a [f32],
     view: View<'a>,
     packed: OnceCell<Packed>,
 }
@@ -44,6 +45,7 @@ impl<'a> Operand<'a> {
     /// `data` as a row-major `[rows, cols]` matrix.
     fn rows(data: &'a [f32], rows: usize, cols: usize) -> Operand<'a> {
         Operand {
+            data,
             view: View::rows(data, rows, cols),
             packed: OnceCell::new(),
         }
@@ -52,6 +54,7 @@ impl<'a> Operand<'a> {
     /// The transpose of a row-major `[cols, rows]` matrix in `data`, as `[rows, cols]`.
     fn transposed(data: &'a [f32], rows: usize, cols: usize) -> Operand<'a> {
         Operand {
+            data,
             view: View::transposed(data, rows, cols),
             packed: OnceCell::new(),
         }
@@ -75,7 +78,7 @@ fn product(
 ) {
     if bf16 {
         let a = View {
-            data: lhs,
+            data: lhs.into(),
             rows: m,
             cols: k,
             rs,
@@ -93,7 +96,7 @@ fn product(
             (m, n, k),
             lhs,
             (rs, cs),
-            b.data,
+            rhs.data,
             (b.rs, b.cs),
         );
     }

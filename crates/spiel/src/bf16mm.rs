@@ -18,12 +18,14 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-/// A read-only f32 matrix seen through (row, column) strides: a row-major matrix or its
-/// transpose without a copy.
+pub(crate) use crate::ops::Values;
+
+/// A read-only f32 or bf16 matrix seen through (row, column) strides: a row-major matrix or
+/// its transpose without a copy. bf16 values are packed as they are (already rounded).
 #[derive(Clone, Copy)]
 pub(crate) struct View<'a> {
     /// The values; element `(i, j)` is at `i * rs + j * cs`.
-    pub data: &'a [f32],
+    pub data: Values<'a>,
     /// Rows.
     pub rows: usize,
     /// Columns.
@@ -36,9 +38,9 @@ pub(crate) struct View<'a> {
 
 impl<'a> View<'a> {
     /// A row-major `[rows, cols]` matrix.
-    pub fn rows(data: &'a [f32], rows: usize, cols: usize) -> View<'a> {
+    pub fn rows(data: impl Into<Values<'a>>, rows: usize, cols: usize) -> View<'a> {
         View {
-            data,
+            data: data.into(),
             rows,
             cols,
             rs: cols,
@@ -47,9 +49,9 @@ impl<'a> View<'a> {
     }
 
     /// The transpose of a row-major `[cols, rows]` matrix, as `[rows, cols]`.
-    pub fn transposed(data: &'a [f32], rows: usize, cols: usize) -> View<'a> {
+    pub fn transposed(data: impl Into<Values<'a>>, rows: usize, cols: usize) -> View<'a> {
         View {
-            data,
+            data: data.into(),
             rows,
             cols,
             rs: 1,
@@ -58,7 +60,16 @@ impl<'a> View<'a> {
     }
 
     fn at(&self, i: usize, j: usize) -> f32 {
-        self.data[i * self.rs + j * self.cs]
+        self.data.get(i * self.rs + j * self.cs)
+    }
+
+    /// Element `(i, j)` rounded to bf16, as its bits.
+    #[inline(always)]
+    fn bits_at(&self, i: usize, j: usize) -> u16 {
+        match self.data {
+            Values::F32(d) => round_bf16(d[i * self.rs + j * self.cs]),
+            Values::Bf16(d) => d[i * self.rs + j * self.cs].to_bits(),
+        }
     }
 
     fn check(&self, what: &str) {
@@ -388,7 +399,7 @@ fn round_rows(v: View, parallel: bool) -> Vec<f32> {
 
 /// The AMX path: operand packing, the tile kernel and the process's permission to use the tiles.
 mod amx {
-    use super::{each_chunk, round_bf16, Right, SparseAdd, View, WeightRows};
+    use super::{each_chunk, round_bf16, Right, SparseAdd, Values, View, WeightRows};
     use rayon::prelude::*;
 
     /// Output rows and columns per block (2 x 2 tiles of 16 x 16 f32).
@@ -447,6 +458,11 @@ mod amx {
         }
     }
 
+    /// bf16 values' bits into `dst` (as long as `src`).
+    fn copy_bits(src: &[half::bf16], dst: &mut [u16]) {
+        dst.iter_mut().zip(src).for_each(|(o, x)| *o = x.to_bits());
+    }
+
     /// 32 values at `src` rounded to bf16 at `dst`.
     ///
     /// # Safety
@@ -476,22 +492,21 @@ mod amx {
             let at = |r: usize, j: usize| (j / DEPTH) * tile + r * DEPTH + j % DEPTH;
             if a.cs == 1 {
                 for r in 0..h {
-                    let row = &a.data[(i0 + r) * a.rs..][..a.cols];
-                    for (s, part) in row.chunks(DEPTH).enumerate() {
-                        round_into(part, &mut dst[at(r, s * DEPTH)..][..part.len()]);
-                    }
-                }
-            } else if a.rs == 1 {
-                // A transpose: each column of `a` is a contiguous run; read 16 rows at a time.
-                for j in 0..a.cols {
-                    for (r, &x) in a.data[j * a.cs + i0..][..h].iter().enumerate() {
-                        dst[at(r, j)] = round_bf16(x);
+                    let start = (i0 + r) * a.rs;
+                    for s in 0..a.cols.div_ceil(DEPTH) {
+                        let (j, len) = (s * DEPTH, (a.cols - s * DEPTH).min(DEPTH));
+                        let out = &mut dst[at(r, j)..][..len];
+                        match a.data {
+                            Values::F32(d) => round_into(&d[start + j..][..len], out),
+                            Values::Bf16(d) => copy_bits(&d[start + j..][..len], out),
+                        }
                     }
                 }
             } else {
-                for r in 0..h {
-                    for j in 0..a.cols {
-                        dst[at(r, j)] = round_bf16(a.at(i0 + r, j));
+                // A transpose (`rs == 1`) is read 16 rows at a time along its columns.
+                for j in 0..a.cols {
+                    for r in 0..h {
+                        dst[at(r, j)] = a.bits_at(i0 + r, j);
                     }
                 }
             }
@@ -517,16 +532,20 @@ mod amx {
                 // values at a time; its pairs are then adjacent bf16 values.
                 let mut col = vec![0u16; k.next_multiple_of(2)];
                 for jj in 0..width {
-                    round_into(&b.data[(j0 + jj) * b.cs..][..k], &mut col[..k]);
+                    let start = (j0 + jj) * b.cs;
+                    match b.data {
+                        Values::F32(d) => round_into(&d[start..][..k], &mut col[..k]),
+                        Values::Bf16(d) => copy_bits(&d[start..][..k], &mut col[..k]),
+                    }
                     for (kk, two) in col.chunks_exact(2).enumerate() {
                         dst[kk * 16 + jj] = two[0] as u32 | (two[1] as u32) << 16;
                     }
                 }
-            } else if b.cs == 1 {
+            } else if let (1, Values::F32(d)) = (b.cs, b.data) {
                 for (kk, row) in dst.chunks_exact_mut(16).take(k.div_ceil(2)).enumerate() {
-                    let r0 = &b.data[2 * kk * b.rs + j0..][..width];
+                    let r0 = &d[2 * kk * b.rs + j0..][..width];
                     if 2 * kk + 1 < k {
-                        let r1 = &b.data[(2 * kk + 1) * b.rs + j0..][..width];
+                        let r1 = &d[(2 * kk + 1) * b.rs + j0..][..width];
                         row.iter_mut()
                             .zip(r0.iter().zip(r1))
                             .for_each(|(o, (&lo, &hi))| *o = pair(lo, hi));
@@ -535,10 +554,10 @@ mod amx {
                     }
                 }
             } else {
-                let value = |i: usize, j: usize| if i < k { b.at(i, j) } else { 0.0 };
+                let bits = |i: usize, j: usize| if i < k { b.bits_at(i, j) as u32 } else { 0 };
                 for kk in 0..k.div_ceil(2) {
                     for jj in 0..width {
-                        dst[kk * 16 + jj] = pair(value(2 * kk, j0 + jj), value(2 * kk + 1, j0 + jj));
+                        dst[kk * 16 + jj] = bits(2 * kk, j0 + jj) | bits(2 * kk + 1, j0 + jj) << 16;
                     }
                 }
             }
@@ -896,11 +915,13 @@ mod amx {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
     use rand::{Rng, SeedableRng};
 
     /// Both kernels against an f64 product of the rounded operands, over shapes that leave
     /// every kind of ragged edge (rows, depth, columns), row-major, transposed and strided
-    /// views, accumulation and scaling; also with the right operand packed once
+    /// views, f32 and bf16 operands, accumulation and scaling; also with the right operand
+    /// packed once
     /// ([`Packed`], on one thread) and used whole and by a leading block of rows and columns.
     #[test]
     fn products_match_f64_reference_of_rounded_operands() {
@@ -920,23 +941,40 @@ mod tests {
             (64, 576, 192),
         ] {
             for &(ta, tb) in &[(0, 0), (1, 0), (0, 1), (1, 1), (2, 2)] {
-                for &(accumulate, beta) in &[(false, 1.0f32), (true, 1.0), (true, 0.5)] {
+                for &(accumulate, beta, held) in &[
+                    (false, 1.0f32, DType::F32),
+                    (true, 1.0, DType::F32),
+                    (true, 0.5, DType::F32),
+                    (false, 1.0, DType::BF16),
+                    (true, 0.5, DType::BF16),
+                ] {
                     // Twice the values, so that the strided layout (2) can skip every other one.
                     let av: Vec<f32> = (0..2 * m * k).map(|_| rng.gen_range(-2.0..2.0)).collect();
                     let bv: Vec<f32> = (0..2 * k * n).map(|_| rng.gen_range(-2.0..2.0)).collect();
                     let init: Vec<f32> = (0..m * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
-                    let view = |data, rows, cols, layout| match layout {
-                        0 => View::rows(data, rows, cols),
-                        1 => View::transposed(data, rows, cols),
-                        _ => View {
-                            data,
-                            rows,
-                            cols,
-                            rs: 2 * cols,
-                            cs: 2,
-                        },
+                    // The operands as they are held: f32, or bf16 (read without rounding).
+                    let (a16, b16): (Vec<half::bf16>, Vec<half::bf16>) = (
+                        av.iter().map(|&x| half::bf16::from_f32(x)).collect(),
+                        bv.iter().map(|&x| half::bf16::from_f32(x)).collect(),
+                    );
+                    let (ad, bd): (Values, Values) = match held {
+                        DType::BF16 => (a16.as_slice().into(), b16.as_slice().into()),
+                        _ => (av.as_slice().into(), bv.as_slice().into()),
                     };
-                    let (a, b) = (view(&av, m, k, ta), view(&bv, k, n, tb));
+                    fn view(data: Values, rows: usize, cols: usize, layout: usize) -> View {
+                        match layout {
+                            0 => View::rows(data, rows, cols),
+                            1 => View::transposed(data, rows, cols),
+                            _ => View {
+                                data,
+                                rows,
+                                cols,
+                                rs: 2 * cols,
+                                cs: 2,
+                            },
+                        }
+                    }
+                    let (a, b) = (view(ad, m, k, ta), view(bd, k, n, tb));
                     // `got` against the product of the leading `kk` columns of `a` and `kk` rows
                     // and `nn` columns of `b`.
                     let check = |got: &[f32], kk: usize, nn: usize, what: String| {

@@ -111,7 +111,7 @@ impl CustomOp3 for FrozenPlusLora {
         let (a, b) = (cpu_slice(s2, l2, "lora A")?, cpu_slice(s3, l3, "lora B")?);
         let mut y = {
             let _t = crate::profile::span(crate::profile::Phase::ProjectionsForward);
-            self.base.matmul_t(&x, n, Products::for_storage(s1))?
+            self.base.matmul_t(&*x, n, Products::for_storage(s1))?
         };
         let xm = self.dropped(&x);
         let mut u = vec![0f32; n * r];

@@ -125,44 +125,95 @@ pub(crate) fn grad_like(v: Vec<f32>, like: &Tensor) -> candle_core::Result<Tenso
 /// few such chunks per input and output stay in a core's L2 cache.
 const CHUNK: usize = 4096;
 
-/// A contiguous f32 or bf16 input of an element-wise op, read a chunk at a time as f32.
-#[derive(Clone, Copy)]
-enum Src<'a> {
+/// The values of a contiguous f32 or bf16 CPU tensor, read in place: activations, which may be
+/// held in either (`Llama::compute_in`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Values<'a> {
     F32(&'a [f32]),
     Bf16(&'a [bf16]),
 }
 
-impl<'a> Src<'a> {
+impl<'a> Values<'a> {
     /// The values of a contiguous f32 or bf16 CPU storage; errors name the op (`what`).
-    fn of(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Src<'a>> {
+    pub(crate) fn of(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Values<'a>> {
         let Some((a, b)) = l.contiguous_offsets() else {
             candle_core::bail!("{what}: input must be contiguous")
         };
         match s {
-            CpuStorage::F32(d) => Ok(Src::F32(&d[a..b])),
-            CpuStorage::BF16(d) => Ok(Src::Bf16(&d[a..b])),
+            CpuStorage::F32(d) => Ok(Values::F32(&d[a..b])),
+            CpuStorage::BF16(d) => Ok(Values::Bf16(&d[a..b])),
             _ => candle_core::bail!("{what}: f32 or bf16 only"),
         }
     }
 
-    fn len(&self) -> usize {
+    /// How many values.
+    pub(crate) fn len(&self) -> usize {
         match self {
-            Src::F32(v) => v.len(),
-            Src::Bf16(v) => v.len(),
+            Values::F32(v) => v.len(),
+            Values::Bf16(v) => v.len(),
+        }
+    }
+
+    /// Values `at`.
+    pub(crate) fn slice(self, at: std::ops::Range<usize>) -> Values<'a> {
+        match self {
+            Values::F32(v) => Values::F32(&v[at]),
+            Values::Bf16(v) => Values::Bf16(&v[at]),
+        }
+    }
+
+    /// Value `i` as f32.
+    #[inline(always)]
+    pub(crate) fn get(&self, i: usize) -> f32 {
+        match self {
+            Values::F32(v) => v[i],
+            Values::Bf16(v) => bf16_to_f32(v[i]),
+        }
+    }
+
+    /// All the values as f32: borrowed when f32, widened in parallel when bf16.
+    pub(crate) fn to_f32(self) -> Cow<'a, [f32]> {
+        match self {
+            Values::F32(v) => Cow::Borrowed(v),
+            Values::Bf16(v) => Cow::Owned(widen(v)),
         }
     }
 
     /// Values `at` as f32: borrowed when f32, widened into `scratch` when bf16.
     fn chunk<'s>(&'s self, at: std::ops::Range<usize>, scratch: &'s mut Vec<f32>) -> &'s [f32] {
         match self {
-            Src::F32(v) => &v[at],
-            Src::Bf16(v) => {
+            Values::F32(v) => &v[at],
+            Values::Bf16(v) => {
                 scratch.clear();
-                scratch.extend(v[at].iter().map(|x| f32::from_bits((x.to_bits() as u32) << 16)));
+                scratch.extend(v[at].iter().map(|&x| bf16_to_f32(x)));
                 scratch
             }
         }
     }
+}
+
+impl<'a> From<&'a [f32]> for Values<'a> {
+    fn from(v: &'a [f32]) -> Self {
+        Values::F32(v)
+    }
+}
+
+impl<'a> From<&'a Vec<f32>> for Values<'a> {
+    fn from(v: &'a Vec<f32>) -> Self {
+        Values::F32(v)
+    }
+}
+
+impl<'a> From<&'a [bf16]> for Values<'a> {
+    fn from(v: &'a [bf16]) -> Self {
+        Values::Bf16(v)
+    }
+}
+
+/// A bf16 value widened to f32 (exact; a shift, which vectorises).
+#[inline(always)]
+pub(crate) fn bf16_to_f32(x: bf16) -> f32 {
+    f32::from_bits((x.to_bits() as u32) << 16)
 }
 
 /// One output of an element-wise op, held in the activations' dtype.
@@ -217,12 +268,12 @@ impl Dst {
 /// per-thread scratch that stays in cache, so a bf16 op moves 2 bytes per value and never holds
 /// a whole f32 copy; f32 inputs and outputs are read and written in place.
 fn map_chunks<const I: usize, const O: usize, R: Send>(
-    ins: [Src; I],
+    ins: [Values; I],
     bf16_out: bool,
     chunk: usize,
     f: impl Fn(usize, [&[f32]; I], [&mut [f32]; O]) -> R + Sync,
 ) -> ([Dst; O], Vec<R>) {
-    let n = ins.first().map_or(0, Src::len);
+    let n = ins.first().map_or(0, Values::len);
     assert!(
         ins.iter().all(|s| s.len() == n),
         "element-wise op: inputs of different lengths"
@@ -274,9 +325,9 @@ fn map_chunks<const I: usize, const O: usize, R: Send>(
 
 /// Runs `f` on the element-wise sources of `ts`: each a contiguous f32 or bf16 CPU tensor read
 /// in place (others are first made contiguous f32).
-fn with_sources<const N: usize, R>(
+pub(crate) fn with_sources<const N: usize, R>(
     ts: [&Tensor; N],
-    f: impl FnOnce([Src; N]) -> candle_core::Result<R>,
+    f: impl FnOnce([Values; N]) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
     let owned: Vec<Tensor> = ts
         .iter()
@@ -289,7 +340,7 @@ fn with_sources<const N: usize, R>(
     let mut sources = Vec::with_capacity(N);
     for (storage, layout) in &guards {
         match &**storage {
-            candle_core::Storage::Cpu(cpu) => sources.push(Src::of(cpu, layout, "backward input")?),
+            candle_core::Storage::Cpu(cpu) => sources.push(Values::of(cpu, layout, "backward input")?),
             _ => candle_core::bail!("backward input: CPU tensors only"),
         }
     }
@@ -315,7 +366,7 @@ impl CustomOp2 for RmsNorm {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let _t = span(Phase::Norms);
-        let x = Src::of(s1, l1, "rms-norm")?;
+        let x = Values::of(s1, l1, "rms-norm")?;
         let w = cpu_f32(s2, l2, "rms-norm")?;
         let d = w.len();
         if l1.shape().dims().last() != Some(&d) || d == 0 {
@@ -352,7 +403,7 @@ impl CustomOp2 for RmsNorm {
 impl RmsNorm {
     /// `(gx, gw)` for inputs `xs`, weight `ws` and output gradient `gs`; `gx` in bf16 where
     /// `bf16_out`.
-    fn backward(&self, xs: Src, ws: &[f32], gs: Src, bf16_out: bool) -> (Dst, Vec<f32>) {
+    fn backward(&self, xs: Values, ws: &[f32], gs: Values, bf16_out: bool) -> (Dst, Vec<f32>) {
         let d = ws.len();
         // Per row: r = 1/sqrt(mean x^2 + eps); gx = r (g w) - x r^3 mean(g w x); gw += g x r.
         // Each chunk sums its rows' share of gw; the chunks' sums are added in order.
@@ -542,7 +593,7 @@ struct Rope {
 
 impl Rope {
     /// The rotation of `x` (rows of `d` laid out `(b, h, t)`), in bf16 where `bf16_out`.
-    fn apply(&self, x: Src, t: usize, d: usize, bf16_out: bool) -> Dst {
+    fn apply(&self, x: Values, t: usize, d: usize, bf16_out: bool) -> Dst {
         let half = d / 2;
         let sign = if self.inverse { -1.0 } else { 1.0 };
         let rows_per = (CHUNK / d.max(1)).max(1);
@@ -570,7 +621,7 @@ impl CustomOp1 for Rope {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let _t = span(Phase::Rope);
-        let x = Src::of(s, l, "rope")?;
+        let x = Values::of(s, l, "rope")?;
         let (_, _, t, d) = l.shape().dims4()?;
         if self.cos.len() != t * d / 2 {
             candle_core::bail!(
@@ -632,7 +683,7 @@ impl CustomOp2 for SwiGlu {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let _t = span(Phase::SwiGlu);
-        let (g, u) = (Src::of(s1, l1, "swiglu")?, Src::of(s2, l2, "swiglu")?);
+        let (g, u) = (Values::of(s1, l1, "swiglu")?, Values::of(s2, l2, "swiglu")?);
         if l1.shape() != l2.shape() {
             candle_core::bail!("swiglu: gate {:?} vs up {:?}", l1.shape(), l2.shape());
         }

@@ -19,6 +19,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::bf16mm::{self, PackCache, Products, Right, SparseAdd, View, WeightRows};
+use crate::ops::Values;
 use crate::profile::{span, Phase};
 use crate::quant::{self, Format};
 use crate::{Error, Result};
@@ -626,33 +627,47 @@ impl Frozen {
         }
     }
 
-    /// `x W^T` for `x: [n, cols]`, with `products`' operands.
-    pub(crate) fn matmul_t(&self, x: &[f32], n: usize, products: Products) -> candle_core::Result<Vec<f32>> {
+    /// `x W^T` for `x: [n, cols]` (f32 or bf16), with `products`' operands.
+    pub(crate) fn matmul_t<'a>(
+        &self,
+        x: impl Into<Values<'a>>,
+        n: usize,
+        products: Products,
+    ) -> candle_core::Result<Vec<f32>> {
+        let x = x.into();
         if products.bf16_for(n) {
             return Ok(self.bf16_product(x, n, true, None));
         }
+        let x = x.to_f32();
         match self {
-            Frozen::Quantized(q) => Ok(q.matmul_t(x, n)),
+            Frozen::Quantized(q) => Ok(q.matmul_t(&x, n)),
             Frozen::Dense(t) => with_slice(t, |w| {
                 let rows = t.dims()[0];
                 let mut y = vec![0f32; n * rows];
-                gemm_xwt(&mut y, 0, rows, x, n, w, rows);
+                gemm_xwt(&mut y, 0, rows, &x, n, w, rows);
                 y
             }),
         }
     }
 
-    /// `g W` for `g: [n, rows]`, with `products`' operands.
-    pub(crate) fn matmul(&self, g: &[f32], n: usize, products: Products) -> candle_core::Result<Vec<f32>> {
+    /// `g W` for `g: [n, rows]` (f32 or bf16), with `products`' operands.
+    pub(crate) fn matmul<'a>(
+        &self,
+        g: impl Into<Values<'a>>,
+        n: usize,
+        products: Products,
+    ) -> candle_core::Result<Vec<f32>> {
+        let g = g.into();
         if products.bf16_for(n) {
             return Ok(self.bf16_product(g, n, false, None));
         }
+        let g = g.to_f32();
         match self {
-            Frozen::Quantized(q) => Ok(q.matmul(g, n)),
+            Frozen::Quantized(q) => Ok(q.matmul(&g, n)),
             Frozen::Dense(t) => with_slice(t, |w| {
                 let (rows, cols) = self.shape();
                 let mut dx = vec![0f32; n * cols];
-                gemm_gw(&mut dx, false, g, 0, rows, n, w, rows);
+                gemm_gw(&mut dx, false, &g, 0, rows, n, w, rows);
                 dx
             }),
         }
@@ -661,7 +676,7 @@ impl Frozen {
     /// `x (W + delta)^T` for `x: [n, cols]` when `transposed`, else `x (W + delta)` for
     /// `x: [n, rows]`, over bf16 operands ([`bf16mm`]); any storage, read a block of rows at a
     /// time.
-    pub(crate) fn bf16_product(&self, x: &[f32], n: usize, transposed: bool, delta: Option<SparseAdd>) -> Vec<f32> {
+    pub(crate) fn bf16_product(&self, x: Values, n: usize, transposed: bool, delta: Option<SparseAdd>) -> Vec<f32> {
         let (rows, cols) = self.shape();
         let (k, width) = if transposed { (cols, rows) } else { (rows, cols) };
         let mut y = vec![0f32; n * width];
@@ -750,7 +765,7 @@ impl CustomOp2 for TrainableMatmulT {
                 &mut y,
                 false,
                 1.0,
-                View::rows(&x, n, k),
+                View::rows(&*x, n, k),
                 Right::Matrix(View::transposed(w, k, rows)),
             );
         } else {
@@ -822,13 +837,13 @@ impl CustomOp1 for FrozenMatmulT {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let _t = span(Phase::ProjectionsForward);
-        let x = crate::ops::cpu_f32(s, l, "frozen-matmul-t")?;
+        let x = Values::of(s, l, "frozen-matmul-t")?;
         let (n, k) = l.shape().dims2()?;
         let (rows, cols) = self.w.shape();
         if k != cols {
             candle_core::bail!("frozen-matmul-t: input has {k} columns, weight has {cols}");
         }
-        let y = self.w.matmul_t(&x, n, Products::for_storage(s))?;
+        let y = self.w.matmul_t(x, n, Products::for_storage(s))?;
         Ok((crate::ops::storage_like(y, s), Shape::from((n, rows))))
     }
 
@@ -852,13 +867,13 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let _t = span(Phase::ProjectionsInputGrad);
-        let g = crate::ops::cpu_f32(s, l, "frozen-matmul")?;
+        let g = Values::of(s, l, "frozen-matmul")?;
         let (n, r) = l.shape().dims2()?;
         let (rows, cols) = self.w.shape();
         if r != rows {
             candle_core::bail!("frozen-matmul: gradient has {r} columns, weight has {rows} rows");
         }
-        let dx = self.w.matmul(&g, n, Products::for_storage(s))?;
+        let dx = self.w.matmul(g, n, Products::for_storage(s))?;
         Ok((crate::ops::storage_like(dx, s), Shape::from((n, cols))))
     }
 }

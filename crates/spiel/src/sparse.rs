@@ -28,7 +28,7 @@ use candle_core::{CpuStorage, CustomOp2, InplaceOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::bf16mm::{Products, Right, SparseAdd, View};
-use crate::ops::{cpu_f32, cpu_slice, grad_like, storage_like};
+use crate::ops::{cpu_slice, grad_like, storage_like, with_sources, Values};
 use crate::qmatrix::{with_slice, Frozen};
 
 /// Receives the transient dense weight gradient `[out, in]` of one module during a SpIEL-AG window.
@@ -267,13 +267,24 @@ fn prefetch(p: *const f32) {
 /// row and column from them, instead of streaming a whole-batch column from L3 per entry.
 const SDDMM_TOKENS: usize = 128;
 
-/// SDDMM: `out[n] = sum_t gy[t, r_n] * x[t, c_n]`; `gy: [N, OUT]`, `x: [N, IN]`, `out: [K]`.
-pub fn sddmm(out: &mut [f32], gy: &[f32], x: &[f32], indices: &[u32], n: usize, in_dim: usize, out_dim: usize) {
+/// SDDMM: `out[n] = sum_t gy[t, r_n] * x[t, c_n]`; `gy: [N, OUT]`, `x: [N, IN]` (f32 or bf16),
+/// `out: [K]`.
+pub(crate) fn sddmm<'a>(
+    out: &mut [f32],
+    gy: impl Into<Values<'a>>,
+    x: impl Into<Values<'a>>,
+    indices: &[u32],
+    n: usize,
+    in_dim: usize,
+    out_dim: usize,
+) {
+    let (gy, x) = (gy.into(), x.into());
     out.fill(0.0);
     for t0 in (0..n).step_by(SDDMM_TOKENS) {
         let tc = SDDMM_TOKENS.min(n - t0);
-        let gyt = transpose(&gy[t0 * out_dim..(t0 + tc) * out_dim], tc, out_dim);
-        let xt = transpose(&x[t0 * in_dim..(t0 + tc) * in_dim], tc, in_dim);
+        // One pass of tokens, widened first where bf16.
+        let gyt = transpose(&gy.slice(t0 * out_dim..(t0 + tc) * out_dim).to_f32(), tc, out_dim);
+        let xt = transpose(&x.slice(t0 * in_dim..(t0 + tc) * in_dim).to_f32(), tc, in_dim);
         out.par_chunks_mut(1024)
             .zip(indices.par_chunks(1024))
             .for_each(|(o, idx)| {
@@ -333,7 +344,7 @@ impl CustomOp2 for SparseDeltaOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_f32(s1, l1, "sparse-delta x")?;
+        let x = Values::of(s1, l1, "sparse-delta x")?;
         let v = cpu_slice(s2, l2, "sparse-delta values")?;
         let (n, inp) = l1.shape().dims2()?;
         if inp != self.in_dim || v.len() != self.indices.len() {
@@ -354,13 +365,14 @@ impl CustomOp2 for SparseDeltaOp {
                 indices: &self.indices,
                 values: v,
             };
-            let y = base.bf16_product(&x, n, true, Some(delta));
+            let y = base.bf16_product(x, n, true, Some(delta));
             return Ok((storage_like(y, s1), Shape::from((n, self.out_dim))));
         }
+        let x = x.to_f32();
         let mut y = match &self.base {
             SparseBase::Holding(base) | SparseBase::Plus(base) => {
                 let _t = span(Phase::ProjectionsForward);
-                base.matmul_t(&x, n, products)?
+                base.matmul_t(&*x, n, products)?
             }
             SparseBase::None => vec![0f32; n * self.out_dim],
         };
@@ -380,7 +392,7 @@ impl CustomOp2 for SparseDeltaOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, _) = x.dims2()?;
         let products = Products::for_activations(grad.dtype());
-        let (gx, gv) = crate::ops::with_f32s(&[grad, x], |t| self.backward(n, products, values, t[0], t[1]))??;
+        let (gx, gv) = with_sources([grad, x], |[gy, xs]| self.backward(n, products, values, gy, xs))?;
         let (gx, gv) = (grad_like(gx, x)?, grad_like(gv, values)?);
         Ok((Some(gx), Some(gv)))
     }
@@ -388,14 +400,15 @@ impl CustomOp2 for SparseDeltaOp {
 
 impl SparseDeltaOp {
     /// The input gradient and the values' gradient for `n` rows, from the output gradient `gy`
-    /// and the input `xs`, both read in place; the base's product with `products`' operands.
+    /// and the input `xs`, both read in place (f32 or bf16); the base's product with
+    /// `products`' operands.
     fn backward(
         &self,
         n: usize,
         products: Products,
         values: &Tensor,
-        gy: &[f32],
-        xs: &[f32],
+        gy: Values,
+        xs: Values,
     ) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
         let gx = match &self.base {
             SparseBase::Plus(base) if products.bf16_for(n) => {
@@ -414,7 +427,7 @@ impl SparseDeltaOp {
                 if let SparseBase::Plus(_) = self.base {
                     let _t = span(Phase::SparseProducts);
                     let v: Vec<f32> = values.to_vec1()?;
-                    spmm_t_add(&mut gx, gy, &self.indices, &v, self.in_dim, self.out_dim);
+                    spmm_t_add(&mut gx, &gy.to_f32(), &self.indices, &v, self.in_dim, self.out_dim);
                 }
                 gx
             }
@@ -422,7 +435,7 @@ impl SparseDeltaOp {
                 let _t = span(Phase::SparseProducts);
                 let mut gx = vec![0f32; n * self.in_dim];
                 let v: Vec<f32> = values.to_vec1()?;
-                spmm_t_add(&mut gx, gy, &self.indices, &v, self.in_dim, self.out_dim);
+                spmm_t_add(&mut gx, &gy.to_f32(), &self.indices, &v, self.in_dim, self.out_dim);
                 gx
             }
         };
@@ -441,7 +454,7 @@ impl SparseDeltaOp {
                     let (gt, x) = (View::transposed(gy, self.out_dim, n), View::rows(xs, n, self.in_dim));
                     crate::bf16mm::gemm(&mut dense, false, 1.0, gt, Right::Matrix(x));
                 } else {
-                    crate::qmatrix::gemm_gtx(&mut dense, gy, xs, n, self.out_dim, self.in_dim);
+                    crate::qmatrix::gemm_gtx(&mut dense, &gy.to_f32(), &xs.to_f32(), n, self.out_dim, self.in_dim);
                 }
                 hook.observe(&dense, self.out_dim, self.in_dim);
                 for (g, &i) in gv.iter_mut().zip(self.indices.iter()) {
@@ -712,6 +725,16 @@ mod tests {
                 })
                 .collect();
             assert!(rel_err(&got, &want) < 1e-6, "shape {n}x{inp}x{out}");
+            // bf16 inputs (bf16 activations) are widened exactly: the same as their f32 values.
+            let (gy16, x16): (Vec<half::bf16>, Vec<half::bf16>) = (
+                gy.iter().map(|&v| half::bf16::from_f32(v)).collect(),
+                x.iter().map(|&v| half::bf16::from_f32(v)).collect(),
+            );
+            let widen = |v: &[half::bf16]| v.iter().map(|h| h.to_f32()).collect::<Vec<f32>>();
+            let (mut got16, mut want16) = (vec![0f32; idx.len()], vec![0f32; idx.len()]);
+            sddmm(&mut got16, gy16.as_slice(), x16.as_slice(), &idx, n, inp, out);
+            sddmm(&mut want16, &widen(&gy16), &widen(&x16), &idx, n, inp, out);
+            assert_eq!(got16, want16, "bf16 shape {n}x{inp}x{out}");
         }
     }
 
