@@ -259,6 +259,46 @@ pub(crate) fn gemm(dst: &mut [f32], accumulate: bool, beta: f32, a: View, b: Rig
     gemm_with(kernel(), dst, accumulate, beta, a, b)
 }
 
+/// `dst = a b` as [`gemm`] computes it, each value rounded to bf16 (nearest even) as it is
+/// written: a product whose result feeds bf16 activations, without an f32 copy of it.
+pub(crate) fn gemm_to_bf16(dst: &mut [half::bf16], a: View, b: Right) {
+    gemm_to_bf16_with(kernel(), dst, a, b)
+}
+
+/// [`gemm_to_bf16`] on a chosen kernel (the tests run both).
+pub(crate) fn gemm_to_bf16_with(kernel: Kernel, dst: &mut [half::bf16], a: View, b: Right) {
+    let (m, n) = (a.rows, b.dims().1);
+    match kernel {
+        Kernel::Amx if m > 0 && n > 0 && a.cols > 0 => {
+            assert_eq!(
+                b.dims().0,
+                a.cols,
+                "bf16 product: [{m}, {}] times {:?}",
+                a.cols,
+                b.dims()
+            );
+            assert!(
+                dst.len() >= m * n,
+                "bf16 product: output of {} for [{m}, {n}]",
+                dst.len()
+            );
+            a.check("left operand");
+            if let Right::Matrix(b) = b {
+                b.check("right operand");
+            }
+            amx::gemm(amx::Out::Bf16(dst), false, 1.0, a, b)
+        }
+        _ => {
+            let mut y = vec![0f32; m * n];
+            gemm_with(kernel, &mut y, false, 1.0, a, b);
+            dst[..m * n]
+                .iter_mut()
+                .zip(&y)
+                .for_each(|(o, &v)| *o = half::bf16::from_bits(round_bf16(v)));
+        }
+    }
+}
+
 /// Completes a product with no terms (`m`, `n` or `k` zero: `dst` zeroed unless `accumulate`)
 /// and says so; `false` for any other.
 fn empty_product(dst: &mut [f32], accumulate: bool, (m, n, k): (usize, usize, usize)) -> bool {
@@ -376,7 +416,7 @@ pub(crate) fn gemm_with(kernel: Kernel, dst: &mut [f32], accumulate: bool, beta:
         return;
     }
     match kernel {
-        Kernel::Amx => amx::gemm(dst, accumulate, beta, a, b),
+        Kernel::Amx => amx::gemm(amx::Out::F32(dst), accumulate, beta, a, b),
         Kernel::Rounded => {
             let ra = round_rows(a, true);
             let mut rb = b.to_rows();
@@ -767,8 +807,14 @@ mod amx {
         r
     }
 
+    /// A product's output: f32 values, or bf16 ones rounded (nearest even) as they are written.
+    pub(super) enum Out<'a> {
+        F32(&'a mut [f32]),
+        Bf16(&'a mut [half::bf16]),
+    }
+
     /// [`super::gemm`] on the tiles.
-    pub(super) fn gemm(dst: &mut [f32], accumulate: bool, beta: f32, a: View, b: Right) {
+    pub(super) fn gemm(dst: Out, accumulate: bool, beta: f32, a: View, b: Right) {
         let (m, k, n) = (a.rows, a.cols, b.dims().1);
         let (rows, depth, cols) = (
             m.next_multiple_of(BLOCK),
@@ -812,7 +858,17 @@ mod amx {
         let (rows, depth) = (a.rows.next_multiple_of(BLOCK), a.cols.next_multiple_of(DEPTH));
         assert!(depth / 2 * 16 <= panel && n.next_multiple_of(BLOCK) / 16 * panel <= right.len());
         let left = pack_left(a, rows, depth, false);
-        run(false, dst, accumulate, beta, (a.rows, n), &left, depth, right, panel);
+        run(
+            false,
+            Out::F32(dst),
+            accumulate,
+            beta,
+            (a.rows, n),
+            &left,
+            depth,
+            right,
+            panel,
+        );
     }
 
     /// `dst (+)= beta left right` for `dst: [m, n]` from packed operands: `left` as
@@ -822,7 +878,7 @@ mod amx {
     #[allow(clippy::too_many_arguments)]
     fn run(
         parallel: bool,
-        dst: &mut [f32],
+        dst: Out,
         accumulate: bool,
         beta: f32,
         (m, n): (usize, usize),
@@ -835,7 +891,14 @@ mod amx {
         // Tasks: TASK_ROWS output rows by BLOCK columns, column-block major, so that each thread
         // walks one run of right panels.
         let row_tasks = rows.div_ceil(TASK_ROWS);
-        let dst_ptr = SendPtr(dst.as_mut_ptr());
+        // The f32 output, or the bf16 one (as bits).
+        let (dst_ptr, bits_ptr) = match dst {
+            Out::F32(d) => (SendPtr(d.as_mut_ptr()), None),
+            Out::Bf16(d) => {
+                assert!(!accumulate, "bf16 product: a bf16 output is overwritten, not added to");
+                (SendPtr(std::ptr::null_mut()), Some(SendPtr(d.as_mut_ptr() as *mut u16)))
+            }
+        };
         let task = |t: usize| {
             let (cb, rt) = (t / row_tasks, t % row_tasks);
             let j0 = cb * BLOCK;
@@ -848,7 +911,7 @@ mod amx {
                     }
                     // A whole block with beta 1 goes straight to (and from) the output; an edge
                     // block, or a scaled one, through the scratch block.
-                    let direct = h == BLOCK && w == BLOCK && beta == 1.0;
+                    let direct = h == BLOCK && w == BLOCK && beta == 1.0 && bits_ptr.is_none();
                     let (c, ldc) = match direct {
                         // SAFETY: rows i0 .. i0 + 32 and columns j0 .. j0 + 32 are inside `dst`.
                         true => (unsafe { dst_ptr.get().add(i0 * n + j0) }, n),
@@ -870,6 +933,18 @@ mod amx {
                         );
                     }
                     if direct {
+                        continue;
+                    }
+                    if let Some(bits) = bits_ptr {
+                        for r in 0..h {
+                            let src = &mut scratch[r * BLOCK..r * BLOCK + w];
+                            if beta != 1.0 {
+                                src.iter_mut().for_each(|s| *s *= beta);
+                            }
+                            // SAFETY: as below, for the bf16 output.
+                            let out = unsafe { std::slice::from_raw_parts_mut(bits.get().add((i0 + r) * n + j0), w) };
+                            round_into(src, out);
+                        }
                         continue;
                     }
                     for r in 0..h {
@@ -1003,6 +1078,14 @@ mod tests {
                         let mut got = init.clone();
                         gemm_with(kern, &mut got, accumulate, beta, a, Right::Matrix(b));
                         check(&got, k, n, format!("{kern:?}"));
+                        if !accumulate && beta == 1.0 {
+                            // Rounded as written: the f32 product's values, rounded.
+                            let mut got16 = vec![half::bf16::ZERO; m * n];
+                            gemm_to_bf16_with(kern, &mut got16, a, Right::Matrix(b));
+                            let want: Vec<u16> = got.iter().map(|&v| round_bf16(v)).collect();
+                            let bits: Vec<u16> = got16.iter().map(|v| v.to_bits()).collect();
+                            assert_eq!(bits, want, "{kern:?} [{m}, {k}] x [{n}] to bf16");
+                        }
                         // Packed once, then used whole and by a leading block.
                         let packed = Packed::for_kernel(kern, b);
                         for (kk, nn) in [(k, n), (k.div_ceil(2), n - n / 3)] {

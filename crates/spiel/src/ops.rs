@@ -216,8 +216,8 @@ pub(crate) fn bf16_to_f32(x: bf16) -> f32 {
     f32::from_bits((x.to_bits() as u32) << 16)
 }
 
-/// One output of an element-wise op, held in the activations' dtype.
-enum Dst {
+/// An op's output (or gradient) in the activations' dtype.
+pub(crate) enum Dst {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
 }
@@ -252,12 +252,11 @@ impl Dst {
     }
 
     /// This output as a gradient for `like` (its shape, device and dtype).
-    fn into_grad(self, like: &Tensor) -> candle_core::Result<Tensor> {
-        let t = match self {
-            Dst::F32(v) => Tensor::from_vec(v, like.shape(), like.device())?,
-            Dst::Bf16(v) => Tensor::from_vec(v, like.shape(), like.device())?,
-        };
-        t.to_dtype(like.dtype())
+    pub(crate) fn into_grad(self, like: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Dst::F32(v) => grad_like(v, like),
+            Dst::Bf16(v) => Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype()),
+        }
     }
 }
 

@@ -677,9 +677,36 @@ impl Frozen {
     /// `x: [n, rows]`, over bf16 operands ([`bf16mm`]); any storage, read a block of rows at a
     /// time.
     pub(crate) fn bf16_product(&self, x: Values, n: usize, transposed: bool, delta: Option<SparseAdd>) -> Vec<f32> {
+        let (x, right, width) = self.bf16_operands(x, n, transposed, delta);
+        let mut y = vec![0f32; n * width];
+        bf16mm::gemm(&mut y, false, 1.0, x, right);
+        y
+    }
+
+    /// [`Frozen::bf16_product`] rounded to bf16 as it is written, for bf16 activations.
+    pub(crate) fn bf16_product_to_bf16(
+        &self,
+        x: Values,
+        n: usize,
+        transposed: bool,
+        delta: Option<SparseAdd>,
+    ) -> Vec<half::bf16> {
+        let (x, right, width) = self.bf16_operands(x, n, transposed, delta);
+        let mut y = vec![half::bf16::ZERO; n * width];
+        bf16mm::gemm_to_bf16(&mut y, x, right);
+        y
+    }
+
+    /// The operands of [`Frozen::bf16_product`] and the output's width.
+    fn bf16_operands<'a>(
+        &'a self,
+        x: Values<'a>,
+        n: usize,
+        transposed: bool,
+        delta: Option<SparseAdd<'a>>,
+    ) -> (View<'a>, Right<'a>, usize) {
         let (rows, cols) = self.shape();
         let (k, width) = if transposed { (cols, rows) } else { (rows, cols) };
-        let mut y = vec![0f32; n * width];
         let cache = match self {
             Frozen::Quantized(q) if delta.is_none() => q.packs.as_deref(),
             _ => None,
@@ -690,8 +717,7 @@ impl Frozen {
             transposed,
             cache,
         };
-        bf16mm::gemm(&mut y, false, 1.0, View::rows(x, n, k), right);
-        y
+        (View::rows(x, n, k), right, width)
     }
 }
 
@@ -843,7 +869,12 @@ impl CustomOp1 for FrozenMatmulT {
         if k != cols {
             candle_core::bail!("frozen-matmul-t: input has {k} columns, weight has {cols}");
         }
-        let y = self.w.matmul_t(x, n, Products::for_storage(s))?;
+        let products = Products::for_storage(s);
+        if products.bf16_for(n) {
+            let y = self.w.bf16_product_to_bf16(x, n, true, None);
+            return Ok((CpuStorage::BF16(y), Shape::from((n, rows))));
+        }
+        let y = self.w.matmul_t(x, n, products)?;
         Ok((crate::ops::storage_like(y, s), Shape::from((n, rows))))
     }
 
@@ -873,7 +904,12 @@ impl CustomOp1 for FrozenMatmul {
         if r != rows {
             candle_core::bail!("frozen-matmul: gradient has {r} columns, weight has {rows} rows");
         }
-        let dx = self.w.matmul(g, n, Products::for_storage(s))?;
+        let products = Products::for_storage(s);
+        if products.bf16_for(n) {
+            let dx = self.w.bf16_product_to_bf16(g, n, false, None);
+            return Ok((CpuStorage::BF16(dx), Shape::from((n, cols))));
+        }
+        let dx = self.w.matmul(g, n, products)?;
         Ok((crate::ops::storage_like(dx, s), Shape::from((n, cols))))
     }
 }

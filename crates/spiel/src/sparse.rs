@@ -28,7 +28,7 @@ use candle_core::{CpuStorage, CustomOp2, InplaceOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::bf16mm::{Products, Right, SparseAdd, View};
-use crate::ops::{cpu_slice, grad_like, storage_like, with_sources, Values};
+use crate::ops::{cpu_slice, grad_like, storage_like, with_sources, Dst, Values};
 use crate::qmatrix::{with_slice, Frozen};
 
 /// Receives the transient dense weight gradient `[out, in]` of one module during a SpIEL-AG window.
@@ -365,8 +365,8 @@ impl CustomOp2 for SparseDeltaOp {
                 indices: &self.indices,
                 values: v,
             };
-            let y = base.bf16_product(x, n, true, Some(delta));
-            return Ok((storage_like(y, s1), Shape::from((n, self.out_dim))));
+            let y = base.bf16_product_to_bf16(x, n, true, Some(delta));
+            return Ok((CpuStorage::BF16(y), Shape::from((n, self.out_dim))));
         }
         let x = x.to_f32();
         let mut y = match &self.base {
@@ -393,7 +393,7 @@ impl CustomOp2 for SparseDeltaOp {
         let (n, _) = x.dims2()?;
         let products = Products::for_activations(grad.dtype());
         let (gx, gv) = with_sources([grad, x], |[gy, xs]| self.backward(n, products, values, gy, xs))?;
-        let (gx, gv) = (grad_like(gx, x)?, grad_like(gv, values)?);
+        let (gx, gv) = (gx.into_grad(x)?, grad_like(gv, values)?);
         Ok((Some(gx), Some(gv)))
     }
 }
@@ -409,7 +409,7 @@ impl SparseDeltaOp {
         values: &Tensor,
         gy: Values,
         xs: Values,
-    ) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    ) -> candle_core::Result<(Dst, Vec<f32>)> {
         let gx = match &self.base {
             SparseBase::Plus(base) if products.bf16_for(n) => {
                 // As in the forward: the delta joins the packed base.
@@ -419,7 +419,7 @@ impl SparseDeltaOp {
                     indices: &self.indices,
                     values: &v,
                 };
-                base.bf16_product(gy, n, false, Some(delta))
+                Dst::Bf16(base.bf16_product_to_bf16(gy, n, false, Some(delta)))
             }
             SparseBase::Holding(base) | SparseBase::Plus(base) => {
                 let _t = span(Phase::ProjectionsInputGrad);
@@ -429,14 +429,14 @@ impl SparseDeltaOp {
                     let v: Vec<f32> = values.to_vec1()?;
                     spmm_t_add(&mut gx, &gy.to_f32(), &self.indices, &v, self.in_dim, self.out_dim);
                 }
-                gx
+                Dst::F32(gx)
             }
             SparseBase::None => {
                 let _t = span(Phase::SparseProducts);
                 let mut gx = vec![0f32; n * self.in_dim];
                 let v: Vec<f32> = values.to_vec1()?;
                 spmm_t_add(&mut gx, &gy.to_f32(), &self.indices, &v, self.in_dim, self.out_dim);
-                gx
+                Dst::F32(gx)
             }
         };
         let mut gv = vec![0f32; self.indices.len()];
