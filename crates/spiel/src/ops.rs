@@ -374,7 +374,7 @@ impl CustomOp2 for RmsNorm {
         let bf16_out = matches!(s1, CpuStorage::BF16(_));
         let ([y], _) = map_chunks([x], bf16_out, (CHUNK / d).max(1) * d, |_, [x], [y]| {
             for (yr, xr) in y.chunks_mut(d).zip(x.chunks(d)) {
-                let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let ms = dot_lanes(xr, xr) / d as f32;
                 let r = 1.0 / (ms + self.eps).sqrt();
                 for ((o, xv), wv) in yr.iter_mut().zip(xr).zip(w.iter()) {
                     *o = xv * r * wv;
@@ -407,11 +407,12 @@ impl RmsNorm {
         // Per row: r = 1/sqrt(mean x^2 + eps); gx = r (g w) - x r^3 mean(g w x); gw += g x r.
         // Each chunk sums its rows' share of gw; the chunks' sums are added in order.
         let ([gx], gw_chunks) = map_chunks([xs, gs], bf16_out, (CHUNK / d).max(1) * d, |_, [xc, gc], [gxc]| {
-            let mut acc = vec![0f32; d];
+            let (mut acc, mut scaled) = (vec![0f32; d], vec![0f32; d]);
             for ((gxr, xr), gr) in gxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
-                let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let ms = dot_lanes(xr, xr) / d as f32;
                 let r = 1.0 / (ms + self.eps).sqrt();
-                let dot = gr.iter().zip(ws).zip(xr).map(|((g, w), x)| g * w * x).sum::<f32>() / d as f32;
+                scaled.iter_mut().zip(gr).zip(ws).for_each(|((o, g), w)| *o = g * w);
+                let dot = dot_lanes(&scaled, xr) / d as f32;
                 let r3 = r * r * r;
                 for j in 0..d {
                     gxr[j] = r * gr[j] * ws[j] - xr[j] * r3 * dot;
@@ -547,6 +548,20 @@ pub(crate) fn sum_lanes(v: &[f32]) -> f32 {
     for c in chunks {
         for k in 0..16 {
             acc[k] += c[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `sum(a * b)` in sixteen running sums (vectorises; the order differs from a serial sum).
+#[inline(always)]
+pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..16 {
+            acc[k] += x[k] * y[k];
         }
     }
     acc.iter().sum::<f32>() + tail
@@ -918,6 +933,23 @@ mod tests {
                 |v| rope(&v[0], &cos, &sin).unwrap(),
                 |v| candle_nn::rotary_emb::rope_slow(&v[0], &cos, &sin).unwrap(),
                 8,
+            );
+        }
+    }
+
+    #[test]
+    fn dot_lanes_matches_f64() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        for len in [0, 1, 15, 16, 17, 37, 576, 1537] {
+            let a: Vec<f32> = (0..len).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let b: Vec<f32> = (0..len).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            let mag: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum();
+            let got = dot_lanes(&a, &b) as f64;
+            assert!(
+                (got - want).abs() <= 1e-6 * (mag + 1.0),
+                "length {len}: {got} vs {want}"
             );
         }
     }
