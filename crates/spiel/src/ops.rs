@@ -47,7 +47,7 @@ pub(crate) fn widen(v: &[bf16]) -> Vec<f32> {
     let mut out = vec![0f32; v.len()];
     out.par_chunks_mut(1 << 14)
         .zip(v.par_chunks(1 << 14))
-        .for_each(|(o, i)| o.iter_mut().zip(i).for_each(|(o, i)| *o = i.to_f32()));
+        .for_each(|(o, i)| o.iter_mut().zip(i).for_each(|(o, &i)| *o = bf16_to_f32(i)));
     out
 }
 
