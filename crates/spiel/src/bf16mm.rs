@@ -267,27 +267,9 @@ pub(crate) fn gemm_to_bf16(dst: &mut [half::bf16], a: View, b: Right) {
 
 /// [`gemm_to_bf16`] on a chosen kernel (the tests run both).
 pub(crate) fn gemm_to_bf16_with(kernel: Kernel, dst: &mut [half::bf16], a: View, b: Right) {
-    let (m, n) = (a.rows, b.dims().1);
+    let (m, n, k) = check_operands(&a, &b, dst.len());
     match kernel {
-        Kernel::Amx if m > 0 && n > 0 && a.cols > 0 => {
-            assert_eq!(
-                b.dims().0,
-                a.cols,
-                "bf16 product: [{m}, {}] times {:?}",
-                a.cols,
-                b.dims()
-            );
-            assert!(
-                dst.len() >= m * n,
-                "bf16 product: output of {} for [{m}, {n}]",
-                dst.len()
-            );
-            a.check("left operand");
-            if let Right::Matrix(b) = b {
-                b.check("right operand");
-            }
-            amx::gemm(amx::Out::Bf16(dst), false, 1.0, a, b)
-        }
+        Kernel::Amx if m > 0 && n > 0 && k > 0 => amx::gemm(amx::Out::Bf16(dst), false, 1.0, a, b),
         _ => {
             let mut y = vec![0f32; m * n];
             gemm_with(kernel, &mut y, false, 1.0, a, b);
@@ -297,6 +279,20 @@ pub(crate) fn gemm_to_bf16_with(kernel: Kernel, dst: &mut [half::bf16], a: View,
                 .for_each(|(o, &v)| *o = half::bf16::from_bits(round_bf16(v)));
         }
     }
+}
+
+/// `(m, n, k)` of the product `a b` into an output of `out_len` values, after checking that
+/// the shapes agree and every view lies inside its values (a caller's bug otherwise: panics).
+fn check_operands(a: &View, b: &Right, out_len: usize) -> (usize, usize, usize) {
+    let (m, k) = (a.rows, a.cols);
+    let (bk, n) = b.dims();
+    assert_eq!(bk, k, "bf16 product: [{m}, {k}] times [{bk}, {n}]");
+    assert!(out_len >= m * n, "bf16 product: output of {out_len} for [{m}, {n}]");
+    a.check("left operand");
+    if let Right::Matrix(b) = b {
+        b.check("right operand");
+    }
+    (m, n, k)
 }
 
 /// Completes a product with no terms (`m`, `n` or `k` zero: `dst` zeroed unless `accumulate`)
@@ -400,18 +396,7 @@ fn each_chunk<T: Send>(parallel: bool, out: &mut [T], size: usize, f: impl Fn(us
 
 /// [`gemm`] on a chosen kernel (the tests run both).
 pub(crate) fn gemm_with(kernel: Kernel, dst: &mut [f32], accumulate: bool, beta: f32, a: View, b: Right) {
-    let (m, k) = (a.rows, a.cols);
-    let (bk, n) = b.dims();
-    assert_eq!(bk, k, "bf16 product: [{m}, {k}] times [{bk}, {n}]");
-    assert!(
-        dst.len() >= m * n,
-        "bf16 product: output of {} for [{m}, {n}]",
-        dst.len()
-    );
-    a.check("left operand");
-    if let Right::Matrix(b) = b {
-        b.check("right operand");
-    }
+    let (m, n, k) = check_operands(&a, &b, dst.len());
     if empty_product(dst, accumulate, (m, n, k)) {
         return;
     }

@@ -368,17 +368,16 @@ impl CustomOp2 for SparseDeltaOp {
             let y = base.bf16_product_to_bf16(x, n, true, Some(delta));
             return Ok((CpuStorage::BF16(y), Shape::from((n, self.out_dim))));
         }
-        let x = x.to_f32();
         let mut y = match &self.base {
             SparseBase::Holding(base) | SparseBase::Plus(base) => {
                 let _t = span(Phase::ProjectionsForward);
-                base.matmul_t(&*x, n, products)?
+                base.matmul_t(x, n, products)?
             }
             SparseBase::None => vec![0f32; n * self.out_dim],
         };
         if !matches!(self.base, SparseBase::Holding(_)) {
             let _t = span(Phase::SparseProducts);
-            spmm_add(&mut y, &x, &self.indices, v, self.in_dim, self.out_dim);
+            spmm_add(&mut y, &x.to_f32(), &self.indices, v, self.in_dim, self.out_dim);
         }
         Ok((storage_like(y, s1), Shape::from((n, self.out_dim))))
     }
