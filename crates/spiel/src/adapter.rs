@@ -15,6 +15,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::bf16mm::DeltaPacks;
 use crate::config::ModelConfig;
 use crate::model::{Grad, Llama};
 use crate::qmatrix::Frozen;
@@ -36,6 +37,9 @@ pub struct SparseDelta {
     /// for one update with [`crate::sparse::DeltaInBase`]): the forward is then the base product
     /// alone, and this delta only records the value gradient. Never set for a loaded adapter.
     pub in_base: bool,
+    /// The base's packed bf16 operands with these values added, kept across training updates
+    /// (set by the trainer; used by bf16 products over a frozen base). `None` packs per product.
+    pub packs: Option<Arc<DeltaPacks>>,
 }
 
 /// One module's LoRA pair: `y += scale * dropout(x) A^T B^T`.
@@ -98,6 +102,7 @@ impl Delta {
                     &s.values,
                     s.indices.clone(),
                     hook,
+                    s.packs.clone(),
                 )?)
             }
             Delta::Lora(l) => {
@@ -440,6 +445,7 @@ impl Adapter {
                     values: Tensor::from_vec(values, n, &Device::Cpu)?,
                     hook: None,
                     in_base: false,
+                    packs: None,
                 })
             };
             deltas.insert(m, delta);

@@ -14,7 +14,7 @@
 //! the thread pool then computes 32 x 32 blocks of the output with four accumulator tiles, two
 //! tiles of each operand.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use rayon::prelude::*;
 
@@ -348,6 +348,127 @@ impl Packed {
             data,
         }
     }
+}
+
+/// The packed forms of a frozen weight plus a trained sparse delta, kept from one product to
+/// the next: each product patches only the delta's positions (its values change every update,
+/// its indices at each reselection), where packing the weight again would read, round and write
+/// every value of it. Costs 2 bytes per weight value for each form used (`W^T` for the forward,
+/// `W` for the input gradient). The products are bit for bit those of [`gemm_to_bf16`] over
+/// [`Right::Weight`] with the delta; without AMX they are exactly those (nothing is kept).
+#[derive(Default)]
+pub struct DeltaPacks {
+    state: Mutex<DeltaPackState>,
+}
+
+#[derive(Default)]
+struct DeltaPackState {
+    /// The flat indices whose positions hold weight plus delta in the built forms.
+    indices: Vec<u32>,
+    /// The weight's own values at `indices`.
+    base_at: Vec<f32>,
+    /// The panels of `W` (index 0) and of `W^T` (index 1), once asked for.
+    forms: [Option<Vec<u32>>; 2],
+}
+
+impl DeltaPacks {
+    /// `dst = x (W + delta)^T` when `transposed`, else `x (W + delta)`, rounded to bf16 as
+    /// written ([`gemm_to_bf16`]); `w` must be the same weight on every call.
+    pub(crate) fn product_to_bf16(
+        &self,
+        dst: &mut [half::bf16],
+        x: View,
+        w: &dyn WeightRows,
+        delta: SparseAdd,
+        transposed: bool,
+    ) {
+        self.product_to_bf16_with(kernel(), dst, x, w, delta, transposed)
+    }
+
+    /// [`DeltaPacks::product_to_bf16`] on a chosen kernel (the tests run both).
+    pub(crate) fn product_to_bf16_with(
+        &self,
+        kernel: Kernel,
+        dst: &mut [half::bf16],
+        x: View,
+        w: &dyn WeightRows,
+        delta: SparseAdd,
+        transposed: bool,
+    ) {
+        let right = Right::Weight {
+            w,
+            delta: Some(delta),
+            transposed,
+            cache: None,
+        };
+        let (m, n, k) = check_operands(&x, &right, dst.len());
+        if kernel != Kernel::Amx || m == 0 || n == 0 || k == 0 {
+            return gemm_to_bf16_with(kernel, dst, x, right);
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let panels = state.synced(w, delta, transposed);
+        amx::gemm_on_panels(amx::Out::Bf16(dst), x, panels, n);
+    }
+}
+
+impl DeltaPackState {
+    /// The form `transposed` of `w` plus `delta`: built on first use, else patched at the
+    /// delta's positions (after putting the weight's own values back where an earlier set of
+    /// indices was).
+    fn synced(&mut self, w: &dyn WeightRows, delta: SparseAdd, transposed: bool) -> &[u32] {
+        let shape = w.shape();
+        if self.indices != delta.indices {
+            for (t, form) in self.forms.iter_mut().enumerate() {
+                if let Some(panels) = form {
+                    let base = &self.base_at;
+                    amx::patch(panels, shape, t == 1, &self.indices, |i| round_bf16(base[i]));
+                }
+            }
+            self.indices = delta.indices.to_vec();
+            self.base_at = values_at(w, &self.indices);
+        }
+        let form = &mut self.forms[transposed as usize];
+        match form {
+            Some(panels) => {
+                let base = &self.base_at;
+                amx::patch(panels, shape, transposed, &self.indices, |i| {
+                    round_bf16(base[i] + delta.values[i])
+                });
+            }
+            None => {
+                let right = Right::Weight {
+                    w,
+                    delta: Some(delta),
+                    transposed,
+                    cache: None,
+                };
+                *form = Some(amx::pack_whole(right));
+            }
+        }
+        form.as_deref().expect("built above")
+    }
+}
+
+/// The values of `w` at sorted flat `indices`, reading only the blocks of rows they fall in.
+fn values_at(w: &dyn WeightRows, indices: &[u32]) -> Vec<f32> {
+    let (rows, cols) = w.shape();
+    (0..rows.div_ceil(16))
+        .into_par_iter()
+        .flat_map_iter(|b| {
+            let (r0, r1) = (b * 16, (b * 16 + 16).min(rows));
+            let lo = indices.partition_point(|&i| (i as usize) < r0 * cols);
+            let hi = indices.partition_point(|&i| (i as usize) < r1 * cols);
+            let mut block = Vec::new();
+            if hi > lo {
+                block = vec![0f32; (r1 - r0) * cols];
+                w.read_rows(r0, r1, &mut block);
+            }
+            indices[lo..hi]
+                .iter()
+                .map(move |&i| block[i as usize - r0 * cols])
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// `dst (+)= beta * a b[..k, ..n]` on this thread, for `a: [m, k]` and `dst: [m, n]`: [`gemm`]
@@ -829,6 +950,72 @@ mod amx {
         (pack_right(b, depth, b.cols.next_multiple_of(BLOCK), false), depth)
     }
 
+    /// A weight operand packed whole, as [`gemm`] packs it for a product with it.
+    pub(super) fn pack_whole(b: Right) -> Vec<u32> {
+        let (k, n) = b.dims();
+        pack(b, k.next_multiple_of(DEPTH), n.next_multiple_of(BLOCK))
+    }
+
+    /// `dst = a b` on the pool for a right operand `b` with `n` columns packed by
+    /// [`pack_whole`].
+    pub(super) fn gemm_on_panels(dst: Out, a: View, right: &[u32], n: usize) {
+        let (rows, depth) = (a.rows.next_multiple_of(BLOCK), a.cols.next_multiple_of(DEPTH));
+        assert!(n.next_multiple_of(BLOCK) / 16 * (depth / 2 * 16) <= right.len());
+        let left = pack_left(a, rows, depth, true);
+        run(true, dst, false, 1.0, (a.rows, n), &left, depth, right, depth / 2 * 16);
+    }
+
+    /// Set the values at sorted flat `indices` of a `[rows, cols]` weight `W` packed by
+    /// [`pack_whole`] (as `W^T` when `transposed`) to `value(i)` for the `i`-th index, as bf16
+    /// bits. In parallel over blocks of 16 rows of `W`, whose positions no other block shares.
+    pub(super) fn patch(
+        panels: &mut [u32],
+        (rows, cols): (usize, usize),
+        transposed: bool,
+        indices: &[u32],
+        value: impl Fn(usize) -> u16 + Sync,
+    ) {
+        let depth = if transposed { cols } else { rows }.next_multiple_of(DEPTH);
+        let panel = depth / 2 * 16;
+        // Where (r, c) of W lives: the u32 and whether in its high half.
+        let slot = |r: usize, c: usize| match transposed {
+            true => ((r / 16) * panel + (c / 2) * 16 + r % 16, c & 1 == 1),
+            false => ((c / 16) * panel + (r / 2) * 16 + c % 16, r & 1 == 1),
+        };
+        let width = if transposed { rows } else { cols };
+        assert!(
+            panels.len() >= width.next_multiple_of(BLOCK) / 16 * panel,
+            "patch: not a packed weight of [{rows}, {cols}]"
+        );
+        if let Some(&last) = indices.last() {
+            assert!(
+                (last as usize) < rows * cols,
+                "patch: index {last} outside [{rows}, {cols}]"
+            );
+        }
+        let dst = SendPtr(panels.as_mut_ptr());
+        (0..rows.div_ceil(16)).into_par_iter().for_each(|b| {
+            let lo = indices.partition_point(|&i| (i as usize) < b * 16 * cols);
+            let hi = indices.partition_point(|&i| (i as usize) < (b + 1) * 16 * cols);
+            for (n, &i) in indices[lo..hi].iter().enumerate() {
+                let (pos, high) = slot(i as usize / cols, i as usize % cols);
+                let bits = value(lo + n) as u32;
+                // SAFETY: `pos` is inside `panels` (every index is below the last, checked to
+                // lie inside the weight, whose packing `panels` holds); the rows of block `b` own their positions (a panel of 16 rows of
+                // `W^T`, or pair rows `8 b .. 8 b + 8` of every panel of `W`), so no other task
+                // writes this word.
+                unsafe {
+                    let p = dst.get().add(pos);
+                    *p = if high {
+                        (*p & 0xffff) | bits << 16
+                    } else {
+                        (*p & 0xffff_0000) | bits
+                    };
+                }
+            }
+        });
+    }
+
     /// [`super::gemm_packed`] on the tiles, on this thread: `right` holds panels of `panel`
     /// pairs each, from [`pack_matrix`] of a matrix with at least `a.cols` rows and `n` columns.
     pub(super) fn gemm_prepacked(
@@ -1176,6 +1363,65 @@ mod tests {
                                 );
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Kept packs patched at the delta's positions give, bit for bit, the products that pack the
+    /// weight plus the delta anew, through new values, new indices (overlapping the old, or
+    /// none) and forms left stale while the other was used.
+    #[test]
+    fn delta_packs_match_packing_per_product() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let kernels = if kernel() == Kernel::Amx {
+            vec![Kernel::Amx, Kernel::Rounded]
+        } else {
+            vec![Kernel::Rounded]
+        };
+        for &(m, rows, cols) in &[(20, 33, 70), (40, 96, 64), (17, 130, 31), (1, 16, 32)] {
+            let w = Dense((0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect(), rows, cols);
+            let mut pick = |p: f64| -> Vec<u32> { (0..(rows * cols) as u32).filter(|_| rng.gen_bool(p)).collect() };
+            let (a, b) = (pick(0.2), pick(0.3));
+            // (indices, which forms are used: W^T, W).
+            let steps: [(&[u32], [bool; 2]); 6] = [
+                (&a, [true, true]),
+                (&a, [true, false]),
+                (&b, [false, true]),
+                (&b, [true, true]),
+                (&[], [true, false]),
+                (&a, [true, true]),
+            ];
+            for &kern in &kernels {
+                let packs = DeltaPacks::default();
+                for (s, &(indices, uses)) in steps.iter().enumerate() {
+                    let values: Vec<f32> = indices.iter().map(|_| rng.gen_range(-3e-3..3e-3)).collect();
+                    let delta = SparseAdd {
+                        indices,
+                        values: &values,
+                    };
+                    for (transposed, used) in [(true, uses[0]), (false, uses[1])] {
+                        if !used {
+                            continue;
+                        }
+                        let (k, n) = if transposed { (cols, rows) } else { (rows, cols) };
+                        let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-2.0..2.0)).collect();
+                        let mut want = vec![half::bf16::ZERO; m * n];
+                        let right = Right::Weight {
+                            w: &w,
+                            delta: Some(delta),
+                            transposed,
+                            cache: None,
+                        };
+                        gemm_to_bf16_with(kern, &mut want, View::rows(&x, m, k), right);
+                        let mut got = vec![half::bf16::ZERO; m * n];
+                        packs.product_to_bf16_with(kern, &mut got, View::rows(&x, m, k), &w, delta, transposed);
+                        assert!(
+                            got == want,
+                            "{kern:?} step {s}: [{m}, {k}] x (W + delta){} of [{rows}, {cols}] differs",
+                            if transposed { "^T" } else { "" }
+                        );
                     }
                 }
             }

@@ -253,6 +253,7 @@ pub fn tiny_adapters(m: &LoadedModel) -> Result<[Adapter; 2]> {
                 values: Tensor::from_vec(values, 6, &Device::Cpu)?,
                 hook: None,
                 in_base: false,
+                packs: None,
             }),
         );
         lora.insert(

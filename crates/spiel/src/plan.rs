@@ -193,6 +193,14 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
         (Dtype::Bf16, false) => 2.0 * v * h * 2.0,
         _ => 0.0,
     };
+    // With bf16 products on the tile unit a sparse run keeps each targeted projection's two
+    // packed forms with the delta patched in, plus a copy of the indices and the base values at
+    // them ([`crate::bf16mm::DeltaPacks`]).
+    let tiles = crate::bf16mm::kernel() == crate::bf16mm::Kernel::Amx;
+    let delta_packs = match (cfg.dtype, cfg.method) {
+        (Dtype::Bf16, Method::SpielAg | Method::SpielMa) if tiles => targeted_params * 2.0 * 2.0 + trainable * 8.0,
+        _ => 0.0,
+    };
     let head = tokens * 2.0 * h * f + 2.0 * chunk_rows * v * f + if full { v * h * f } else { 0.0 } + kept_packs;
     // Backward frontier: about one block's worth of gradients in flight (one per op output,
     // whatever the adapter adds to a projection).
@@ -213,6 +221,10 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
         Item {
             what: "adapter values",
             bytes: adapter as u64,
+        },
+        Item {
+            what: "packed weights",
+            bytes: delta_packs as u64,
         },
         Item {
             what: "optimizer state",
@@ -316,6 +328,16 @@ mod tests {
         let per_layer = get(&f32p, "activations") / m.num_layers as f64;
         let want = per_layer + (cfg.batch_size * cfg.max_len * m.hidden_size * m.num_layers * 4) as f64;
         assert!((get(&pc, "activations") - want).abs() < 1.0);
+        // bf16 products on the tile unit keep the targeted projections packed twice (2 bytes a
+        // value each), plus the indices and the base values at them.
+        let bf16 = TrainConfig {
+            dtype: Dtype::Bf16,
+            ..cfg.clone()
+        };
+        let packs = get(&plan(&m, &bf16, BaseFormat::F32), "packed weights");
+        let tiles = crate::bf16mm::kernel() == crate::bf16mm::Kernel::Amx;
+        assert_eq!(packs, if tiles { proj * 4.0 + 2_442_240.0 * 8.0 } else { 0.0 });
+        assert_eq!(get(&f32p, "packed weights"), 0.0);
         assert_eq!(f32p.total, f32p.items.iter().map(|i| i.bytes).sum::<u64>());
         assert!(f32p.render().contains("total"));
     }

@@ -11,7 +11,10 @@
 //!   time, handed to the hook, and the value gradients gathered from it.
 //!
 //! Over any frozen base the op can take the base's product with it (`SparseBase::Plus`): one
-//! output `x W^T + x S^T` and one input gradient, instead of two products and their sum.
+//! output `x W^T + x S^T` and one input gradient, instead of two products and their sum. With
+//! bf16 products the delta joins the base's values as they are packed; a training run keeps
+//! those packed forms from update to update and patches them at the delta's positions
+//! ([`DeltaPacks`]).
 //!
 //! Over a dense f32 base the trainer can instead add the values into the base weight in place for
 //! the length of an update ([`DeltaInBase`], undone exactly from the saved base values). The op
@@ -27,9 +30,10 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp2, InplaceOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::bf16mm::{Products, Right, SparseAdd, View};
+use crate::bf16mm::{DeltaPacks, Products, Right, SparseAdd, View};
 use crate::ops::{cpu_slice, grad_like, storage_like, with_sources, Dst, Values};
 use crate::qmatrix::{with_slice, Frozen};
+use half::bf16;
 
 /// Receives the transient dense weight gradient `[out, in]` of one module during a SpIEL-AG window.
 pub trait DenseGradHook: Send + Sync {
@@ -330,6 +334,8 @@ pub struct SparseDeltaOp {
     pub in_dim: usize,
     /// Dense-gradient observer while in a SpIEL-AG window.
     pub hook: Option<Arc<dyn DenseGradHook>>,
+    /// Where the bf16 products over a `Plus` base keep their packed operands between updates.
+    pub packs: Option<Arc<DeltaPacks>>,
 }
 
 impl CustomOp2 for SparseDeltaOp {
@@ -365,7 +371,7 @@ impl CustomOp2 for SparseDeltaOp {
                 indices: &self.indices,
                 values: v,
             };
-            let y = base.bf16_product_to_bf16(x, n, true, Some(delta));
+            let y = self.base_plus_delta(base, x, n, delta, true);
             return Ok((CpuStorage::BF16(y), Shape::from((n, self.out_dim))));
         }
         let mut y = match &self.base {
@@ -398,6 +404,19 @@ impl CustomOp2 for SparseDeltaOp {
 }
 
 impl SparseDeltaOp {
+    /// `x (W + delta)^T` (`transposed`) or `x (W + delta)` for `n` rows of `x`, over bf16
+    /// operands and rounded to bf16: from the kept packs where there are some.
+    fn base_plus_delta(&self, base: &Frozen, x: Values, n: usize, delta: SparseAdd, transposed: bool) -> Vec<bf16> {
+        let Some(packs) = &self.packs else {
+            return base.bf16_product_to_bf16(x, n, transposed, Some(delta));
+        };
+        let (rows, cols) = base.shape();
+        let (k, width) = if transposed { (cols, rows) } else { (rows, cols) };
+        let mut y = vec![bf16::ZERO; n * width];
+        packs.product_to_bf16(&mut y, View::rows(x, n, k), base, delta, transposed);
+        y
+    }
+
     /// The input gradient and the values' gradient for `n` rows, from the output gradient `gy`
     /// and the input `xs`, both read in place (f32 or bf16); the base's product with
     /// `products`' operands.
@@ -418,7 +437,7 @@ impl SparseDeltaOp {
                     indices: &self.indices,
                     values: &v,
                 };
-                Dst::Bf16(base.bf16_product_to_bf16(gy, n, false, Some(delta)))
+                Dst::Bf16(self.base_plus_delta(base, gy, n, delta, false))
             }
             SparseBase::Holding(base) | SparseBase::Plus(base) => {
                 let _t = span(Phase::ProjectionsInputGrad);
@@ -480,6 +499,7 @@ pub fn sparse_delta_matmul(
         out_dim: shape.0,
         in_dim: shape.1,
         hook,
+        packs: None,
     };
     x.contiguous()?.apply_op2(values, op)
 }
@@ -501,6 +521,7 @@ pub fn base_with_delta_matmul(
         out_dim,
         in_dim,
         hook,
+        packs: None,
     };
     x.contiguous()?.apply_op2(values, op)
 }
@@ -514,6 +535,7 @@ pub fn frozen_plus_delta_matmul(
     values: &Tensor,
     indices: Arc<Vec<u32>>,
     hook: Option<Arc<dyn DenseGradHook>>,
+    packs: Option<Arc<DeltaPacks>>,
 ) -> candle_core::Result<Tensor> {
     let (out_dim, in_dim) = base.shape();
     let op = SparseDeltaOp {
@@ -522,6 +544,7 @@ pub fn frozen_plus_delta_matmul(
         out_dim,
         in_dim,
         hook,
+        packs,
     };
     x.contiguous()?.apply_op2(values, op)
 }
@@ -869,7 +892,7 @@ mod tests {
 
                 let x = Var::from_vec(xv.clone(), (n, inp), &dev).unwrap();
                 let v = Var::from_vec(vals.clone(), idx.len(), &dev).unwrap();
-                let y = frozen_plus_delta_matmul(&x, &base, &v, Arc::new(idx.clone()), None).unwrap();
+                let y = frozen_plus_delta_matmul(&x, &base, &v, Arc::new(idx.clone()), None, None).unwrap();
                 let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
                 assert!(rel_err(&flat(&y), &flat(&yd)) < 1e-5, "forward {n}x{inp}x{out}");
                 assert!(rel_err(&flat(g.get(&x).unwrap()), &flat(gd.get(&xd).unwrap())) < 1e-5);
@@ -878,6 +901,47 @@ mod tests {
                     "{n}x{inp}x{out} k={k}"
                 );
             }
+        }
+    }
+
+    /// A training run's kept packs ([`DeltaPacks`]) change nothing: through new values and new
+    /// indices, the bf16 forward and both gradients equal those of products that pack the base
+    /// plus the delta anew.
+    #[test]
+    fn kept_packs_give_the_per_product_result() {
+        use candle_core::DType;
+        let dev = Device::Cpu;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let (n, inp, out) = (37, 96, 72);
+        let base = Frozen::Dense(Tensor::from_vec(random(out * inp, &mut rng), (out, inp), &dev).unwrap());
+        let bf16 = |v: Vec<f32>, shape: (usize, usize)| {
+            Tensor::from_vec(v, shape, &dev).unwrap().to_dtype(DType::BF16).unwrap()
+        };
+        let (x16, p16) = (
+            bf16(random(n * inp, &mut rng), (n, inp)),
+            bf16(random(n * out, &mut rng), (n, out)),
+        );
+        let packs = Arc::new(DeltaPacks::default());
+        let (a, b) = (indices(out, inp, 700, &mut rng), indices(out, inp, 500, &mut rng));
+        for idx in [&a, &a, &b, &a] {
+            let idx = Arc::new(idx.clone());
+            let vals: Vec<f32> = random(idx.len(), &mut rng).iter().map(|v| v * 0.01).collect();
+            let run = |packs: Option<Arc<DeltaPacks>>| {
+                let x = Var::from_tensor(&x16).unwrap();
+                let v = Var::from_vec(vals.clone(), idx.len(), &dev).unwrap();
+                let y = frozen_plus_delta_matmul(&x, &base, &v, idx.clone(), None, packs).unwrap();
+                let g = (&y * &p16).unwrap().sum_all().unwrap().backward().unwrap();
+                let f32s = |t: &Tensor| {
+                    t.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                };
+                [f32s(&y), f32s(g.get(&x).unwrap()), f32s(g.get(&v).unwrap())]
+            };
+            assert_eq!(run(Some(packs.clone())), run(None));
         }
     }
 
@@ -907,7 +971,7 @@ mod tests {
             .unwrap();
         let x = Var::from_tensor(&x16).unwrap();
         let v = Var::from_vec(vals.clone(), idx.len(), &dev).unwrap();
-        let y = frozen_plus_delta_matmul(&x, &base, &v, idx.clone(), None).unwrap();
+        let y = frozen_plus_delta_matmul(&x, &base, &v, idx.clone(), None, None).unwrap();
         let g = (&y * &p16).unwrap().sum_all().unwrap().backward().unwrap();
         let (gx, gv) = (g.get(&x).unwrap(), g.get(&v).unwrap());
         assert_eq!(

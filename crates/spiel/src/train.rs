@@ -16,6 +16,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::{Adapter, AdapterConfig, AdapterSet, BaseModel, Delta, LoraDelta, Method, SparseDelta};
+use crate::bf16mm::DeltaPacks;
 use crate::checkpoint::{self, Array, Arrays};
 use crate::data::{self, Example};
 use crate::model::{Grad, Llama, Weights};
@@ -435,6 +436,8 @@ struct SparseSlot {
     sm3: Option<Sm3State>,
     window: Option<Arc<WindowHook>>,
     grad: Vec<f32>,
+    /// The base's bf16 operands with the delta added, kept from update to update.
+    packs: Arc<DeltaPacks>,
 }
 
 struct DenseSlot {
@@ -581,8 +584,9 @@ impl Trainer {
         self.model_and_adapters(false)
     }
 
-    /// The adapters as trainable variables (`training`: with AG hooks and LoRA dropout, and sparse
-    /// deltas over a dense f32 base marked for [`add_deltas_into_base`]) or detached.
+    /// The adapters as trainable variables (`training`: with AG hooks, LoRA dropout, the sparse
+    /// deltas' kept bf16 packs, and sparse deltas over a dense f32 base marked for
+    /// [`add_deltas_into_base`]) or detached.
     fn model_and_adapters(&self, training: bool) -> (&Llama, AdapterSet) {
         let mut set = AdapterSet::none();
         match &self.trainable {
@@ -615,6 +619,7 @@ impl Trainer {
                             },
                             hook,
                             in_base: in_base.contains(s.name.as_str()),
+                            packs: training.then(|| s.packs.clone()),
                         }),
                     );
                 }
@@ -1148,6 +1153,7 @@ fn init_trainable(cfg: &TrainConfig, base: &Llama) -> Result<Trainable> {
                     sm3,
                     window: None,
                     grad: vec![0.0; k],
+                    packs: Arc::default(),
                 });
             }
             Trainable::Sparse(slots)

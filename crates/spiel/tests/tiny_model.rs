@@ -181,6 +181,7 @@ fn kv_cache_growing_batched_with_adapters_matches_full_forward() {
             indices: Arc::new(indices),
             hook: None,
             in_base: false,
+            packs: None,
         }),
     );
     let up = m
