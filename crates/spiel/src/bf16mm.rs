@@ -622,18 +622,40 @@ mod amx {
         _mm512_storeu_si512(dst as *mut __m512i, packed);
     }
 
-    /// Rows of `a` as bf16 tiles: for each 16 rows (padded with zeros), `depth / 32` tiles of
-    /// 16 x 32 values, each tile contiguous (1 KiB), so that a tile load reads 16 adjacent
-    /// cache lines.
-    fn pack_left(a: View, rows: usize, depth: usize, parallel: bool) -> Vec<u16> {
-        let mut out = vec![0u16; rows * depth];
+    std::thread_local! {
+        /// The calling thread's buffer for packed left operands, reused from product to product
+        /// (a fresh one was zero-filled by the allocator on every product).
+        static LEFT: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+
+    /// `f` of the rows of `a` packed by [`pack_left`] into this thread's reused buffer.
+    fn with_left<R>(a: View, rows: usize, depth: usize, parallel: bool, f: impl FnOnce(&[u16]) -> R) -> R {
+        let mut buf = LEFT.take();
+        if buf.len() < rows * depth {
+            buf.resize(rows * depth, 0);
+        }
+        pack_left(a, depth, parallel, &mut buf[..rows * depth]);
+        let r = f(&buf[..rows * depth]);
+        LEFT.set(buf);
+        r
+    }
+
+    /// Fill this thread's left-operand buffer with NaN bits, as stale values of a product
+    /// before (the tests check that no padding reads them).
+    #[cfg(test)]
+    pub(super) fn poison_left_buffer(len: usize) {
+        LEFT.set(vec![0x7fc0; len]);
+    }
+
+    /// Rows of `a` as bf16 tiles into `out`: for each 16 rows, `depth / 32` tiles of 16 x 32
+    /// values, each tile contiguous (1 KiB), so that a tile load reads 16 adjacent cache lines.
+    /// Columns past `a.cols` are zeroed; rows past `a.rows` (padding up to `out`'s length) are
+    /// left as they are: they only reach output rows that are never written.
+    fn pack_left(a: View, depth: usize, parallel: bool, out: &mut [u16]) {
         let tile = 16 * DEPTH;
         // 16 rows per task: a row alone is too little work for a hand-off to the pool.
-        each_chunk(parallel, &mut out, 16 * depth, |c, dst| {
+        each_chunk(parallel, out, 16 * depth, |c, dst| {
             let (i0, h) = (c * 16, a.rows.saturating_sub(c * 16).min(16));
-            if h == 0 {
-                return; // padding rows: zeros
-            }
             // Value (i0 + r, j) goes to tile j / 32, row r, column j % 32.
             let at = |r: usize, j: usize| (j / DEPTH) * tile + r * DEPTH + j % DEPTH;
             if a.cs == 1 {
@@ -656,8 +678,12 @@ mod amx {
                     }
                 }
             }
+            for r in 0..h {
+                for j in a.cols..depth {
+                    dst[at(r, j)] = 0;
+                }
+            }
         });
-        out
     }
 
     /// `b: [k, n]` as panels of 16 columns, each `depth / 2` rows of 16 bf16 pairs: the pair
@@ -927,7 +953,6 @@ mod amx {
             k.next_multiple_of(DEPTH),
             n.next_multiple_of(BLOCK),
         );
-        let left = pack_left(a, rows, depth, true);
         let packed;
         let right: &[u32] = match b {
             Right::Weight {
@@ -941,7 +966,9 @@ mod amx {
                 &packed
             }
         };
-        run(true, dst, accumulate, beta, (m, n), &left, depth, right, depth / 2 * 16);
+        with_left(a, rows, depth, true, |left| {
+            run(true, dst, accumulate, beta, (m, n), left, depth, right, depth / 2 * 16)
+        });
     }
 
     /// A matrix `b` packed as right operand for [`gemm_prepacked`]: `(panels, rows padded)`.
@@ -961,8 +988,9 @@ mod amx {
     pub(super) fn gemm_on_panels(dst: Out, a: View, right: &[u32], n: usize) {
         let (rows, depth) = (a.rows.next_multiple_of(BLOCK), a.cols.next_multiple_of(DEPTH));
         assert!(n.next_multiple_of(BLOCK) / 16 * (depth / 2 * 16) <= right.len());
-        let left = pack_left(a, rows, depth, true);
-        run(true, dst, false, 1.0, (a.rows, n), &left, depth, right, depth / 2 * 16);
+        with_left(a, rows, depth, true, |left| {
+            run(true, dst, false, 1.0, (a.rows, n), left, depth, right, depth / 2 * 16)
+        });
     }
 
     /// Set the values at sorted flat `indices` of a `[rows, cols]` weight `W` packed by
@@ -1001,9 +1029,9 @@ mod amx {
                 let (pos, high) = slot(i as usize / cols, i as usize % cols);
                 let bits = value(lo + n) as u32;
                 // SAFETY: `pos` is inside `panels` (every index is below the last, checked to
-                // lie inside the weight, whose packing `panels` holds); the rows of block `b` own their positions (a panel of 16 rows of
-                // `W^T`, or pair rows `8 b .. 8 b + 8` of every panel of `W`), so no other task
-                // writes this word.
+                // lie inside the weight, whose packing `panels` holds); the rows of block `b`
+                // own their positions (a panel of 16 rows of `W^T`, or pair rows
+                // `8 b .. 8 b + 8` of every panel of `W`), so no other task writes this word.
                 unsafe {
                     let p = dst.get().add(pos);
                     *p = if high {
@@ -1029,18 +1057,19 @@ mod amx {
     ) {
         let (rows, depth) = (a.rows.next_multiple_of(BLOCK), a.cols.next_multiple_of(DEPTH));
         assert!(depth / 2 * 16 <= panel && n.next_multiple_of(BLOCK) / 16 * panel <= right.len());
-        let left = pack_left(a, rows, depth, false);
-        run(
-            false,
-            Out::F32(dst),
-            accumulate,
-            beta,
-            (a.rows, n),
-            &left,
-            depth,
-            right,
-            panel,
-        );
+        with_left(a, rows, depth, false, |left| {
+            run(
+                false,
+                Out::F32(dst),
+                accumulate,
+                beta,
+                (a.rows, n),
+                left,
+                depth,
+                right,
+                panel,
+            )
+        });
     }
 
     /// `dst (+)= beta left right` for `dst: [m, n]` from packed operands: `left` as
@@ -1366,6 +1395,26 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The reused left-operand buffer's stale contents never reach a product: padding columns
+    /// are zeroed (a NaN there would turn every output NaN), padding rows are never written out.
+    #[test]
+    fn stale_left_buffer_does_not_leak() {
+        if kernel() != Kernel::Amx {
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+        for &(m, k, n) in &[(5, 7, 9), (33, 45, 20), (70, 100, 40)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let mut want = vec![0f32; m * n];
+            gemm_with(Kernel::Rounded, &mut want, false, 1.0, View::rows(&a, m, k), Right::Matrix(View::rows(&b, k, n)));
+            amx::poison_left_buffer(1 << 16);
+            let mut got = vec![0f32; m * n];
+            gemm_with(Kernel::Amx, &mut got, false, 1.0, View::rows(&a, m, k), Right::Matrix(View::rows(&b, k, n)));
+            assert!(crate::testing::rel_err(&got, &want) < 1e-6, "[{m}, {k}] x [{k}, {n}]");
         }
     }
 

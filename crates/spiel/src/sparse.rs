@@ -92,14 +92,21 @@ pub fn spmm_t_add(gx: &mut [f32], gy: &[f32], indices: &[u32], values: &[f32], i
     sparse_columns_add(gx, in_dim, gy, out_dim, &pairs, values);
 }
 
-/// `m: [rows, cols]` -> `[cols, rows]`, in parallel over bands of 32 columns (32 destination
-/// rows); 8 x 8 tiles through AVX registers where the CPU has AVX2, the ragged edges one value
-/// at a time.
+/// `m: [rows, cols]` -> `[cols, rows]`.
 fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const BAND: usize = 32;
-    assert!(m.len() >= rows * cols);
     let mut t = vec![0f32; rows * cols];
-    t.par_chunks_mut(rows * BAND).enumerate().for_each(|(band, dst)| {
+    transpose_into(m, rows, cols, &mut t);
+    t
+}
+
+/// `m: [rows, cols]` -> `t: [cols, rows]` (the leading `rows * cols` values of `t`), in parallel
+/// over bands of 32 columns (32 destination rows); 8 x 8 tiles through AVX registers where the
+/// CPU has AVX2, the ragged edges one value at a time. Moves bits only: any 32-bit values can
+/// pass as f32.
+fn transpose_into(m: &[f32], rows: usize, cols: usize, t: &mut [f32]) {
+    const BAND: usize = 32;
+    assert!(m.len() >= rows * cols && t.len() >= rows * cols);
+    t[..rows * cols].par_chunks_mut(rows * BAND).enumerate().for_each(|(band, dst)| {
         let c0 = band * BAND;
         let cn = BAND.min(cols - c0);
         let (full_r, full_c) = (rows / 8 * 8, cn / 8 * 8);
@@ -132,7 +139,6 @@ fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
             }
         }
     });
-    t
 }
 
 /// One 8 x 8 tile: `dst[j * ldd + i] = src[i * lds + j]`.
@@ -271,8 +277,12 @@ fn prefetch(p: *const f32) {
 /// row and column from them, instead of streaming a whole-batch column from L3 per entry.
 const SDDMM_TOKENS: usize = 128;
 
+/// Tokens per pass of the bf16 SDDMM: the same bytes as [`SDDMM_TOKENS`] f32 tokens.
+const SDDMM_BF16_TOKENS: usize = 256;
+
 /// SDDMM: `out[n] = sum_t gy[t, r_n] * x[t, c_n]`; `gy: [N, OUT]`, `x: [N, IN]` (f32 or bf16),
-/// `out: [K]`.
+/// `out: [K]`. With bf16 inputs on a CPU with AVX-512 BF16 the products are `vdpbf16ps` pairs
+/// (exact products, f32 sums in another order), half the bytes per entry of the widened path.
 pub(crate) fn sddmm<'a>(
     out: &mut [f32],
     gy: impl Into<Values<'a>>,
@@ -284,28 +294,125 @@ pub(crate) fn sddmm<'a>(
 ) {
     let (gy, x) = (gy.into(), x.into());
     out.fill(0.0);
+    #[cfg(target_arch = "x86_64")]
+    if let (Values::Bf16(gy), Values::Bf16(x)) = (gy, x) {
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16") {
+            return sddmm_bf16(out, gy, x, indices, n, in_dim, out_dim);
+        }
+    }
     for t0 in (0..n).step_by(SDDMM_TOKENS) {
         let tc = SDDMM_TOKENS.min(n - t0);
         // One pass of tokens, widened first where bf16.
         let gyt = transpose(&gy.slice(t0 * out_dim..(t0 + tc) * out_dim).to_f32(), tc, out_dim);
         let xt = transpose(&x.slice(t0 * in_dim..(t0 + tc) * in_dim).to_f32(), tc, in_dim);
-        out.par_chunks_mut(1024)
-            .zip(indices.par_chunks(1024))
-            .for_each(|(o, idx)| {
-                // Sorted indices: the row changes rarely, so divide only when it does.
-                let (mut row_start, mut gy_row) = (0, &gyt[..tc]);
-                for (dst, &i) in o.iter_mut().zip(idx) {
-                    let i = i as usize;
-                    if i < row_start || i - row_start >= in_dim {
-                        let r = i / in_dim;
-                        row_start = r * in_dim;
-                        gy_row = &gyt[r * tc..(r + 1) * tc];
-                    }
-                    let c = i - row_start;
-                    *dst += dot(gy_row, &xt[c * tc..(c + 1) * tc]);
-                }
-            });
+        add_entry_dots(out, indices, in_dim, |r, c| {
+            dot(&gyt[r * tc..(r + 1) * tc], &xt[c * tc..(c + 1) * tc])
+        });
     }
+}
+
+/// `out[n] += dot(r_n, c_n)` for every entry `(r_n, c_n)` of sorted flat `indices` into rows of
+/// `in_dim`, in parallel; the row found by a division only when it changes.
+fn add_entry_dots(out: &mut [f32], indices: &[u32], in_dim: usize, dot: impl Fn(usize, usize) -> f32 + Sync) {
+    out.par_chunks_mut(1024)
+        .zip(indices.par_chunks(1024))
+        .for_each(|(o, idx)| {
+            let (mut row_start, mut r) = (0, 0);
+            for (dst, &i) in o.iter_mut().zip(idx) {
+                let i = i as usize;
+                if i < row_start || i - row_start >= in_dim {
+                    r = i / in_dim;
+                    row_start = r * in_dim;
+                }
+                *dst += dot(r, i - row_start);
+            }
+        });
+}
+
+/// [`sddmm`] over bf16 inputs with `vdpbf16ps`. Per pass both inputs go feature-major as they
+/// are (bf16), padded with zero tokens to a multiple of 32: each two rows of tokens interleave
+/// into one row of 32-bit pairs, which [`transpose_into`] moves as f32 bit patterns; each
+/// transposed row of pairs is then the feature's tokens in order.
+#[cfg(target_arch = "x86_64")]
+fn sddmm_bf16(
+    out: &mut [f32],
+    gy: &[half::bf16],
+    x: &[half::bf16],
+    indices: &[u32],
+    n: usize,
+    in_dim: usize,
+    out_dim: usize,
+) {
+    let stride = SDDMM_BF16_TOKENS.min(n.next_multiple_of(32));
+    let widest = in_dim.max(out_dim);
+    // Pairs of rows, and the two inputs transposed (each as 32-bit words).
+    let mut pairs = vec![0f32; stride / 2 * widest];
+    let (mut gyt, mut xt) = (vec![0f32; out_dim * stride / 2], vec![0f32; in_dim * stride / 2]);
+    for t0 in (0..n).step_by(SDDMM_BF16_TOKENS) {
+        let tc = SDDMM_BF16_TOKENS.min(n - t0);
+        let tp = tc.next_multiple_of(32);
+        for (m, cols, t) in [(gy, out_dim, &mut gyt), (x, in_dim, &mut xt)] {
+            pair_rows(&m[t0 * cols..(t0 + tc) * cols], tc, cols, &mut pairs[..tp / 2 * cols]);
+            transpose_into(&pairs, tp / 2, cols, t);
+        }
+        let (gyb, xb) = (as_bits(&gyt), as_bits(&xt));
+        add_entry_dots(out, indices, in_dim, |r, c| {
+            let (a, b) = (&gyb[r * tp..(r + 1) * tp], &xb[c * tp..(c + 1) * tp]);
+            // SAFETY: the CPU has AVX-512 F and BF16 (checked by the caller); both rows hold
+            // `tp` values, a multiple of 32.
+            unsafe { dot_bf16_pairs(a, b) }
+        });
+    }
+}
+
+/// Rows `2 i` and `2 i + 1` of `m: [rows, cols]` (bf16) interleaved into row `i` of `dst`
+/// (`cols` 32-bit words, as f32 bit patterns: row `2 i` in the low half); rows past `rows` read
+/// as zeros, up to the length of `dst`.
+fn pair_rows(m: &[half::bf16], rows: usize, cols: usize, dst: &mut [f32]) {
+    dst.par_chunks_mut(cols).enumerate().for_each(|(i, d)| {
+        let row = |r: usize| (r < rows).then(|| &m[r * cols..(r + 1) * cols]);
+        match (row(2 * i), row(2 * i + 1)) {
+            (Some(lo), Some(hi)) => d.iter_mut().zip(lo.iter().zip(hi)).for_each(|(o, (l, h))| {
+                *o = f32::from_bits(l.to_bits() as u32 | (h.to_bits() as u32) << 16)
+            }),
+            (Some(lo), None) => d
+                .iter_mut()
+                .zip(lo)
+                .for_each(|(o, l)| *o = f32::from_bits(l.to_bits() as u32)),
+            _ => d.fill(0.0),
+        }
+    });
+}
+
+/// 32-bit words seen as the pairs of 16-bit values they hold (low half first).
+fn as_bits(words: &[f32]) -> &[u16] {
+    // SAFETY: u16 has a smaller alignment than f32 and any bits are a valid u16; the slice
+    // covers the same bytes.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast(), words.len() * 2) }
+}
+
+/// `a . b` for bf16 bits `a`, `b` of equal length, a multiple of 32: `vdpbf16ps` (each pair's
+/// products exact, summed in f32), two running sums.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn dot_bf16_pairs(a: &[u16], b: &[u16]) -> f32 {
+    use std::arch::x86_64::*;
+    assert!(a.len() == b.len() && a.len() % 32 == 0);
+    let load = |p: &[u16], i: usize| -> __m512bh { std::mem::transmute(_mm512_loadu_si512(p.as_ptr().add(i).cast())) };
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut i = 0;
+    while i + 64 <= a.len() {
+        acc[0] = _mm512_dpbf16_ps(acc[0], load(a, i), load(b, i));
+        acc[1] = _mm512_dpbf16_ps(acc[1], load(a, i + 32), load(b, i + 32));
+        i += 64;
+    }
+    if i < a.len() {
+        acc[0] = _mm512_dpbf16_ps(acc[0], load(a, i), load(b, i));
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
 }
 
 /// What a [`SparseDeltaOp`] multiplies besides (or instead of) the sparse part.
@@ -723,8 +830,10 @@ mod tests {
     #[test]
     fn sddmm_matches_f64_reference() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        // Token counts below, at and across the pass size, with a ragged last pass.
+        // Token counts below, at and across the pass sizes (128 f32, 256 bf16 tokens), with a
+        // ragged last pass.
         for (n, inp, out, k) in [
+            (520, 37, 70, 300),
             (1, 3, 4, 2),
             (7, 33, 17, 40),
             (130, 65, 96, 500),
@@ -747,16 +856,26 @@ mod tests {
                 })
                 .collect();
             assert!(rel_err(&got, &want) < 1e-6, "shape {n}x{inp}x{out}");
-            // bf16 inputs (bf16 activations) are widened exactly: the same as their f32 values.
+            // bf16 inputs (bf16 activations): exact products (`vdpbf16ps` where the CPU has it),
+            // f32 sums.
             let (gy16, x16): (Vec<half::bf16>, Vec<half::bf16>) = (
                 gy.iter().map(|&v| half::bf16::from_f32(v)).collect(),
                 x.iter().map(|&v| half::bf16::from_f32(v)).collect(),
             );
             let widen = |v: &[half::bf16]| v.iter().map(|h| h.to_f32()).collect::<Vec<f32>>();
-            let (mut got16, mut want16) = (vec![0f32; idx.len()], vec![0f32; idx.len()]);
+            let (gyw, xw) = (widen(&gy16), widen(&x16));
+            let want16: Vec<f32> = idx
+                .iter()
+                .map(|&i| {
+                    let (r, c) = (i as usize / inp, i as usize % inp);
+                    (0..n)
+                        .map(|t| gyw[t * out + r] as f64 * xw[t * inp + c] as f64)
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            let mut got16 = vec![0f32; idx.len()];
             sddmm(&mut got16, gy16.as_slice(), x16.as_slice(), &idx, n, inp, out);
-            sddmm(&mut want16, &widen(&gy16), &widen(&x16), &idx, n, inp, out);
-            assert_eq!(got16, want16, "bf16 shape {n}x{inp}x{out}");
+            assert!(rel_err(&got16, &want16) < 1e-6, "bf16 shape {n}x{inp}x{out}");
         }
     }
 
