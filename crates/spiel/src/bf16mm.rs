@@ -670,8 +670,24 @@ mod amx {
                         }
                     }
                 }
+            } else if a.rs == 1 {
+                // A transpose: each of its columns holds the 16 rows' values side by side.
+                for j in 0..a.cols {
+                    let start = j * a.cs + i0;
+                    match a.data {
+                        Values::F32(d) => {
+                            for (r, &v) in d[start..][..h].iter().enumerate() {
+                                dst[at(r, j)] = round_bf16(v);
+                            }
+                        }
+                        Values::Bf16(d) => {
+                            for (r, v) in d[start..][..h].iter().enumerate() {
+                                dst[at(r, j)] = v.to_bits();
+                            }
+                        }
+                    }
+                }
             } else {
-                // A transpose (`rs == 1`) is read 16 rows at a time along its columns.
                 for j in 0..a.cols {
                     for r in 0..h {
                         dst[at(r, j)] = a.bits_at(i0 + r, j);
@@ -723,6 +739,19 @@ mod amx {
                             .for_each(|(o, (&lo, &hi))| *o = pair(lo, hi));
                     } else {
                         row.iter_mut().zip(r0).for_each(|(o, &lo)| *o = pair(lo, 0.0));
+                    }
+                }
+            } else if let (1, Values::Bf16(d)) = (b.cs, b.data) {
+                let bits = |v: &half::bf16| v.to_bits() as u32;
+                for (kk, row) in dst.chunks_exact_mut(16).take(k.div_ceil(2)).enumerate() {
+                    let r0 = &d[2 * kk * b.rs + j0..][..width];
+                    if 2 * kk + 1 < k {
+                        let r1 = &d[(2 * kk + 1) * b.rs + j0..][..width];
+                        row.iter_mut()
+                            .zip(r0.iter().zip(r1))
+                            .for_each(|(o, (lo, hi))| *o = bits(lo) | bits(hi) << 16);
+                    } else {
+                        row.iter_mut().zip(r0).for_each(|(o, lo)| *o = bits(lo));
                     }
                 }
             } else {
