@@ -1439,10 +1439,24 @@ mod tests {
             let a: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let mut want = vec![0f32; m * n];
-            gemm_with(Kernel::Rounded, &mut want, false, 1.0, View::rows(&a, m, k), Right::Matrix(View::rows(&b, k, n)));
+            gemm_with(
+                Kernel::Rounded,
+                &mut want,
+                false,
+                1.0,
+                View::rows(&a, m, k),
+                Right::Matrix(View::rows(&b, k, n)),
+            );
             amx::poison_left_buffer(1 << 16);
             let mut got = vec![0f32; m * n];
-            gemm_with(Kernel::Amx, &mut got, false, 1.0, View::rows(&a, m, k), Right::Matrix(View::rows(&b, k, n)));
+            gemm_with(
+                Kernel::Amx,
+                &mut got,
+                false,
+                1.0,
+                View::rows(&a, m, k),
+                Right::Matrix(View::rows(&b, k, n)),
+            );
             assert!(crate::testing::rel_err(&got, &want) < 1e-6, "[{m}, {k}] x [{k}, {n}]");
         }
     }

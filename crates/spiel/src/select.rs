@@ -310,8 +310,10 @@ pub fn apply(
         let st = m.adam.as_ref().map(|a| (a.m[s], a.v[s], a.age[s]));
         entries.push((m.indices[s], m.values[s], st));
     }
+    let mut dropped_sorted = dropped_idx.clone();
+    dropped_sorted.sort_unstable();
     for &i in grow {
-        if dropped_idx.contains(&i) {
+        if dropped_sorted.binary_search(&i).is_ok() {
             continue;
         }
         stats.grown += 1;

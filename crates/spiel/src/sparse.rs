@@ -106,39 +106,42 @@ fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 fn transpose_into(m: &[f32], rows: usize, cols: usize, t: &mut [f32]) {
     const BAND: usize = 32;
     assert!(m.len() >= rows * cols && t.len() >= rows * cols);
-    t[..rows * cols].par_chunks_mut(rows * BAND).enumerate().for_each(|(band, dst)| {
-        let c0 = band * BAND;
-        let cn = BAND.min(cols - c0);
-        let (full_r, full_c) = (rows / 8 * 8, cn / 8 * 8);
-        #[cfg(target_arch = "x86_64")]
-        let tiled = std::is_x86_feature_detected!("avx2");
-        #[cfg(not(target_arch = "x86_64"))]
-        let tiled = false;
-        #[cfg(target_arch = "x86_64")]
-        if tiled {
-            for r in (0..full_r).step_by(8) {
-                for c in (0..full_c).step_by(8) {
-                    // SAFETY: AVX2 is present (checked); the tile reads rows r..r+8 of m at
-                    // columns c0+c..c0+c+8 (r + 8 <= rows, c + 8 <= cn) and writes rows c..c+8
-                    // of this band at columns r..r+8, all inside the slices.
-                    unsafe {
-                        transpose_8x8(
-                            m.as_ptr().add(r * cols + c0 + c),
-                            cols,
-                            dst.as_mut_ptr().add(c * rows + r),
-                            rows,
-                        )
-                    };
+    t[..rows * cols]
+        .par_chunks_mut(rows * BAND)
+        .enumerate()
+        .for_each(|(band, dst)| {
+            let c0 = band * BAND;
+            let cn = BAND.min(cols - c0);
+            let (full_r, full_c) = (rows / 8 * 8, cn / 8 * 8);
+            #[cfg(target_arch = "x86_64")]
+            let tiled = std::is_x86_feature_detected!("avx2");
+            #[cfg(not(target_arch = "x86_64"))]
+            let tiled = false;
+            #[cfg(target_arch = "x86_64")]
+            if tiled {
+                for r in (0..full_r).step_by(8) {
+                    for c in (0..full_c).step_by(8) {
+                        // SAFETY: AVX2 is present (checked); the tile reads rows r..r+8 of m at
+                        // columns c0+c..c0+c+8 (r + 8 <= rows, c + 8 <= cn) and writes rows c..c+8
+                        // of this band at columns r..r+8, all inside the slices.
+                        unsafe {
+                            transpose_8x8(
+                                m.as_ptr().add(r * cols + c0 + c),
+                                cols,
+                                dst.as_mut_ptr().add(c * rows + r),
+                                rows,
+                            )
+                        };
+                    }
                 }
             }
-        }
-        for c in 0..cn {
-            let done_r = if tiled && c < full_c { full_r } else { 0 };
-            for r in done_r..rows {
-                dst[c * rows + r] = m[r * cols + c0 + c];
+            for c in 0..cn {
+                let done_r = if tiled && c < full_c { full_r } else { 0 };
+                for r in done_r..rows {
+                    dst[c * rows + r] = m[r * cols + c0 + c];
+                }
             }
-        }
-    });
+        });
 }
 
 /// One 8 x 8 tile: `dst[j * ldd + i] = src[i * lds + j]`.
@@ -372,9 +375,10 @@ fn pair_rows(m: &[half::bf16], rows: usize, cols: usize, dst: &mut [f32]) {
     dst.par_chunks_mut(cols).enumerate().for_each(|(i, d)| {
         let row = |r: usize| (r < rows).then(|| &m[r * cols..(r + 1) * cols]);
         match (row(2 * i), row(2 * i + 1)) {
-            (Some(lo), Some(hi)) => d.iter_mut().zip(lo.iter().zip(hi)).for_each(|(o, (l, h))| {
-                *o = f32::from_bits(l.to_bits() as u32 | (h.to_bits() as u32) << 16)
-            }),
+            (Some(lo), Some(hi)) => d
+                .iter_mut()
+                .zip(lo.iter().zip(hi))
+                .for_each(|(o, (l, h))| *o = f32::from_bits(l.to_bits() as u32 | (h.to_bits() as u32) << 16)),
             (Some(lo), None) => d
                 .iter_mut()
                 .zip(lo)
@@ -400,7 +404,7 @@ fn as_bits(words: &[f32]) -> &[u16] {
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn dot_bf16_pairs(a: &[u16], b: &[u16]) -> f32 {
     use std::arch::x86_64::*;
-    assert!(a.len() == b.len() && a.len() % 32 == 0);
+    assert!(a.len() == b.len() && a.len().is_multiple_of(32));
     let load = |p: &[u16], i: usize| -> __m512bh { std::mem::transmute(_mm512_loadu_si512(p.as_ptr().add(i).cast())) };
     let mut acc = [_mm512_setzero_ps(); 2];
     let mut i = 0;
