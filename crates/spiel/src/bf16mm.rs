@@ -656,6 +656,9 @@ mod amx {
         // 16 rows per task: a row alone is too little work for a hand-off to the pool.
         each_chunk(parallel, out, 16 * depth, |c, dst| {
             let (i0, h) = (c * 16, a.rows.saturating_sub(c * 16).min(16));
+            if h == 0 {
+                return; // padding rows
+            }
             // Value (i0 + r, j) goes to tile j / 32, row r, column j % 32.
             let at = |r: usize, j: usize| (j / DEPTH) * tile + r * DEPTH + j % DEPTH;
             if a.cs == 1 {
@@ -1262,9 +1265,11 @@ mod tests {
                         av.iter().map(|&x| half::bf16::from_f32(x)).collect(),
                         bv.iter().map(|&x| half::bf16::from_f32(x)).collect(),
                     );
+                    // Exactly the values a layout reads (a view past them would go unnoticed).
+                    let (al, bl) = ((1 + (ta == 2) as usize) * m * k, (1 + (tb == 2) as usize) * k * n);
                     let (ad, bd): (Values, Values) = match held {
-                        DType::BF16 => (a16.as_slice().into(), b16.as_slice().into()),
-                        _ => (av.as_slice().into(), bv.as_slice().into()),
+                        DType::BF16 => (a16[..al].into(), b16[..bl].into()),
+                        _ => (av[..al].into(), bv[..bl].into()),
                     };
                     fn view(data: Values, rows: usize, cols: usize, layout: usize) -> View {
                         match layout {
