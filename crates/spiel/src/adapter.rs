@@ -15,7 +15,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::bf16mm::DeltaPacks;
+use crate::bf16mm::{DeltaPacks, PackCache};
 use crate::config::ModelConfig;
 use crate::model::{Grad, Llama};
 use crate::qmatrix::Frozen;
@@ -55,6 +55,9 @@ pub struct LoraDelta {
     pub dropout: f64,
     /// Seed for this forward's dropout mask (set by the trainer per step and module).
     pub dropout_seed: u64,
+    /// The base's packed bf16 operands, kept across training updates (set by the trainer; used
+    /// by bf16 products over a frozen base). `None` packs per product.
+    pub packs: Option<Arc<PackCache>>,
 }
 
 /// A trainable or loaded change to one linear layer.
@@ -108,7 +111,13 @@ impl Delta {
             Delta::Lora(l) => {
                 let dropout = (grad == Grad::Yes && l.dropout > 0.0).then_some((l.dropout, l.dropout_seed));
                 Ok(crate::lora::frozen_plus_lora_matmul(
-                    x, base, &l.a, &l.b, l.scale, dropout,
+                    x,
+                    base,
+                    &l.a,
+                    &l.b,
+                    l.scale,
+                    dropout,
+                    l.packs.clone(),
                 )?)
             }
         }
@@ -403,6 +412,7 @@ impl Adapter {
                     scale: config.lora_alpha.unwrap_or(rank) / rank,
                     dropout: 0.0,
                     dropout_seed: 0,
+                    packs: None,
                 })
             } else {
                 let (vshape, values) = f32_tensor(&st, &format!("{PREFIX}{m}.sft_delta.values"), &st_path)?;

@@ -473,7 +473,7 @@ pub fn bench_gemm(cfg: &crate::config::ModelConfig, tokens: usize, rounds: usize
             let secs = t0.elapsed().as_secs_f64();
             drop(y);
             let t0 = Instant::now();
-            let y16 = frozen.bf16_product((&xs).into(), tokens, true, None);
+            let y16 = frozen.bf16_product((&xs).into(), tokens, true, None, None);
             let secs16 = t0.elapsed().as_secs_f64();
             drop(y16);
             if r > 0 {

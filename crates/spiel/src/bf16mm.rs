@@ -141,7 +141,7 @@ pub(crate) enum Right<'a> {
 
 /// The packed forms of a weight that never changes, kept after their first use: as `W^T`
 /// (index 1) and as `W` (index 0), each only once asked for.
-pub(crate) type PackCache = [OnceLock<Vec<u32>>; 2];
+pub type PackCache = [OnceLock<Vec<u32>>; 2];
 
 impl Right<'_> {
     /// `(k, n)`: rows and columns of the operand.

@@ -264,6 +264,7 @@ pub fn tiny_adapters(m: &LoadedModel) -> Result<[Adapter; 2]> {
                 scale: 1.0,
                 dropout: 0.0,
                 dropout_seed: 0,
+                packs: None,
             }),
         );
     }

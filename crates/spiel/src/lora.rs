@@ -13,16 +13,18 @@
 //! Shapes: N rows (tokens), IN input features, OUT output features, R the rank.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::bf16mm::Products;
-use crate::ops::{cpu_f32, cpu_slice, grad_like, with_f32s};
+use crate::bf16mm::{PackCache, Products};
+use crate::ops::{cpu_slice, grad_like, with_sources, Values};
 use crate::qmatrix::{gemm_into, Frozen};
 
 /// `x W^T + scale (m * x) A^T B^T` for `x: [N, IN]` (f32 or bf16), a frozen base `W`, and f32
 /// `a: [R, IN]`, `b: [OUT, R]`; `dropout` is `(p, seed)` for a training forward, `None` otherwise.
+/// bf16 products keep the base's packed forms in `packs` where given (a training run's).
 pub fn frozen_plus_lora_matmul(
     x: &Tensor,
     base: &Frozen,
@@ -30,11 +32,13 @@ pub fn frozen_plus_lora_matmul(
     b: &Tensor,
     scale: f64,
     dropout: Option<(f64, u64)>,
+    packs: Option<Arc<PackCache>>,
 ) -> candle_core::Result<Tensor> {
     let op = FrozenPlusLora {
         base: base.clone(),
         scale: scale as f32,
         dropout: dropout.filter(|(p, _)| *p > 0.0),
+        packs,
     };
     x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
@@ -60,9 +64,22 @@ struct FrozenPlusLora {
     base: Frozen,
     scale: f32,
     dropout: Option<(f64, u64)>,
+    packs: Option<Arc<PackCache>>,
 }
 
 impl FrozenPlusLora {
+    /// `x W^T` (`transposed`) or `x W` for `n` rows of `x`, with `products`' operands; bf16
+    /// products read bf16 `x` in place and keep the packed weight in `packs` where there are.
+    fn base_product(&self, x: Values, n: usize, transposed: bool, products: Products) -> candle_core::Result<Vec<f32>> {
+        if products.bf16_for(n) {
+            return Ok(self.base.bf16_product(x, n, transposed, None, self.packs.as_deref()));
+        }
+        match transposed {
+            true => self.base.matmul_t(x, n, products),
+            false => self.base.matmul(x, n, products),
+        }
+    }
+
     /// The input as the adapter sees it: `m * x`, or `x` itself (not copied) without dropout.
     fn dropped<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
         match self.dropout {
@@ -107,12 +124,13 @@ impl CustomOp3 for FrozenPlusLora {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, inp, out, r) = self.dims(l1.shape(), l2.shape(), l3.shape())?;
-        let x = cpu_f32(s1, l1, "lora x")?;
+        let xv = Values::of(s1, l1, "lora x")?;
         let (a, b) = (cpu_slice(s2, l2, "lora A")?, cpu_slice(s3, l3, "lora B")?);
         let mut y = {
             let _t = crate::profile::span(crate::profile::Phase::ProjectionsForward);
-            self.base.matmul_t(&*x, n, Products::for_storage(s1))?
+            self.base_product(xv, n, true, Products::for_storage(s1))?
         };
+        let x = xv.to_f32();
         let xm = self.dropped(&x);
         let mut u = vec![0f32; n * r];
         gemm_into(true, &mut u, false, 1.0, (n, r, inp), &xm, (inp, 1), a, (1, inp));
@@ -130,9 +148,9 @@ impl CustomOp3 for FrozenPlusLora {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = self.dims(x.shape(), a.shape(), b.shape())?;
         let products = Products::for_activations(grad.dtype());
-        let (gx, ga, gb) = with_f32s(&[grad, a, b, x], |t| {
-            self.backward(dims, products, t[0], t[1], t[2], t[3])
-        })??;
+        let (gx, ga, gb) = with_sources([grad, a, b, x], |[g, a, b, x]| {
+            self.backward(dims, products, g, &a.to_f32(), &b.to_f32(), &x.to_f32())
+        })?;
         Ok((
             Some(grad_like(gx, x)?),
             Some(grad_like(ga, a)?),
@@ -142,18 +160,19 @@ impl CustomOp3 for FrozenPlusLora {
 }
 
 impl FrozenPlusLora {
-    /// The input, A and B gradients from the output gradient `g`, `A`, `B` and the input `x`
-    /// (all read in place), for `(n, in, out, r)` from [`Self::dims`]; the base's product with
-    /// `products`' operands.
+    /// The input, A and B gradients from the output gradient `g` (f32 or bf16, read in place
+    /// by the base's product), `A`, `B` and the input `x`, for `(n, in, out, r)` from
+    /// [`Self::dims`]; the base's product with `products`' operands.
     fn backward(
         &self,
         (n, inp, out, r): (usize, usize, usize, usize),
         products: Products,
-        g: &[f32],
+        gv: Values,
         av: &[f32],
         bv: &[f32],
         x: &[f32],
     ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let g = &*gv.to_f32();
         let xm = self.dropped(x);
         let mut u = vec![0f32; n * r];
         gemm_into(true, &mut u, false, 1.0, (n, r, inp), &xm, (inp, 1), av, (1, inp));
@@ -165,7 +184,7 @@ impl FrozenPlusLora {
         gemm_into(true, &mut ga, false, 1.0, (r, inp, n), &gu, (1, r), &xm, (inp, 1));
         let mut gx = {
             let _t = crate::profile::span(crate::profile::Phase::ProjectionsInputGrad);
-            self.base.matmul(g, n, products)?
+            self.base_product(gv, n, false, products)?
         };
         match self.dropout {
             None => gemm_into(true, &mut gx, true, 1.0, (n, inp, r), &gu, (r, 1), av, (inp, 1)),
@@ -188,7 +207,6 @@ mod tests {
     use crate::qmatrix::QMatrix;
     use candle_core::{Device, Var};
     use rand::{Rng, SeedableRng};
-    use std::sync::Arc;
 
     use crate::testing::rel_err;
 
@@ -240,7 +258,7 @@ mod tests {
                     let x2 = Var::from_vec(xv.clone(), (n, inp), &dev).unwrap();
                     let a2 = Var::from_vec(av.clone(), (r, inp), &dev).unwrap();
                     let b2 = Var::from_vec(bv.clone(), (out, r), &dev).unwrap();
-                    let got = frozen_plus_lora_matmul(&x2, &base, &a2, &b2, scale, dropout).unwrap();
+                    let got = frozen_plus_lora_matmul(&x2, &base, &a2, &b2, scale, dropout, None).unwrap();
                     let gg = (&got * &probe).unwrap().sum_all().unwrap().backward().unwrap();
                     let what = format!("{n}x{inp}x{out} r={r} dropout {dropout:?}");
                     assert!(rel_err(&flat(&got), &flat(&want)) < 1e-5, "forward {what}");
@@ -253,6 +271,47 @@ mod tests {
         }
     }
 
+    /// bf16 activations: the base's product takes the input and gradient as they are, and a
+    /// training run's kept packs give the same forward and gradients as packing per product.
+    #[test]
+    fn bf16_with_kept_packs_matches_packing_per_product() {
+        use candle_core::DType;
+        let dev = Device::Cpu;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (n, inp, out, r) = (40, 96, 72, 4);
+        let base = Frozen::Dense(Tensor::from_vec(random(out * inp, &mut rng), (out, inp), &dev).unwrap());
+        let bf16 = |v: Vec<f32>, shape: (usize, usize)| {
+            Tensor::from_vec(v, shape, &dev).unwrap().to_dtype(DType::BF16).unwrap()
+        };
+        let (x16, p16) = (
+            bf16(random(n * inp, &mut rng), (n, inp)),
+            bf16(random(n * out, &mut rng), (n, out)),
+        );
+        let (av, bv) = (random(r * inp, &mut rng), random(out * r, &mut rng));
+        let packs = Arc::new(PackCache::default());
+        let run = |packs: Option<Arc<PackCache>>| {
+            let x = Var::from_tensor(&x16).unwrap();
+            let a = Var::from_vec(av.clone(), (r, inp), &dev).unwrap();
+            let b = Var::from_vec(bv.clone(), (out, r), &dev).unwrap();
+            let y = frozen_plus_lora_matmul(&x, &base, &a, &b, 2.0, Some((0.2, 7)), packs).unwrap();
+            let g = (&y * &p16).unwrap().sum_all().unwrap().backward().unwrap();
+            let f32s = |t: &Tensor| flat(&t.to_dtype(DType::F32).unwrap());
+            [
+                f32s(&y),
+                f32s(g.get(&x).unwrap()),
+                f32s(g.get(&a).unwrap()),
+                f32s(g.get(&b).unwrap()),
+            ]
+        };
+        fn flat(t: &Tensor) -> Vec<f32> {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        }
+        let want = run(None);
+        assert_eq!(run(Some(packs.clone())), want);
+        assert_eq!(run(Some(packs.clone())), want, "from the kept packs");
+        assert!(packs.iter().all(|p| p.get().is_some()), "both forms kept");
+    }
+
     #[test]
     fn mismatched_shapes_are_refused() {
         let dev = Device::Cpu;
@@ -260,6 +319,6 @@ mod tests {
         let x = Tensor::zeros((2, 4), candle_core::DType::F32, &dev).unwrap();
         let a = Tensor::zeros((2, 4), candle_core::DType::F32, &dev).unwrap();
         let bad_b = Tensor::zeros((5, 2), candle_core::DType::F32, &dev).unwrap();
-        assert!(frozen_plus_lora_matmul(&x, &base, &a, &bad_b, 1.0, None).is_err());
+        assert!(frozen_plus_lora_matmul(&x, &base, &a, &bad_b, 1.0, None, None).is_err());
     }
 }

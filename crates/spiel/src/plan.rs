@@ -193,12 +193,14 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
         (Dtype::Bf16, false) => 2.0 * v * h * 2.0,
         _ => 0.0,
     };
-    // With bf16 products on the tile unit a sparse run keeps each targeted projection's two
-    // packed forms with the delta patched in, plus a copy of the indices and the base values at
-    // them ([`crate::bf16mm::DeltaPacks`]).
+    // With bf16 products on the tile unit an adapter run keeps each targeted projection's two
+    // packed forms (2 bytes a value each): a sparse run with its delta patched in, plus a copy
+    // of the indices and the base values at them ([`crate::bf16mm::DeltaPacks`]); LoRA the
+    // base's alone.
     let tiles = crate::bf16mm::kernel() == crate::bf16mm::Kernel::Amx;
     let delta_packs = match (cfg.dtype, cfg.method) {
         (Dtype::Bf16, Method::SpielAg | Method::SpielMa) if tiles => targeted_params * 2.0 * 2.0 + trainable * 8.0,
+        (Dtype::Bf16, Method::Lora) if tiles => targeted_params * 2.0 * 2.0,
         _ => 0.0,
     };
     let head = tokens * 2.0 * h * f + 2.0 * chunk_rows * v * f + if full { v * h * f } else { 0.0 } + kept_packs;
@@ -337,6 +339,12 @@ mod tests {
         let packs = get(&plan(&m, &bf16, BaseFormat::F32), "packed weights");
         let tiles = crate::bf16mm::kernel() == crate::bf16mm::Kernel::Amx;
         assert_eq!(packs, if tiles { proj * 4.0 + 2_442_240.0 * 8.0 } else { 0.0 });
+        let lora16 = TrainConfig {
+            method: Method::Lora,
+            ..bf16.clone()
+        };
+        let lora_packs = get(&plan(&m, &lora16, BaseFormat::F32), "packed weights");
+        assert_eq!(lora_packs, if tiles { proj * 4.0 } else { 0.0 });
         assert_eq!(get(&f32p, "packed weights"), 0.0);
         assert_eq!(f32p.total, f32p.items.iter().map(|i| i.bytes).sum::<u64>());
         assert!(f32p.render().contains("total"));

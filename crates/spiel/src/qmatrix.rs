@@ -636,7 +636,7 @@ impl Frozen {
     ) -> candle_core::Result<Vec<f32>> {
         let x = x.into();
         if products.bf16_for(n) {
-            return Ok(self.bf16_product(x, n, true, None));
+            return Ok(self.bf16_product(x, n, true, None, None));
         }
         let x = x.to_f32();
         match self {
@@ -659,7 +659,7 @@ impl Frozen {
     ) -> candle_core::Result<Vec<f32>> {
         let g = g.into();
         if products.bf16_for(n) {
-            return Ok(self.bf16_product(g, n, false, None));
+            return Ok(self.bf16_product(g, n, false, None, None));
         }
         let g = g.to_f32();
         match self {
@@ -675,9 +675,17 @@ impl Frozen {
 
     /// `x (W + delta)^T` for `x: [n, cols]` when `transposed`, else `x (W + delta)` for
     /// `x: [n, rows]`, over bf16 operands ([`bf16mm`]); any storage, read a block of rows at a
-    /// time.
-    pub(crate) fn bf16_product(&self, x: Values, n: usize, transposed: bool, delta: Option<SparseAdd>) -> Vec<f32> {
-        let (x, right, width) = self.bf16_operands(x, n, transposed, delta);
+    /// time. Without a delta the packed weight is kept in `kept` (else in the matrix's own
+    /// cache, if it has one).
+    pub(crate) fn bf16_product(
+        &self,
+        x: Values,
+        n: usize,
+        transposed: bool,
+        delta: Option<SparseAdd>,
+        kept: Option<&PackCache>,
+    ) -> Vec<f32> {
+        let (x, right, width) = self.bf16_operands(x, n, transposed, delta, kept);
         let mut y = vec![0f32; n * width];
         bf16mm::gemm(&mut y, false, 1.0, x, right);
         y
@@ -691,7 +699,7 @@ impl Frozen {
         transposed: bool,
         delta: Option<SparseAdd>,
     ) -> Vec<half::bf16> {
-        let (x, right, width) = self.bf16_operands(x, n, transposed, delta);
+        let (x, right, width) = self.bf16_operands(x, n, transposed, delta, None);
         let mut y = vec![half::bf16::ZERO; n * width];
         bf16mm::gemm_to_bf16(&mut y, x, right);
         y
@@ -704,11 +712,14 @@ impl Frozen {
         n: usize,
         transposed: bool,
         delta: Option<SparseAdd<'a>>,
+        kept: Option<&'a PackCache>,
     ) -> (View<'a>, Right<'a>, usize) {
         let (rows, cols) = self.shape();
         let (k, width) = if transposed { (cols, rows) } else { (rows, cols) };
-        let cache = match self {
-            Frozen::Quantized(q) if delta.is_none() => q.packs.as_deref(),
+        let cache = match (self, delta) {
+            (_, Some(_)) => None,
+            _ if kept.is_some() => kept,
+            (Frozen::Quantized(q), None) => q.packs.as_deref(),
             _ => None,
         };
         let right = Right::Weight {

@@ -371,6 +371,7 @@ fn sddmm_bf16(
 /// Rows `2 i` and `2 i + 1` of `m: [rows, cols]` (bf16) interleaved into row `i` of `dst`
 /// (`cols` 32-bit words, as f32 bit patterns: row `2 i` in the low half); rows past `rows` read
 /// as zeros, up to the length of `dst`.
+#[cfg(target_arch = "x86_64")]
 fn pair_rows(m: &[half::bf16], rows: usize, cols: usize, dst: &mut [f32]) {
     dst.par_chunks_mut(cols).enumerate().for_each(|(i, d)| {
         let row = |r: usize| (r < rows).then(|| &m[r * cols..(r + 1) * cols]);
@@ -389,6 +390,7 @@ fn pair_rows(m: &[half::bf16], rows: usize, cols: usize, dst: &mut [f32]) {
 }
 
 /// 32-bit words seen as the pairs of 16-bit values they hold (low half first).
+#[cfg(target_arch = "x86_64")]
 fn as_bits(words: &[f32]) -> &[u16] {
     // SAFETY: u16 has a smaller alignment than f32 and any bits are a valid u16; the slice
     // covers the same bytes.

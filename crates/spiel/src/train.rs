@@ -16,7 +16,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::{Adapter, AdapterConfig, AdapterSet, BaseModel, Delta, LoraDelta, Method, SparseDelta};
-use crate::bf16mm::DeltaPacks;
+use crate::bf16mm::{DeltaPacks, PackCache};
 use crate::checkpoint::{self, Array, Arrays};
 use crate::data::{self, Example};
 use crate::model::{Grad, Llama, Weights};
@@ -451,6 +451,8 @@ struct LoraSlot {
     name: String,
     a: DenseSlot,
     b: DenseSlot,
+    /// The base's packed bf16 operands, kept from update to update.
+    packs: Arc<PackCache>,
 }
 
 enum Trainable {
@@ -645,6 +647,7 @@ impl Trainer {
                             dropout_seed: self.cfg.seed
                                 ^ ((self.step as u64) << 20)
                                 ^ (i as u64).wrapping_mul(0x9e37_79b9),
+                            packs: training.then(|| s.packs.clone()),
                         }),
                     );
                 }
@@ -1175,6 +1178,7 @@ fn init_trainable(cfg: &TrainConfig, base: &Llama) -> Result<Trainable> {
                     a: dense_slot(format!("{name}.lora_A"), &a)?,
                     b: dense_slot(format!("{name}.lora_B"), &b)?,
                     name,
+                    packs: Arc::default(),
                 });
             }
             Trainable::Lora(slots)

@@ -199,6 +199,7 @@ fn kv_cache_growing_batched_with_adapters_matches_full_forward() {
             scale: 2.0,
             dropout: 0.0,
             dropout_seed: 0,
+            packs: None,
         }),
     );
     let n = 150;
