@@ -1234,11 +1234,7 @@ mod tests {
     #[test]
     fn products_match_f64_reference_of_rounded_operands() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let kernels = if kernel() == Kernel::Amx {
-            vec![Kernel::Amx, Kernel::Rounded]
-        } else {
-            vec![Kernel::Rounded]
-        };
+        let kernels = kernels();
         for &(m, k, n) in &[
             (1, 1, 1),
             (5, 3, 7),
@@ -1338,6 +1334,14 @@ mod tests {
     /// A dense row-major weight for the tests.
     struct Dense(Vec<f32>, usize, usize);
 
+    /// The kernels this CPU can run: both where it has AMX, else the rounded f32 one.
+    fn kernels() -> Vec<Kernel> {
+        match kernel() {
+            Kernel::Amx => vec![Kernel::Amx, Kernel::Rounded],
+            Kernel::Rounded => vec![Kernel::Rounded],
+        }
+    }
+
     impl WeightRows for Dense {
         fn shape(&self) -> (usize, usize) {
             (self.1, self.2)
@@ -1352,11 +1356,7 @@ mod tests {
     #[test]
     fn weight_products_add_the_delta_before_rounding() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        let kernels = if kernel() == Kernel::Amx {
-            vec![Kernel::Amx, Kernel::Rounded]
-        } else {
-            vec![Kernel::Rounded]
-        };
+        let kernels = kernels();
         for &(m, rows, cols) in &[(3, 5, 7), (40, 33, 70), (64, 96, 64), (20, 130, 31)] {
             let w = Dense((0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect(), rows, cols);
             let mut indices: Vec<u32> = (0..(rows * cols) as u32).filter(|_| rng.gen_bool(0.2)).collect();
@@ -1472,11 +1472,7 @@ mod tests {
     #[test]
     fn delta_packs_match_packing_per_product() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(12);
-        let kernels = if kernel() == Kernel::Amx {
-            vec![Kernel::Amx, Kernel::Rounded]
-        } else {
-            vec![Kernel::Rounded]
-        };
+        let kernels = kernels();
         for &(m, rows, cols) in &[(20, 33, 70), (40, 96, 64), (17, 130, 31), (1, 16, 32)] {
             let w = Dense((0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect(), rows, cols);
             let mut pick = |p: f64| -> Vec<u32> { (0..(rows * cols) as u32).filter(|_| rng.gen_bool(p)).collect() };

@@ -208,7 +208,8 @@ mod tests {
     use candle_core::{Device, Var};
     use rand::{Rng, SeedableRng};
 
-    use crate::testing::rel_err;
+    use crate::ops::vec_of;
+    use crate::testing::{rel_err, uniform_tensor};
 
     fn random(n: usize, rng: &mut impl Rng) -> Vec<f32> {
         crate::testing::uniform(n, 1.0, rng)
@@ -280,13 +281,8 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let (n, inp, out, r) = (40, 96, 72, 4);
         let base = Frozen::Dense(Tensor::from_vec(random(out * inp, &mut rng), (out, inp), &dev).unwrap());
-        let bf16 = |v: Vec<f32>, shape: (usize, usize)| {
-            Tensor::from_vec(v, shape, &dev).unwrap().to_dtype(DType::BF16).unwrap()
-        };
-        let (x16, p16) = (
-            bf16(random(n * inp, &mut rng), (n, inp)),
-            bf16(random(n * out, &mut rng), (n, out)),
-        );
+        let mut bf16 = |shape: &[usize]| uniform_tensor(shape, 1.0, &mut rng).to_dtype(DType::BF16).unwrap();
+        let (x16, p16) = (bf16(&[n, inp]), bf16(&[n, out]));
         let (av, bv) = (random(r * inp, &mut rng), random(out * r, &mut rng));
         let packs = Arc::new(PackCache::default());
         let run = |packs: Option<Arc<PackCache>>| {
@@ -295,17 +291,8 @@ mod tests {
             let b = Var::from_vec(bv.clone(), (out, r), &dev).unwrap();
             let y = frozen_plus_lora_matmul(&x, &base, &a, &b, 2.0, Some((0.2, 7)), packs).unwrap();
             let g = (&y * &p16).unwrap().sum_all().unwrap().backward().unwrap();
-            let f32s = |t: &Tensor| flat(&t.to_dtype(DType::F32).unwrap());
-            [
-                f32s(&y),
-                f32s(g.get(&x).unwrap()),
-                f32s(g.get(&a).unwrap()),
-                f32s(g.get(&b).unwrap()),
-            ]
+            [&y, g.get(&x).unwrap(), g.get(&a).unwrap(), g.get(&b).unwrap()].map(|t| vec_of(t).unwrap())
         };
-        fn flat(t: &Tensor) -> Vec<f32> {
-            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        }
         let want = run(None);
         assert_eq!(run(Some(packs.clone())), want);
         assert_eq!(run(Some(packs.clone())), want, "from the kept packs");

@@ -756,7 +756,8 @@ mod tests {
     use candle_core::{Device, Var};
     use rand::{seq::index::sample, Rng, SeedableRng};
 
-    use crate::testing::rel_err;
+    use crate::ops::vec_of;
+    use crate::testing::{rel_err, uniform_tensor};
 
     fn random(n: usize, rng: &mut impl Rng) -> Vec<f32> {
         crate::testing::uniform(n, 1.0, rng)
@@ -850,18 +851,20 @@ mod tests {
             let gy = random(n * out, &mut rng);
             let x = random(n * inp, &mut rng);
             let idx = indices(out, inp, k, &mut rng);
+            // The f64 sum over tokens at each entry.
+            let reference = |gy: &[f32], x: &[f32]| -> Vec<f32> {
+                idx.iter()
+                    .map(|&i| {
+                        let (r, c) = (i as usize / inp, i as usize % inp);
+                        (0..n)
+                            .map(|t| gy[t * out + r] as f64 * x[t * inp + c] as f64)
+                            .sum::<f64>() as f32
+                    })
+                    .collect()
+            };
             let mut got = vec![0f32; idx.len()];
             sddmm(&mut got, &gy, &x, &idx, n, inp, out);
-            let want: Vec<f32> = idx
-                .iter()
-                .map(|&i| {
-                    let (r, c) = (i as usize / inp, i as usize % inp);
-                    (0..n)
-                        .map(|t| gy[t * out + r] as f64 * x[t * inp + c] as f64)
-                        .sum::<f64>() as f32
-                })
-                .collect();
-            assert!(rel_err(&got, &want) < 1e-6, "shape {n}x{inp}x{out}");
+            assert!(rel_err(&got, &reference(&gy, &x)) < 1e-6, "shape {n}x{inp}x{out}");
             // bf16 inputs (bf16 activations): exact products (`vdpbf16ps` where the CPU has it),
             // f32 sums.
             let (gy16, x16): (Vec<half::bf16>, Vec<half::bf16>) = (
@@ -869,18 +872,9 @@ mod tests {
                 x.iter().map(|&v| half::bf16::from_f32(v)).collect(),
             );
             let widen = |v: &[half::bf16]| v.iter().map(|h| h.to_f32()).collect::<Vec<f32>>();
-            let (gyw, xw) = (widen(&gy16), widen(&x16));
-            let want16: Vec<f32> = idx
-                .iter()
-                .map(|&i| {
-                    let (r, c) = (i as usize / inp, i as usize % inp);
-                    (0..n)
-                        .map(|t| gyw[t * out + r] as f64 * xw[t * inp + c] as f64)
-                        .sum::<f64>() as f32
-                })
-                .collect();
             let mut got16 = vec![0f32; idx.len()];
             sddmm(&mut got16, gy16.as_slice(), x16.as_slice(), &idx, n, inp, out);
+            let want16 = reference(&widen(&gy16), &widen(&x16));
             assert!(rel_err(&got16, &want16) < 1e-6, "bf16 shape {n}x{inp}x{out}");
         }
     }
@@ -1039,13 +1033,8 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(13);
         let (n, inp, out) = (37, 96, 72);
         let base = Frozen::Dense(Tensor::from_vec(random(out * inp, &mut rng), (out, inp), &dev).unwrap());
-        let bf16 = |v: Vec<f32>, shape: (usize, usize)| {
-            Tensor::from_vec(v, shape, &dev).unwrap().to_dtype(DType::BF16).unwrap()
-        };
-        let (x16, p16) = (
-            bf16(random(n * inp, &mut rng), (n, inp)),
-            bf16(random(n * out, &mut rng), (n, out)),
-        );
+        let mut bf16 = |shape: &[usize]| uniform_tensor(shape, 1.0, &mut rng).to_dtype(DType::BF16).unwrap();
+        let (x16, p16) = (bf16(&[n, inp]), bf16(&[n, out]));
         let packs = Arc::new(DeltaPacks::default());
         let (a, b) = (indices(out, inp, 700, &mut rng), indices(out, inp, 500, &mut rng));
         for idx in [&a, &a, &b, &a] {
@@ -1056,15 +1045,7 @@ mod tests {
                 let v = Var::from_vec(vals.clone(), idx.len(), &dev).unwrap();
                 let y = frozen_plus_delta_matmul(&x, &base, &v, idx.clone(), None, packs).unwrap();
                 let g = (&y * &p16).unwrap().sum_all().unwrap().backward().unwrap();
-                let f32s = |t: &Tensor| {
-                    t.to_dtype(DType::F32)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                };
-                [f32s(&y), f32s(g.get(&x).unwrap()), f32s(g.get(&v).unwrap())]
+                [&y, g.get(&x).unwrap(), g.get(&v).unwrap()].map(|t| vec_of(t).unwrap())
             };
             assert_eq!(run(Some(packs.clone())), run(None));
         }
