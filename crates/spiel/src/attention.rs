@@ -289,29 +289,20 @@ impl Attention {
         }
         p
     }
-}
 
-impl CustomOp3 for Attention {
-    fn name(&self) -> &'static str {
-        "masked-attention"
-    }
-
-    fn cpu_fwd(
+    /// The output `[groups, rows, d]` of every group, for `q: [groups, rows, d]` and keys and
+    /// values of `s` rows each, group `i`'s starting at `i` times the given stride.
+    fn forward_groups(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let _t = span(Phase::Attention);
-        let (groups, g) = self.dims(l1.shape(), l2.shape(), l3.shape())?;
+        g: Group,
+        groups: usize,
+        products: Products,
+        q: &[f32],
+        (k, ks): (&[f32], usize),
+        (v, vs): (&[f32], usize),
+    ) -> Vec<f32> {
         let kv = groups / self.b;
-        let q = cpu_f32(s1, l1, "attention q")?;
-        let ((k, ks), (v, vs)) = (key_groups(s2, l2, "attention k")?, key_groups(s3, l3, "attention v")?);
         let (qn, kn, d) = (g.rows * g.d, g.s * g.d, g.d);
-        let products = Products::for_storage(s1);
         let mut out = vec![0f32; groups * qn];
         out.par_chunks_mut(qn).enumerate().for_each(|(gi, o)| {
             let (qg, kg, vg) = (
@@ -335,6 +326,87 @@ impl CustomOp3 for Attention {
                 );
             }
         });
+        out
+    }
+
+    /// The gradients `(dq, dk, dv)` of every group for its `[q, k, v, o, do]`, all laid out as
+    /// in [`Attention::forward_groups`] with contiguous groups.
+    fn backward_groups(
+        &self,
+        g: Group,
+        groups: usize,
+        products: Products,
+        [qs, ks, vs, os, gs]: [&[f32]; 5],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let kv = groups / self.b;
+        let (qn, kn, d) = (g.rows * g.d, g.s * g.d, g.d);
+        let (mut dq, mut dk, mut dv) = (vec![0f32; qs.len()], vec![0f32; ks.len()], vec![0f32; vs.len()]);
+        dq.par_chunks_mut(qn)
+            .zip(dk.par_chunks_mut(kn).zip(dv.par_chunks_mut(kn)))
+            .enumerate()
+            .for_each(|(gi, (dqg, (dkg, dvg)))| {
+                let (qg, kg, vg) = (
+                    &qs[gi * qn..(gi + 1) * qn],
+                    &ks[gi * kn..(gi + 1) * kn],
+                    &vs[gi * kn..(gi + 1) * kn],
+                );
+                let (og, dog) = (&os[gi * qn..(gi + 1) * qn], &gs[gi * qn..(gi + 1) * qn]);
+                let (kt, km) = (Operand::transposed(kg, d, g.s), Operand::rows(kg, g.s, d));
+                let vt = Operand::transposed(vg, d, g.s);
+                for (r0, n, e) in self.blocks(gi, kv, g) {
+                    let rows = r0 * d..(r0 + n) * d;
+                    let (qb, ob, dob) = (&qg[rows.clone()], &og[rows.clone()], &dog[rows.clone()]);
+                    let bf16 = products.bf16_for(n);
+                    let p = self.probs(bf16, gi, kv, g, (r0, n, e), qb, &kt);
+                    // dV += P^T dO (f32, as dK below: see the module notes).
+                    gemm_into(false, &mut dvg[..e * d], true, 1.0, (e, d, n), &p, (1, e), dob, (d, 1));
+                    // dP = dO V^T, then dS = P (dP - rowsum(dO O)) in place.
+                    let mut ds = vec![0f32; n * e];
+                    product(bf16, &mut ds, false, 1.0, (n, e, d), dob, (d, 1), &vt);
+                    for i in 0..n {
+                        let dot: f32 = (0..d).map(|c| dob[i * d + c] * ob[i * d + c]).sum();
+                        for (x, pv) in ds[i * e..(i + 1) * e].iter_mut().zip(&p[i * e..(i + 1) * e]) {
+                            *x = pv * (*x - dot);
+                        }
+                    }
+                    // dQ = scale dS K; dK += scale dS^T Q.
+                    product(bf16, &mut dqg[rows], false, self.scale, (n, d, e), &ds, (e, 1), &km);
+                    gemm_into(
+                        false,
+                        &mut dkg[..e * d],
+                        true,
+                        self.scale,
+                        (e, d, n),
+                        &ds,
+                        (1, e),
+                        qb,
+                        (d, 1),
+                    );
+                }
+            });
+        (dq, dk, dv)
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "masked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = span(Phase::Attention);
+        let (groups, g) = self.dims(l1.shape(), l2.shape(), l3.shape())?;
+        let q = cpu_f32(s1, l1, "attention q")?;
+        let ((k, ks), (v, vs)) = (key_groups(s2, l2, "attention k")?, key_groups(s3, l3, "attention v")?);
+        let out = self.forward_groups(g, groups, Products::for_storage(s1), &q, (&k, ks), (&v, vs));
         Ok((storage_like(out, s1), l1.shape().clone()))
     }
 
@@ -348,57 +420,220 @@ impl CustomOp3 for Attention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _t = span(Phase::Attention);
         let (groups, g) = self.dims(q.shape(), k.shape(), v.shape())?;
-        let kv = groups / self.b;
         let products = Products::for_activations(q.dtype());
-        let backward = |qs: &[f32], ks: &[f32], vs: &[f32], os: &[f32], gs: &[f32]| {
-            let (qn, kn, d) = (g.rows * g.d, g.s * g.d, g.d);
-            let (mut dq, mut dk, mut dv) = (vec![0f32; qs.len()], vec![0f32; ks.len()], vec![0f32; vs.len()]);
-            dq.par_chunks_mut(qn)
-                .zip(dk.par_chunks_mut(kn).zip(dv.par_chunks_mut(kn)))
-                .enumerate()
-                .for_each(|(gi, (dqg, (dkg, dvg)))| {
-                    let (qg, kg, vg) = (
-                        &qs[gi * qn..(gi + 1) * qn],
-                        &ks[gi * kn..(gi + 1) * kn],
-                        &vs[gi * kn..(gi + 1) * kn],
-                    );
-                    let (og, dog) = (&os[gi * qn..(gi + 1) * qn], &gs[gi * qn..(gi + 1) * qn]);
-                    let (kt, km) = (Operand::transposed(kg, d, g.s), Operand::rows(kg, g.s, d));
-                    let vt = Operand::transposed(vg, d, g.s);
-                    for (r0, n, e) in self.blocks(gi, kv, g) {
-                        let rows = r0 * d..(r0 + n) * d;
-                        let (qb, ob, dob) = (&qg[rows.clone()], &og[rows.clone()], &dog[rows.clone()]);
-                        let bf16 = products.bf16_for(n);
-                        let p = self.probs(bf16, gi, kv, g, (r0, n, e), qb, &kt);
-                        // dV += P^T dO (f32, as dK below: see the module notes).
-                        gemm_into(false, &mut dvg[..e * d], true, 1.0, (e, d, n), &p, (1, e), dob, (d, 1));
-                        // dP = dO V^T, then dS = P (dP - rowsum(dO O)) in place.
-                        let mut ds = vec![0f32; n * e];
-                        product(bf16, &mut ds, false, 1.0, (n, e, d), dob, (d, 1), &vt);
-                        for i in 0..n {
-                            let dot: f32 = (0..d).map(|c| dob[i * d + c] * ob[i * d + c]).sum();
-                            for (x, pv) in ds[i * e..(i + 1) * e].iter_mut().zip(&p[i * e..(i + 1) * e]) {
-                                *x = pv * (*x - dot);
-                            }
-                        }
-                        // dQ = scale dS K; dK += scale dS^T Q.
-                        product(bf16, &mut dqg[rows], false, self.scale, (n, d, e), &ds, (e, 1), &km);
-                        gemm_into(
-                            false,
-                            &mut dkg[..e * d],
-                            true,
-                            self.scale,
-                            (e, d, n),
-                            &ds,
-                            (1, e),
-                            qb,
-                            (d, 1),
-                        );
-                    }
-                });
-            (dq, dk, dv)
-        };
-        let (dq, dk, dv) = with_f32s(&[q, k, v, res, grad], |t| backward(t[0], t[1], t[2], t[3], t[4]))?;
+        let (dq, dk, dv) = with_f32s(&[q, k, v, res, grad], |t| {
+            self.backward_groups(g, groups, products, [t[0], t[1], t[2], t[3], t[4]])
+        })?;
+        Ok((
+            Some(grad_like(dq, q)?),
+            Some(grad_like(dk, k)?),
+            Some(grad_like(dv, v)?),
+        ))
+    }
+}
+
+/// Attention straight from the projections, for a forward without a decoding cache: `q: [B, T,
+/// NH*D]` and `k`, `v: [B, T, KV*D]` as the projections leave them, RoPE (`cos`, `sin: [T, D/2]`,
+/// positions from 0) applied to `q` and `k` inside the op, and the output `[B, T, NH*D]` as
+/// `o_proj` takes it.
+///
+/// Around [`attention`] as candle ops, the head-major copies of q, k and v, the rotated q and k
+/// and the re-laid-out output would all stay alive for the backward: 2,304 floats per token and
+/// layer on the default model (283 MB in f32 for a batch of 4 x 256), beside the 1,536 that
+/// this op keeps (its inputs and output). Here they are transient: the backward recomputes them
+/// from the projections' outputs, at the cost of one pass over each.
+pub fn attention_from_projections(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    (heads, kv_heads): (usize, usize),
+    mask: Option<&Mask>,
+    scale: f64,
+) -> crate::Result<Tensor> {
+    let op = ProjectedAttention {
+        inner: Attention {
+            mask: mask.cloned(),
+            b: q.dims3()?.0,
+            scale: scale as f32,
+        },
+        cos: crate::ops::vec_of(cos)?,
+        sin: crate::ops::vec_of(sin)?,
+        heads,
+        kv_heads,
+    };
+    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+/// The op of [`attention_from_projections`]: [`Attention`]'s groups, gathered from and
+/// scattered back to the projections' layout.
+struct ProjectedAttention {
+    inner: Attention,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    heads: usize,
+    kv_heads: usize,
+}
+
+/// Batch, positions and head size of a [`ProjectedAttention`] call.
+#[derive(Clone, Copy)]
+struct Extent {
+    b: usize,
+    t: usize,
+    d: usize,
+}
+
+impl ProjectedAttention {
+    fn extent(&self, q: &Shape, k: &Shape, v: &Shape) -> candle_core::Result<Extent> {
+        let (b, t, qw) = q.dims3()?;
+        let (nh, kvh) = (self.heads, self.kv_heads);
+        let d = qw / nh.max(1);
+        let fits = nh > 0
+            && kvh > 0
+            && nh % kvh == 0
+            && qw == nh * d
+            && d % 2 == 0
+            && k == v
+            && k.dims3()? == (b, t, kvh * d)
+            && b == self.inner.b
+            && self.cos.len() == t * d / 2
+            && self.sin.len() == self.cos.len()
+            && self.inner.mask.as_ref().is_none_or(|m| (m.b, m.t, m.s) == (b, t, t));
+        if !fits {
+            candle_core::bail!(
+                "attention: q {:?}, k {:?}, v {:?} for {nh} heads over {kvh} KV heads, RoPE tables of {}, a mask of {:?}",
+                q.dims(),
+                k.dims(),
+                v.dims(),
+                self.cos.len(),
+                self.inner.mask.as_ref().map(|m| [m.b, m.t, m.s])
+            );
+        }
+        Ok(Extent { b, t, d })
+    }
+
+    /// The groups of [`Attention`] for this call: one per batch row and KV head.
+    fn group(&self, e: Extent) -> (usize, Group) {
+        let rows = self.heads / self.kv_heads * e.t;
+        (e.b * self.kv_heads, Group { rows, s: e.t, d: e.d })
+    }
+
+    /// `x: [B, T, H*D]` as `[B, H, T, D]`, each row rotated by its position's RoPE where `rotate`.
+    fn rows_to_heads(&self, x: &[f32], e: Extent, h: usize, rotate: bool) -> Vec<f32> {
+        let (t, d) = (e.t, e.d);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(t * d).enumerate().for_each(|(bh, o)| {
+            let (bi, hi) = (bh / h, bh % h);
+            for (p, dst) in o.chunks_mut(d).enumerate() {
+                let src = &x[(bi * t + p) * h * d + hi * d..][..d];
+                match rotate {
+                    true => self.rotate(src, dst, p, 1.0),
+                    false => dst.copy_from_slice(src),
+                }
+            }
+        });
+        out
+    }
+
+    /// The inverse of [`ProjectedAttention::rows_to_heads`]: `[B, H, T, D]` back to `[B, T, H*D]`,
+    /// rotated backwards where `rotate` (the transpose of the rotation, for gradients).
+    fn heads_to_rows(&self, x: &[f32], e: Extent, h: usize, rotate: bool) -> Vec<f32> {
+        let (t, d) = (e.t, e.d);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(h * d).enumerate().for_each(|(bt, o)| {
+            let (bi, p) = (bt / t, bt % t);
+            for (hi, dst) in o.chunks_mut(d).enumerate() {
+                let src = &x[((bi * h + hi) * t + p) * d..][..d];
+                match rotate {
+                    true => self.rotate(src, dst, p, -1.0),
+                    false => dst.copy_from_slice(src),
+                }
+            }
+        });
+        out
+    }
+
+    /// Rotate-half RoPE of one head's row at position `p` (`sign` -1: the inverse rotation).
+    fn rotate(&self, x: &[f32], y: &mut [f32], p: usize, sign: f32) {
+        let half = x.len() / 2;
+        let (c, s) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
+        let (xa, xb) = x.split_at(half);
+        let (ya, yb) = y.split_at_mut(half);
+        for j in 0..half {
+            let sn = sign * s[j];
+            ya[j] = xa[j] * c[j] - xb[j] * sn;
+            yb[j] = xb[j] * c[j] + xa[j] * sn;
+        }
+    }
+}
+
+impl CustomOp3 for ProjectedAttention {
+    fn name(&self) -> &'static str {
+        "masked-attention-from-projections"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = span(Phase::Attention);
+        let e = self.extent(l1.shape(), l2.shape(), l3.shape())?;
+        let (nh, kvh) = (self.heads, self.kv_heads);
+        let (q, k, v) = (
+            cpu_f32(s1, l1, "attention q")?,
+            cpu_f32(s2, l2, "attention k")?,
+            cpu_f32(s3, l3, "attention v")?,
+        );
+        let (qh, kh, vh) = (
+            self.rows_to_heads(&q, e, nh, true),
+            self.rows_to_heads(&k, e, kvh, true),
+            self.rows_to_heads(&v, e, kvh, false),
+        );
+        let (groups, g) = self.group(e);
+        let kn = e.t * e.d;
+        let out = self
+            .inner
+            .forward_groups(g, groups, Products::for_storage(s1), &qh, (&kh, kn), (&vh, kn));
+        Ok((
+            storage_like(self.heads_to_rows(&out, e, nh, false), s1),
+            l1.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _t = span(Phase::Attention);
+        let e = self.extent(q.shape(), k.shape(), v.shape())?;
+        let (nh, kvh) = (self.heads, self.kv_heads);
+        let (groups, g) = self.group(e);
+        let products = Products::for_activations(q.dtype());
+        let (dq, dk, dv) = with_f32s(&[q, k, v, res, grad], |t| {
+            let heads = [
+                self.rows_to_heads(t[0], e, nh, true),
+                self.rows_to_heads(t[1], e, kvh, true),
+                self.rows_to_heads(t[2], e, kvh, false),
+                self.rows_to_heads(t[3], e, nh, false),
+                self.rows_to_heads(t[4], e, nh, false),
+            ];
+            let [qh, kh, vh, oh, gh] = heads.each_ref().map(|x| x.as_slice());
+            let (dq, dk, dv) = self.inner.backward_groups(g, groups, products, [qh, kh, vh, oh, gh]);
+            (
+                self.heads_to_rows(&dq, e, nh, true),
+                self.heads_to_rows(&dk, e, kvh, true),
+                self.heads_to_rows(&dv, e, kvh, false),
+            )
+        })?;
         Ok((
             Some(grad_like(dq, q)?),
             Some(grad_like(dk, k)?),
@@ -417,6 +652,87 @@ mod tests {
 
     fn randn(shape: &[usize], rng: &mut impl Rng) -> Tensor {
         crate::testing::uniform_tensor(shape, 1.5, rng)
+    }
+
+    /// The op over the projections' layout computes what the model's former composition did:
+    /// head-major copies, candle-free RoPE on q and k, [`attention`], and the output laid back
+    /// out; forward and all three gradients, f32 and bf16, with GQA and padding.
+    #[test]
+    fn attention_from_projections_matches_the_composition() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+        for (b, kvh, rep, t, d) in [
+            (1, 1, 1, 1, 2),
+            (2, 3, 3, 5, 8),
+            (2, 1, 2, BLOCK + 7, 16),
+            (1, 3, 3, 70, 64),
+        ] {
+            let nh = kvh * rep;
+            let mask_values: Vec<f32> = (0..b * t * t)
+                .map(|i| {
+                    let (bi, p, j) = (i / (t * t), (i / t) % t, i % t);
+                    // Causal, and the last key of the second row is padding.
+                    if j > p || (bi == 1 && j == t - 1 && t > 1) {
+                        -1e30
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mask = Mask::new(mask_values, b, t, t).unwrap();
+            let angles: Vec<f32> = (0..t * d / 2).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+            let cos = Tensor::from_vec(angles.iter().map(|a| a.cos()).collect(), (t, d / 2), &Device::Cpu).unwrap();
+            let sin = Tensor::from_vec(angles.iter().map(|a| a.sin()).collect(), (t, d / 2), &Device::Cpu).unwrap();
+            let (q, k, v) = (
+                randn(&[b, t, nh * d], &mut rng),
+                randn(&[b, t, kvh * d], &mut rng),
+                randn(&[b, t, kvh * d], &mut rng),
+            );
+            let probe = randn(&[b, t, nh * d], &mut rng);
+            let scale = 1.0 / (d as f64).sqrt();
+            for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+                let vars: Vec<Var> = [&q, &k, &v]
+                    .iter()
+                    .map(|x| Var::from_tensor(&x.to_dtype(dt).unwrap()).unwrap())
+                    .collect();
+                let (qv, kv_, vv) = (vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor());
+                let composed = {
+                    let q = qv.reshape((b, t, nh, d)).unwrap().transpose(1, 2).unwrap();
+                    let k = kv_.reshape((b, t, kvh, d)).unwrap().transpose(1, 2).unwrap();
+                    let v = vv
+                        .reshape((b, t, kvh, d))
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .contiguous()
+                        .unwrap();
+                    let q = crate::ops::rope(&q, &cos, &sin).unwrap();
+                    let k = crate::ops::rope(&k, &cos, &sin).unwrap();
+                    let q = q.reshape((b, kvh, rep * t, d)).unwrap();
+                    let o = attention(&q, &k, &v, Some(&mask), scale).unwrap();
+                    o.reshape((b, nh, t, d))
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .reshape((b, t, nh * d))
+                        .unwrap()
+                };
+                let fused =
+                    attention_from_projections(qv, kv_, vv, (&cos, &sin), (nh, kvh), Some(&mask), scale).unwrap();
+                assert_eq!(fused.dtype(), dt);
+                let what = format!("{dt:?} b{b} kv{kvh} rep{rep} t{t} d{d}");
+                let f32_of = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+                let err = rel(&f32_of(&fused), &f32_of(&composed));
+                assert!(err < tol, "forward {what}: {err}");
+                let probe = probe.to_dtype(dt).unwrap();
+                let gw = (&composed * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let gf = (&fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                for (var, name) in vars.iter().zip(["q", "k", "v"]) {
+                    let (x, y) = (gf.get(var.as_tensor()).unwrap(), gw.get(var.as_tensor()).unwrap());
+                    let err = rel(&f32_of(x), &f32_of(y));
+                    assert!(err < tol, "grad {name} {what}: {err}");
+                }
+            }
+        }
     }
 
     #[test]

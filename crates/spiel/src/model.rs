@@ -437,19 +437,24 @@ impl Block {
             .linears(&[&a.q_proj, &a.k_proj, &a.v_proj], x)?
             .try_into()
             .expect("three projections");
+        let scale = 1.0 / (d as f64).sqrt();
+        let Some(slot) = cache else {
+            // Training and whole-sequence forwards: one op from the projections' layout to
+            // o_proj's, which keeps only q, k, v and its output for the backward.
+            let heads = (nh, kvh);
+            let ctx =
+                crate::attention::attention_from_projections(&q, &k, &v, (inp.cos, inp.sin), heads, inp.mask, scale)?;
+            return inp.linear(&a.o_proj, &ctx);
+        };
         let q = q.reshape((b, t, nh, d))?.transpose(1, 2)?;
         let k = k.reshape((b, t, kvh, d))?.transpose(1, 2)?;
         let v = v.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
         let q = rope(&q, inp.cos, inp.sin, inp.grad)?;
         let k = rope(&k, inp.cos, inp.sin, inp.grad)?;
-        let (k, v) = match cache {
-            Some(slot) => LayerCache::append(slot, &k, &v)?,
-            None => (k, v),
-        };
-        // GQA without copying K/V: fold each KV head's group of query heads into its rows. One
-        // op keeps only q, k, v and its output when training (crate::attention).
+        let (k, v) = LayerCache::append(slot, &k, &v)?;
+        // GQA without copying K/V: fold each KV head's group of query heads into its rows; the
+        // keys and values are read in place from the cache (crate::attention).
         let rep = nh / kvh;
-        let scale = 1.0 / (d as f64).sqrt();
         let ctx = crate::attention::attention(&q.reshape((b, kvh, rep * t, d))?, &k, &v, inp.mask, scale)?;
         let ctx = ctx.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))?;
         inp.linear(&a.o_proj, &ctx)
@@ -476,6 +481,16 @@ impl Block {
         };
         crate::ops::add(&x, &inp.linear(&m.down_proj, &act)?)
     }
+}
+
+/// Where [`Llama::backward_by_blocks`] gets each block's graph for the backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockGraphs {
+    /// Kept from the forward: no recomputation, all activations alive when the backward starts.
+    Kept,
+    /// Recomputed from the block's input (activation checkpointing): one block's activations
+    /// alive at a time, for a second forward's cost.
+    Recomputed,
 }
 
 /// The transformer: embeddings, blocks, final norm and head.
@@ -818,18 +833,24 @@ impl Llama {
         self.final_norm(&x, grad)
     }
 
-    /// Forward and backward with activation checkpointing per block. The forward keeps only each
-    /// block's input `[B, T, H]`; the backward recomputes one block at a time from its input and
-    /// back-propagates its output's gradient through it, so one block's activations are alive at
-    /// a time instead of all of them. `loss` maps the final hidden states (after the last norm) to
-    /// the scalar to differentiate, which is scaled by `scale` before the backward. `on_grads`
-    /// receives each segment's gradients (head, blocks from last to first, then the embeddings
-    /// when they are trainable); they add up to those of one plain backward. Returns the loss.
-    pub fn checkpointed_backward(
+    /// Forward and backward one block at a time. The forward detaches each block's output into
+    /// the next block's input (a leaf variable), so the backward runs block by block, from the
+    /// head down: it back-propagates each block's output gradient through that block's graph
+    /// alone and then drops the graph, freeing the block's activations as soon as they have
+    /// served. With [`BlockGraphs::Recomputed`] (activation checkpointing) the forward keeps
+    /// only each block's input and the backward recomputes one block at a time, so one block's
+    /// activations are alive at a time instead of all of them. `loss` maps the final hidden
+    /// states (after the last norm) to the scalar to differentiate, which is scaled by `scale`
+    /// before the backward. `on_grads` receives each segment's gradients (head, blocks from last
+    /// to first, then the embeddings when they are trainable); they add up to those of one plain
+    /// backward. Returns the loss.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_by_blocks(
         &self,
         ids: &Tensor,
         mask: Option<&Tensor>,
         adapters: &AdapterSet,
+        graphs: BlockGraphs,
         loss: impl FnOnce(&Tensor) -> Result<Tensor>,
         scale: f64,
         mut on_grads: impl FnMut(&GradStore) -> Result<()>,
@@ -845,13 +866,17 @@ impl Llama {
         let embedded = self.embed(ids)?;
         // Block inputs as leaf variables: their gradient is what flows into the block below.
         let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut outputs = Vec::new();
         let mut x = Var::from_tensor(&embedded.detach())?;
         for block in &self.layers {
             let y = block.forward(&self.cfg, x.as_tensor(), &inp, None)?;
             inputs.push(x);
             x = Var::from_tensor(&y.detach())?;
+            if graphs == BlockGraphs::Kept {
+                outputs.push(y);
+            }
         }
-        let missing = || Error::Invalid("checkpointed backward: no gradient reached a block boundary".into());
+        let missing = || Error::Invalid("block-wise backward: no gradient reached a block boundary".into());
         let h = self.final_norm(x.as_tensor(), Grad::Yes)?;
         let l = loss(&h)?;
         let value = l.to_scalar::<f32>()?;
@@ -860,14 +885,17 @@ impl Llama {
         on_grads(&grads)?;
         drop(grads);
         for (block, x) in self.layers.iter().zip(inputs).rev() {
-            let y = block.forward(&self.cfg, x.as_tensor(), &inp, None)?;
-            let grads = (y * &g)?.sum_all()?.backward()?;
+            let y = match outputs.pop() {
+                Some(y) => y,
+                None => block.forward(&self.cfg, x.as_tensor(), &inp, None)?,
+            };
+            let grads = crate::ops::backward_from(&y, &g)?;
             g = grads.get(x.as_tensor()).ok_or_else(missing)?.clone();
             on_grads(&grads)?;
         }
         if embedded.track_op() {
             // Trainable embeddings (full fine-tuning): their rows receive the last gradient.
-            on_grads(&(embedded * &g)?.sum_all()?.backward()?)?;
+            on_grads(&crate::ops::backward_from(&embedded, &g)?)?;
         }
         Ok(value)
     }

@@ -150,10 +150,12 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
                 * l;
             (trainable * 8.0, trainable * 4.0 + sm3 * f, 0.0)
         }
-        // A and B; AdamW m and v (one update count per tensor) and the gradient buffer.
-        Method::Lora => (trainable * f, trainable * 12.0, 0.0),
-        // The trainable copy is counted with the base; AdamW m and v and the gradient buffer.
-        Method::Full => (0.0, trainable * 12.0, 0.0),
+        // A and B; AdamW m and v (one update count per tensor). The gradient buffers are
+        // filled by the backward as the blocks' activations are freed, and emptied by the
+        // optimizer step, so they are not held at the peak (the head's forward).
+        Method::Lora => (trainable * f, trainable * 8.0, 0.0),
+        // The trainable copy is counted with the base; AdamW m and v (gradients as for LoRA).
+        Method::Full => (0.0, trainable * 8.0, 0.0),
     };
 
     // Activations: outputs of the ops of one block, per token, kept until backward, at 4 bytes
@@ -168,10 +170,8 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     // Floats per token of one block, with `lin(name, out, in)` the floats a projection leaves.
     // Values per token that one block keeps, each projection one output (`out`).
     let per_token_layer = h // input norm
-        + q + q // q_proj, rope
-        + kv + kv // k_proj, rope
-        + kv + kv // v_proj, contiguous v
-        + 2.0 * q // attention's output (one op, crate::attention), its re-layout
+        + q + kv + kv // q_proj, k_proj, v_proj
+        + q // attention's output (one op from the projections' layout, crate::attention)
         + h + h // o_proj, residual
         + h // post-attention norm
         + i + i + i // gate_proj, up_proj, silu(gate) * up (fused)
@@ -182,7 +182,9 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     let activations = if cfg.checkpoint_activations {
         tokens * (l * h + per_token_layer) * act
     } else {
-        tokens * l * per_token_layer * act
+        // Each block's output is also copied into the next block's input variable, so the
+        // backward can run one block at a time (crate::model::BlockGraphs).
+        tokens * l * (per_token_layer + h) * act
     };
     // The head runs fused with the loss ([`crate::head`]): the gathered rows and their gradient,
     // and one chunk of logits at a time (two while the backward forms `p W`). A trainable head
@@ -327,8 +329,10 @@ mod tests {
             ..cfg.clone()
         };
         let pc = plan(&m, &ck, BaseFormat::F32);
-        let per_layer = get(&f32p, "activations") / m.num_layers as f64;
-        let want = per_layer + (cfg.batch_size * cfg.max_len * m.hidden_size * m.num_layers * 4) as f64;
+        let hidden = (cfg.batch_size * cfg.max_len * m.hidden_size * 4) as f64;
+        // Without checkpointing a layer also keeps the copy of its output it hands on.
+        let per_layer = get(&f32p, "activations") / m.num_layers as f64 - hidden;
+        let want = per_layer + hidden * m.num_layers as f64;
         assert!((get(&pc, "activations") - want).abs() < 1.0);
         // bf16 products on the tile unit keep the targeted projections packed twice (2 bytes a
         // value each), plus the indices and the base values at them.

@@ -19,7 +19,7 @@ use crate::adapter::{Adapter, AdapterConfig, AdapterSet, BaseModel, Delta, LoraD
 use crate::bf16mm::{DeltaPacks, PackCache};
 use crate::checkpoint::{self, Array, Arrays};
 use crate::data::{self, Example};
-use crate::model::{Grad, Llama, Weights};
+use crate::model::{BlockGraphs, Grad, Llama, Weights};
 use crate::optim::{adamw_dense_step, adamw_step, sm3_step, AdamState, AdamW, DenseAdamState, Sm3, Sm3State};
 use crate::select::{self, AgWindow, Policy, ReselectStats, Schedule, SparseModule, WindowHook};
 use crate::sparse::DeltaInBase;
@@ -416,13 +416,18 @@ fn target_loss(model: &Llama, h: &Tensor, b: &data::Batch) -> Result<Tensor> {
 /// Trainable variables with the gradient buffers they accumulate into.
 type GradSink<'a> = Vec<(&'a Var, &'a mut Vec<f32>)>;
 
-/// Add the gradients in `grads` of every variable in `sink` to its buffer.
+/// Add the gradients in `grads` of every variable in `sink` to its buffer. An empty buffer
+/// (a dense slot between updates) takes the first gradient as it comes.
 fn add_grads(sink: &mut GradSink, grads: &candle_core::backprop::GradStore) -> Result<()> {
     let _t = crate::profile::span(crate::profile::Phase::GradientCollection);
     for (var, dst) in sink.iter_mut() {
         if let Some(g) = grads.get(var.as_tensor()) {
             let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
-            dst.iter_mut().zip(g).for_each(|(d, x)| *d += x);
+            if dst.is_empty() {
+                **dst = g;
+            } else {
+                dst.iter_mut().zip(g).for_each(|(d, x)| *d += x);
+            }
         }
     }
     Ok(())
@@ -444,6 +449,9 @@ struct DenseSlot {
     name: String,
     var: Var,
     adam: DenseAdamState,
+    /// The update's summed gradient; empty between updates, so that full fine-tuning's
+    /// gradients never sit beside a forward's activations (the backward frees a block's
+    /// activations as its gradients arrive).
     grad: Vec<f32>,
 }
 
@@ -496,13 +504,20 @@ pub struct Trainer {
     train_secs: f64,
 }
 
+impl DenseSlot {
+    /// Number of values it trains.
+    fn elem_count(&self) -> usize {
+        self.var.as_tensor().elem_count()
+    }
+}
+
 fn dense_slot(name: String, t: &Tensor) -> Result<DenseSlot> {
     let n = t.elem_count();
     Ok(DenseSlot {
         name,
         var: Var::from_tensor(t)?,
         adam: DenseAdamState::new(n),
-        grad: vec![0.0; n],
+        grad: Vec::new(),
     })
 }
 
@@ -576,8 +591,8 @@ impl Trainer {
     pub fn trainable_parameters(&self) -> usize {
         match &self.trainable {
             Trainable::Sparse(s) => s.iter().map(|m| m.state.indices.len()).sum(),
-            Trainable::Lora(l) => l.iter().map(|m| m.a.grad.len() + m.b.grad.len()).sum(),
-            Trainable::Full { slots, .. } => slots.iter().map(|s| s.grad.len()).sum(),
+            Trainable::Lora(l) => l.iter().map(|m| m.a.elem_count() + m.b.elem_count()).sum(),
+            Trainable::Full { slots, .. } => slots.iter().map(DenseSlot::elem_count).sum(),
         }
     }
 
@@ -696,19 +711,15 @@ impl Trainer {
             let b = data::make_batch(&refs, self.pad_id, self.base.device())?;
             tokens += b.n_tokens;
             let scale = 1.0 / ga as f64;
-            let checkpointed = self.cfg.checkpoint_activations;
+            let graphs = match self.cfg.checkpoint_activations {
+                true => BlockGraphs::Recomputed,
+                false => BlockGraphs::Kept,
+            };
             let (model, mut sink) = self.model_and_grad_sink();
-            let lv = if checkpointed {
-                let loss = |h: &Tensor| target_loss(model, h, &b);
-                model.checkpointed_backward(&b.ids, Some(&b.mask), &adapters, loss, scale, |g| {
-                    add_grads(&mut sink, g)
-                })?
-            } else {
-                let loss = batch_loss(model, &adapters, &b, Grad::Yes)?;
-                let lv = loss.to_scalar::<f32>()?;
-                add_grads(&mut sink, &(loss * scale)?.backward()?)?;
-                lv
-            } as f64;
+            let loss = |h: &Tensor| target_loss(model, h, &b);
+            let lv = model.backward_by_blocks(&b.ids, Some(&b.mask), &adapters, graphs, loss, scale, |g| {
+                add_grads(&mut sink, g)
+            })? as f64;
             if !lv.is_finite() {
                 return Err(Error::Invalid(format!(
                     "the training loss became {lv} at step {c}; stopping"
@@ -793,13 +804,17 @@ impl Trainer {
         let h = self.cfg.adamw(lr);
         let dense_step = |s: &mut DenseSlot| -> Result<()> {
             let mut v: Vec<f32> = s.var.as_tensor().flatten_all()?.to_vec1()?;
+            if s.grad.is_empty() {
+                // No gradient reached this tensor in the update.
+                s.grad = vec![0.0; v.len()];
+            }
             adamw_dense_step(&mut v, &s.grad, &mut s.adam, &h);
             s.var.set(&Tensor::from_vec(
                 v,
                 s.var.as_tensor().shape(),
                 s.var.as_tensor().device(),
             )?)?;
-            s.grad.iter_mut().for_each(|g| *g = 0.0);
+            s.grad = Vec::new();
             Ok(())
         };
         match &mut self.trainable {
@@ -1015,14 +1030,14 @@ impl Trainer {
         let window_count = get("window_count")?.as_u64().unwrap_or(0) as u32;
         let dense = |a: &mut Arrays, s: &mut DenseSlot| -> Result<()> {
             let v = checkpoint::take_f32(a, &format!("{}.value", s.name), dir)?;
-            if v.len() != s.grad.len() {
+            if v.len() != s.elem_count() {
                 return Err(Error::format(
                     dir,
                     format!(
                         "checkpoint `{}` has {} values, expected {}",
                         s.name,
                         v.len(),
-                        s.grad.len()
+                        s.elem_count()
                     ),
                 ));
             }

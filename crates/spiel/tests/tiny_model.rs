@@ -360,3 +360,68 @@ fn bf16_base_matches_the_same_values_in_f32() {
         assert_eq!(common::max_abs_diff(t, &named[k]), 0.0, "{k}");
     }
 }
+
+/// The block-by-block backward, with graphs kept or recomputed, gives the gradients of one
+/// plain backward for every weight (embeddings, norms, projections) and the same loss.
+#[test]
+fn backward_by_blocks_matches_one_backward() {
+    use spiel::model::BlockGraphs;
+    use std::collections::HashMap;
+    let dev = Device::Cpu;
+    let cfg = common::tiny_cfg();
+    let mut w = random_weights(&cfg, 12, &dev).unwrap();
+    let vars: Vec<(String, Var)> = w
+        .iter()
+        .map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap()))
+        .collect();
+    for (n, v) in &vars {
+        w.insert(n.clone(), v.as_tensor().clone());
+    }
+    let m = Llama::from_weights(cfg.clone(), w, &dev).unwrap();
+    let x = Tensor::new(&[[3u32, 1, 4, 1, 5, 9], [2, 6, 5, 3, 5, 0]], &dev).unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]], &dev).unwrap();
+    let probe = {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let v: Vec<f32> = (0..2 * 6 * cfg.hidden_size)
+            .map(|_| rng.gen_range(-1.0f32..1.0))
+            .collect();
+        Tensor::from_vec(v, (2, 6, cfg.hidden_size), &dev).unwrap()
+    };
+    let loss = |h: &Tensor| Ok((h * &probe)?.sum_all()?);
+    let h = m
+        .forward_hidden(&x, Some(&mask), Grad::Yes, &AdapterSet::none())
+        .unwrap();
+    let plain = loss(&h).unwrap();
+    let scale = 0.5;
+    let want = (&plain * scale).unwrap().backward().unwrap();
+    for graphs in [BlockGraphs::Kept, BlockGraphs::Recomputed] {
+        let mut got: HashMap<String, Vec<f32>> = HashMap::new();
+        let value = m
+            .backward_by_blocks(&x, Some(&mask), &AdapterSet::none(), graphs, loss, scale, |g| {
+                for (n, v) in &vars {
+                    if let Some(t) = g.get(v.as_tensor()) {
+                        let t: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                        let e = got.entry(n.clone()).or_insert_with(|| vec![0.0; t.len()]);
+                        e.iter_mut().zip(t).for_each(|(a, b)| *a += b);
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(value, plain.to_scalar::<f32>().unwrap(), "{graphs:?}");
+        for (n, v) in &vars {
+            let w: Vec<f32> = want
+                .get(v.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let g = got.get(n).unwrap_or_else(|| panic!("{graphs:?}: no gradient for {n}"));
+            let scale = w.iter().fold(0f32, |a, x| a.max(x.abs())).max(1e-6);
+            let diff = w.iter().zip(g).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(diff <= 1e-5 * scale, "{graphs:?} {n}: {diff} (largest {scale})");
+        }
+    }
+}
