@@ -467,6 +467,19 @@ impl Block {
         inp: &AttnInputs,
         cache: Option<&mut Option<LayerCache>>,
     ) -> Result<Tensor> {
+        let [x, mlp] = self.forward_parts(cfg, x, inp, cache)?;
+        crate::ops::add(&x, &mlp)
+    }
+
+    /// The block's output as its two addends: the residual stream after attention and the
+    /// MLP's output. (Kept apart, a training graph need not hold their sum.)
+    fn forward_parts(
+        &self,
+        cfg: &ModelConfig,
+        x: &Tensor,
+        inp: &AttnInputs,
+        cache: Option<&mut Option<LayerCache>>,
+    ) -> Result<[Tensor; 2]> {
         let h = rms_norm(x, &self.input_layernorm, cfg.rms_norm_eps, inp.grad)?;
         let x = crate::ops::add(x, &self.attention(cfg, &h, inp, cache)?)?;
         let h = rms_norm(&x, &self.post_attention_layernorm, cfg.rms_norm_eps, inp.grad)?;
@@ -479,7 +492,7 @@ impl Block {
             true => crate::ops::swiglu(&gate, &up)?,
             false => (candle_nn::Activation::Silu.forward(&gate)? * up)?,
         };
-        crate::ops::add(&x, &inp.linear(&m.down_proj, &act)?)
+        Ok([x, inp.linear(&m.down_proj, &act)?])
     }
 }
 
@@ -841,8 +854,8 @@ impl Llama {
     /// only each block's input and the backward recomputes one block at a time, so one block's
     /// activations are alive at a time instead of all of them. `loss` maps the final hidden
     /// states (after the last norm) to the scalar to differentiate, which is scaled by `scale`
-    /// before the backward. `on_grads` receives each segment's gradients (head, blocks from last
-    /// to first, then the embeddings when they are trainable); they add up to those of one plain
+    /// before the backward. `on_grads` receives each segment's gradients (blocks from last to
+    /// first, the embeddings when they are trainable, then the head); they add up to those of one plain
     /// backward. Returns the loss.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_by_blocks(
@@ -866,27 +879,29 @@ impl Llama {
         let embedded = self.embed(ids)?;
         // Block inputs as leaf variables: their gradient is what flows into the block below.
         let mut inputs = Vec::with_capacity(self.layers.len());
+        // Each block's output as its two addends (with their graphs), not their sum: the sum
+        // is copied into the next block's input, and formed again for the backward.
         let mut outputs = Vec::new();
         let mut x = Var::from_tensor(&embedded.detach())?;
         for block in &self.layers {
-            let y = block.forward(&self.cfg, x.as_tensor(), &inp, None)?;
+            let parts = block.forward_parts(&self.cfg, x.as_tensor(), &inp, None)?;
             inputs.push(x);
-            x = Var::from_tensor(&y.detach())?;
+            x = Var::from_tensor(&crate::ops::add(&parts[0], &parts[1])?.detach())?;
             if graphs == BlockGraphs::Kept {
-                outputs.push(y);
+                outputs.push(parts);
             }
         }
         let missing = || Error::Invalid("block-wise backward: no gradient reached a block boundary".into());
         let h = self.final_norm(x.as_tensor(), Grad::Yes)?;
         let l = loss(&h)?;
         let value = l.to_scalar::<f32>()?;
-        let grads = (l * scale)?.backward()?;
-        let mut g = grads.get(x.as_tensor()).ok_or_else(missing)?.clone();
-        on_grads(&grads)?;
-        drop(grads);
+        // The head's gradients are handed on last: a trainable head's weight gradient exists
+        // already, but copying it out now would hold it twice beside every block's activations.
+        let head_grads = (l * scale)?.backward()?;
+        let mut g = head_grads.get(x.as_tensor()).ok_or_else(missing)?.clone();
         for (block, x) in self.layers.iter().zip(inputs).rev() {
             let y = match outputs.pop() {
-                Some(y) => y,
+                Some([r, m]) => crate::ops::add(&r, &m)?,
                 None => block.forward(&self.cfg, x.as_tensor(), &inp, None)?,
             };
             let grads = crate::ops::backward_from(&y, &g)?;
@@ -897,6 +912,7 @@ impl Llama {
             // Trainable embeddings (full fine-tuning): their rows receive the last gradient.
             on_grads(&crate::ops::backward_from(&embedded, &g)?)?;
         }
+        on_grads(&head_grads)?;
         Ok(value)
     }
 

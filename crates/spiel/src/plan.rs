@@ -182,15 +182,15 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     let activations = if cfg.checkpoint_activations {
         tokens * (l * h + per_token_layer) * act
     } else {
-        // Each block's output is also copied into the next block's input variable, so the
-        // backward can run one block at a time (crate::model::BlockGraphs).
-        tokens * l * (per_token_layer + h) * act
+        // The residual sum is the copy of the block's output that the next block takes as its
+        // input variable; the graph keeps its two addends (crate::model::BlockGraphs).
+        tokens * l * per_token_layer * act
     };
     // The head runs fused with the loss ([`crate::head`]): the gathered rows and their gradient,
     // and one chunk of logits at a time (two while the backward forms `p W`). A trainable head
     // (full fine-tuning) also holds its weight gradient from the forward to the backward. With
     // bf16 a frozen head keeps its two packed bf16 forms (`QMatrix::keep_bf16_packs`).
-    let chunk_rows = (crate::head::CHUNK_FLOATS as f64 / v).floor().max(1.0).min(tokens);
+    let chunk_rows = (crate::head::chunk_rows(v as usize, full) as f64).min(tokens);
     let kept_packs = match (cfg.dtype, full) {
         (Dtype::Bf16, false) => 2.0 * v * h * 2.0,
         _ => 0.0,
@@ -329,10 +329,8 @@ mod tests {
             ..cfg.clone()
         };
         let pc = plan(&m, &ck, BaseFormat::F32);
-        let hidden = (cfg.batch_size * cfg.max_len * m.hidden_size * 4) as f64;
-        // Without checkpointing a layer also keeps the copy of its output it hands on.
-        let per_layer = get(&f32p, "activations") / m.num_layers as f64 - hidden;
-        let want = per_layer + hidden * m.num_layers as f64;
+        let per_layer = get(&f32p, "activations") / m.num_layers as f64;
+        let want = per_layer + (cfg.batch_size * cfg.max_len * m.hidden_size * m.num_layers * 4) as f64;
         assert!((get(&pc, "activations") - want).abs() < 1.0);
         // bf16 products on the tile unit keep the targeted projections packed twice (2 bytes a
         // value each), plus the indices and the base values at them.
