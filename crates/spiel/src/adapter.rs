@@ -19,7 +19,7 @@ use crate::bf16mm::{DeltaPacks, PackCache};
 use crate::config::ModelConfig;
 use crate::model::{Grad, Llama};
 use crate::qmatrix::Frozen;
-use crate::sparse::{sparse_delta_matmul, DenseGradHook};
+use crate::sparse::{sparse_delta_matmul, WeightGradHook};
 use crate::{fsutil, Error, Result};
 
 /// One module's sparse delta over an `[out, in]` weight.
@@ -32,7 +32,7 @@ pub struct SparseDelta {
     /// Values at those indices, `[K]` f32 (a variable while training).
     pub values: Tensor,
     /// Dense-gradient observer while a SpIEL-AG window is open.
-    pub hook: Option<Arc<dyn DenseGradHook>>,
+    pub hook: Option<Arc<dyn WeightGradHook>>,
     /// The values are already added into the module's dense base weight (the trainer does this
     /// for one update with [`crate::sparse::DeltaInBase`]): the forward is then the base product
     /// alone, and this delta only records the value gradient. Never set for a loaded adapter.

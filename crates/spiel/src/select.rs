@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::optim::{AdamState, AdamW};
-use crate::sparse::DenseGradHook;
+use crate::sparse::WeightGradHook;
 
 /// Per-module entry counts: `k_m = floor(total * numel_m / sum numel)`.
 pub fn split_budget(total: usize, numels: &[usize]) -> Vec<usize> {
@@ -116,6 +116,14 @@ impl AgWindow {
         }
     }
 
+    /// Take one micro-batch's gradient at the candidates (in their order), once they are chosen.
+    pub fn observe_at(&mut self, at_candidates: &[f32]) {
+        debug_assert_eq!(at_candidates.len(), self.candidates.len());
+        for (cur, g) in self.current.iter_mut().zip(at_candidates) {
+            *cur += g;
+        }
+    }
+
     /// Close the update: fold its gradient into the sums.
     pub fn end_update(&mut self) {
         for ((s, s2), c) in self
@@ -137,9 +145,18 @@ impl AgWindow {
 /// A module's window as a backward hook.
 pub struct WindowHook(pub Mutex<AgWindow>);
 
-impl DenseGradHook for WindowHook {
-    fn observe(&self, grad: &[f32], _out: usize, _in: usize) {
+impl WeightGradHook for WindowHook {
+    fn positions(&self) -> Option<Vec<u32>> {
+        let w = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        (!w.candidates.is_empty()).then(|| w.candidates.clone())
+    }
+
+    fn observe_dense(&self, grad: &[f32], _out: usize, _in: usize) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).observe(grad);
+    }
+
+    fn observe_at(&self, grad: &[f32]) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).observe_at(grad);
     }
 }
 
@@ -445,6 +462,22 @@ mod tests {
         assert_eq!(w.g_sum, vec![-4.0 + 2.0, 4.0 - 1.0]);
         assert_eq!(w.g2_sum, vec![16.0 + 4.0, 16.0 + 1.0]);
         assert_eq!(w.count, 2);
+    }
+
+    /// Through its hook, a window asks for the dense gradient until it has candidates, then
+    /// takes the gradient at them alone, into the same sums.
+    #[test]
+    fn window_hook_samples_its_candidates_after_the_first_micro_batch() {
+        use crate::sparse::WeightGradHook;
+        let hook = WindowHook(Mutex::new(AgWindow::new(2)));
+        assert_eq!(hook.positions(), None);
+        hook.observe_dense(&[0.1, -5.0, 0.2, 3.0], 2, 2);
+        assert_eq!(hook.positions(), Some(vec![1, 3]));
+        hook.observe_at(&[1.0, 1.0]);
+        let mut w = hook.0.lock().unwrap();
+        w.end_update();
+        assert_eq!(w.g_sum, vec![-4.0, 4.0]);
+        assert_eq!(w.g2_sum, vec![16.0, 16.0]);
     }
 
     /// The window holds its candidates for several updates: k slots, not one per matrix entry

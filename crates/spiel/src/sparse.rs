@@ -6,9 +6,11 @@
 //!   deviation 2 of the spec);
 //! - grad_x: `gx[t, c] += v * gy[t, r]`;
 //! - grad_values: `g[n] = sum_t gy[t, r] * x[t, c]`, a sampled dense-dense matmul (SDDMM), instead of
-//!   the reference's full dense weight gradient (deviation 1). Only while a [`DenseGradHook`] is
-//!   attached (a SpIEL-AG accumulation window) is the dense gradient `gy^T x` formed, one layer at a
-//!   time, handed to the hook, and the value gradients gathered from it.
+//!   the reference's full dense weight gradient (deviation 1). Only at the first micro-batch of a
+//!   SpIEL-AG accumulation window (a [`WeightGradHook`] attached that has no positions yet) is the
+//!   dense gradient `gy^T x` formed, one layer at a time, handed to the hook, and the value
+//!   gradients gathered from it; for the rest of the window the SDDMM also samples the hook's
+//!   candidate positions.
 //!
 //! Over any frozen base the op can take the base's product with it (`SparseBase::Plus`): one
 //! output `x W^T + x S^T` and one input gradient, instead of two products and their sum. With
@@ -35,10 +37,19 @@ use crate::ops::{cpu_slice, grad_like, storage_like, with_sources, Dst, Values};
 use crate::qmatrix::{with_slice, Frozen};
 use half::bf16;
 
-/// Receives the transient dense weight gradient `[out, in]` of one module during a SpIEL-AG window.
-pub trait DenseGradHook: Send + Sync {
-    /// Called once per backward pass with the row-major dense gradient.
-    fn observe(&self, grad: &[f32], out_dim: usize, in_dim: usize);
+/// Receives one module's weight gradient during a SpIEL-AG window: the transient dense `[out,
+/// in]` gradient until the hook has chosen the positions it follows, then (by SDDMM, without
+/// forming the dense gradient) the gradient at those positions alone.
+pub trait WeightGradHook: Send + Sync {
+    /// The sorted flat positions whose gradient the hook wants, once chosen; `None` while it
+    /// needs the whole dense gradient.
+    fn positions(&self) -> Option<Vec<u32>>;
+    /// Called once per backward pass with the row-major dense gradient, while
+    /// [`WeightGradHook::positions`] is `None`.
+    fn observe_dense(&self, grad: &[f32], out_dim: usize, in_dim: usize);
+    /// Called once per backward pass with the gradient at the positions
+    /// [`WeightGradHook::positions`] named, in their order.
+    fn observe_at(&self, grad: &[f32]);
 }
 
 /// Tokens per parallel task in the sparse products: the task's slices of the input and output,
@@ -283,24 +294,28 @@ const SDDMM_TOKENS: usize = 128;
 /// Tokens per pass of the bf16 SDDMM: the same bytes as [`SDDMM_TOKENS`] f32 tokens.
 const SDDMM_BF16_TOKENS: usize = 256;
 
-/// SDDMM: `out[n] = sum_t gy[t, r_n] * x[t, c_n]`; `gy: [N, OUT]`, `x: [N, IN]` (f32 or bf16),
-/// `out: [K]`. With bf16 inputs on a CPU with AVX-512 BF16 the products are `vdpbf16ps` pairs
-/// (exact products, f32 sums in another order), half the bytes per entry of the widened path.
+/// One SDDMM output: the gradient at sorted flat `indices`, written to `out` (one per index).
+pub(crate) type Sampled<'s> = (&'s mut [f32], &'s [u32]);
+
+/// SDDMM: `out[n] = sum_t gy[t, r_n] * x[t, c_n]` for each `(out, indices)` of `targets`; `gy: [N,
+/// OUT]`, `x: [N, IN]` (f32 or bf16). The targets share each pass's transposes of `gy` and `x`,
+/// which cost more than the dots at the default model's densities. With bf16 inputs on a CPU
+/// with AVX-512 BF16 the products are `vdpbf16ps` pairs (exact products, f32 sums in another
+/// order), half the bytes per entry of the widened path.
 pub(crate) fn sddmm<'a>(
-    out: &mut [f32],
+    targets: &mut [Sampled],
     gy: impl Into<Values<'a>>,
     x: impl Into<Values<'a>>,
-    indices: &[u32],
     n: usize,
     in_dim: usize,
     out_dim: usize,
 ) {
     let (gy, x) = (gy.into(), x.into());
-    out.fill(0.0);
+    targets.iter_mut().for_each(|(out, _)| out.fill(0.0));
     #[cfg(target_arch = "x86_64")]
     if let (Values::Bf16(gy), Values::Bf16(x)) = (gy, x) {
         if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16") {
-            return sddmm_bf16(out, gy, x, indices, n, in_dim, out_dim);
+            return sddmm_bf16(targets, gy, x, n, in_dim, out_dim);
         }
     }
     for t0 in (0..n).step_by(SDDMM_TOKENS) {
@@ -308,9 +323,11 @@ pub(crate) fn sddmm<'a>(
         // One pass of tokens, widened first where bf16.
         let gyt = transpose(&gy.slice(t0 * out_dim..(t0 + tc) * out_dim).to_f32(), tc, out_dim);
         let xt = transpose(&x.slice(t0 * in_dim..(t0 + tc) * in_dim).to_f32(), tc, in_dim);
-        add_entry_dots(out, indices, in_dim, |r, c| {
-            dot(&gyt[r * tc..(r + 1) * tc], &xt[c * tc..(c + 1) * tc])
-        });
+        for (out, indices) in targets.iter_mut() {
+            add_entry_dots(out, indices, in_dim, |r, c| {
+                dot(&gyt[r * tc..(r + 1) * tc], &xt[c * tc..(c + 1) * tc])
+            });
+        }
     }
 }
 
@@ -337,15 +354,7 @@ fn add_entry_dots(out: &mut [f32], indices: &[u32], in_dim: usize, dot: impl Fn(
 /// into one row of 32-bit pairs, which [`transpose_into`] moves as f32 bit patterns; each
 /// transposed row of pairs is then the feature's tokens in order.
 #[cfg(target_arch = "x86_64")]
-fn sddmm_bf16(
-    out: &mut [f32],
-    gy: &[half::bf16],
-    x: &[half::bf16],
-    indices: &[u32],
-    n: usize,
-    in_dim: usize,
-    out_dim: usize,
-) {
+fn sddmm_bf16(targets: &mut [Sampled], gy: &[half::bf16], x: &[half::bf16], n: usize, in_dim: usize, out_dim: usize) {
     let stride = SDDMM_BF16_TOKENS.min(n.next_multiple_of(32));
     let widest = in_dim.max(out_dim);
     // Pairs of rows, and the two inputs transposed (each as 32-bit words).
@@ -359,12 +368,14 @@ fn sddmm_bf16(
             transpose_into(&pairs, tp / 2, cols, t);
         }
         let (gyb, xb) = (as_bits(&gyt), as_bits(&xt));
-        add_entry_dots(out, indices, in_dim, |r, c| {
-            let (a, b) = (&gyb[r * tp..(r + 1) * tp], &xb[c * tp..(c + 1) * tp]);
-            // SAFETY: the CPU has AVX-512 F and BF16 (checked by the caller); both rows hold
-            // `tp` values, a multiple of 32.
-            unsafe { dot_bf16_pairs(a, b) }
-        });
+        for (out, indices) in targets.iter_mut() {
+            add_entry_dots(out, indices, in_dim, |r, c| {
+                let (a, b) = (&gyb[r * tp..(r + 1) * tp], &xb[c * tp..(c + 1) * tp]);
+                // SAFETY: the CPU has AVX-512 F and BF16 (checked by the caller); both rows hold
+                // `tp` values, a multiple of 32.
+                unsafe { dot_bf16_pairs(a, b) }
+            });
+        }
     }
 }
 
@@ -446,7 +457,7 @@ pub struct SparseDeltaOp {
     /// Columns of the weight.
     pub in_dim: usize,
     /// Dense-gradient observer while in a SpIEL-AG window.
-    pub hook: Option<Arc<dyn DenseGradHook>>,
+    pub hook: Option<Arc<dyn WeightGradHook>>,
     /// Where the bf16 products over a `Plus` base keep their packed operands between updates.
     pub packs: Option<Arc<DeltaPacks>>,
 }
@@ -574,24 +585,36 @@ impl SparseDeltaOp {
         match &self.hook {
             None => {
                 let _t = span(Phase::Sddmm);
-                sddmm(&mut gv, gy, xs, &self.indices, n, self.in_dim, self.out_dim)
+                sddmm(&mut [(&mut gv, &self.indices)], gy, xs, n, self.in_dim, self.out_dim)
             }
-            Some(hook) => {
-                let _t = span(Phase::AgDenseGradients);
-                // Inside an AG window: the dense gradient once, then gather the active entries.
-                let mut dense = vec![0f32; self.out_dim * self.in_dim];
-                if products.bf16_for(n) {
-                    // bf16 activations and gradients are exact in bf16: the products lose nothing.
-                    let (gt, x) = (View::transposed(gy, self.out_dim, n), View::rows(xs, n, self.in_dim));
-                    crate::bf16mm::gemm(&mut dense, false, 1.0, gt, Right::Matrix(x));
-                } else {
-                    crate::qmatrix::gemm_gtx(&mut dense, &gy.to_f32(), &xs.to_f32(), n, self.out_dim, self.in_dim);
+            Some(hook) => match hook.positions() {
+                Some(positions) => {
+                    // Later in an AG window: the gradient at the active entries and at the
+                    // window's candidates, both sampled.
+                    let _t = span(Phase::Sddmm);
+                    let mut at = vec![0f32; positions.len()];
+                    let mut targets = [(&mut gv[..], &self.indices[..]), (&mut at[..], &positions[..])];
+                    sddmm(&mut targets, gy, xs, n, self.in_dim, self.out_dim);
+                    hook.observe_at(&at);
                 }
-                hook.observe(&dense, self.out_dim, self.in_dim);
-                for (g, &i) in gv.iter_mut().zip(self.indices.iter()) {
-                    *g = dense[i as usize];
+                None => {
+                    let _t = span(Phase::AgDenseGradients);
+                    // The window's first micro-batch: the dense gradient once, then gather the
+                    // active entries.
+                    let mut dense = vec![0f32; self.out_dim * self.in_dim];
+                    if products.bf16_for(n) {
+                        // bf16 activations and gradients are exact in bf16: the products lose nothing.
+                        let (gt, x) = (View::transposed(gy, self.out_dim, n), View::rows(xs, n, self.in_dim));
+                        crate::bf16mm::gemm(&mut dense, false, 1.0, gt, Right::Matrix(x));
+                    } else {
+                        crate::qmatrix::gemm_gtx(&mut dense, &gy.to_f32(), &xs.to_f32(), n, self.out_dim, self.in_dim);
+                    }
+                    hook.observe_dense(&dense, self.out_dim, self.in_dim);
+                    for (g, &i) in gv.iter_mut().zip(self.indices.iter()) {
+                        *g = dense[i as usize];
+                    }
                 }
-            }
+            },
         }
         Ok((gx, gv))
     }
@@ -604,7 +627,7 @@ pub fn sparse_delta_matmul(
     values: &Tensor,
     indices: Arc<Vec<u32>>,
     shape: (usize, usize),
-    hook: Option<Arc<dyn DenseGradHook>>,
+    hook: Option<Arc<dyn WeightGradHook>>,
 ) -> candle_core::Result<Tensor> {
     let op = SparseDeltaOp {
         base: SparseBase::None,
@@ -625,7 +648,7 @@ pub fn base_with_delta_matmul(
     base: &Tensor,
     values: &Tensor,
     indices: Arc<Vec<u32>>,
-    hook: Option<Arc<dyn DenseGradHook>>,
+    hook: Option<Arc<dyn WeightGradHook>>,
 ) -> candle_core::Result<Tensor> {
     let (out_dim, in_dim) = base.dims2()?;
     let op = SparseDeltaOp {
@@ -647,7 +670,7 @@ pub fn frozen_plus_delta_matmul(
     base: &Frozen,
     values: &Tensor,
     indices: Arc<Vec<u32>>,
-    hook: Option<Arc<dyn DenseGradHook>>,
+    hook: Option<Arc<dyn WeightGradHook>>,
     packs: Option<Arc<DeltaPacks>>,
 ) -> candle_core::Result<Tensor> {
     let (out_dim, in_dim) = base.shape();
@@ -850,9 +873,12 @@ mod tests {
         ] {
             let gy = random(n * out, &mut rng);
             let x = random(n * inp, &mut rng);
+            // Two lists of positions sampled in one call (the AG window's candidates ride along
+            // with the active entries).
             let idx = indices(out, inp, k, &mut rng);
+            let idx2 = indices(out, inp, k / 2 + 1, &mut rng);
             // The f64 sum over tokens at each entry.
-            let reference = |gy: &[f32], x: &[f32]| -> Vec<f32> {
+            let reference = |gy: &[f32], x: &[f32], idx: &[u32]| -> Vec<f32> {
                 idx.iter()
                     .map(|&i| {
                         let (r, c) = (i as usize / inp, i as usize % inp);
@@ -862,9 +888,13 @@ mod tests {
                     })
                     .collect()
             };
-            let mut got = vec![0f32; idx.len()];
-            sddmm(&mut got, &gy, &x, &idx, n, inp, out);
-            assert!(rel_err(&got, &reference(&gy, &x)) < 1e-6, "shape {n}x{inp}x{out}");
+            let (mut got, mut got2) = (vec![0f32; idx.len()], vec![1f32; idx2.len()]);
+            sddmm(&mut [(&mut got, &idx), (&mut got2, &idx2)], &gy, &x, n, inp, out);
+            assert!(rel_err(&got, &reference(&gy, &x, &idx)) < 1e-6, "shape {n}x{inp}x{out}");
+            assert!(
+                rel_err(&got2, &reference(&gy, &x, &idx2)) < 1e-6,
+                "second list {n}x{inp}x{out}"
+            );
             // bf16 inputs (bf16 activations): exact products (`vdpbf16ps` where the CPU has it),
             // f32 sums.
             let (gy16, x16): (Vec<half::bf16>, Vec<half::bf16>) = (
@@ -872,9 +902,11 @@ mod tests {
                 x.iter().map(|&v| half::bf16::from_f32(v)).collect(),
             );
             let widen = |v: &[half::bf16]| v.iter().map(|h| h.to_f32()).collect::<Vec<f32>>();
-            let mut got16 = vec![0f32; idx.len()];
-            sddmm(&mut got16, gy16.as_slice(), x16.as_slice(), &idx, n, inp, out);
-            let want16 = reference(&widen(&gy16), &widen(&x16));
+            let (mut got16, mut got16b) = (vec![0f32; idx.len()], vec![1f32; idx2.len()]);
+            let mut targets = [(&mut got16[..], &idx[..]), (&mut got16b[..], &idx2[..])];
+            sddmm(&mut targets, gy16.as_slice(), x16.as_slice(), n, inp, out);
+            let want16 = reference(&widen(&gy16), &widen(&x16), &idx);
+            assert!(rel_err(&got16b, &reference(&widen(&gy16), &widen(&x16), &idx2)) < 1e-6);
             assert!(rel_err(&got16, &want16) < 1e-6, "bf16 shape {n}x{inp}x{out}");
         }
     }
@@ -954,7 +986,7 @@ mod tests {
                 let x = Var::from_vec(xv.clone(), (n, inp), &dev).unwrap();
                 let v = Var::from_vec(vals.clone(), idx.len(), &dev).unwrap();
                 let cap = Arc::new(Capture(Default::default()));
-                let hook = hooked.then(|| cap.clone() as Arc<dyn DenseGradHook>);
+                let hook = hooked.then(|| cap.clone() as Arc<dyn WeightGradHook>);
                 let y = base_with_delta_matmul(&x, &w, &v, Arc::new(idx.clone()), hook).unwrap();
                 let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
                 assert!(rel_err(&flat(&y), &flat(&yd)) < 1e-5);
@@ -1138,10 +1170,31 @@ mod tests {
         assert_eq!(w.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
     }
 
+    /// Records the dense gradient it is handed; follows no positions.
     struct Capture(std::sync::Mutex<Vec<f32>>);
-    impl DenseGradHook for Capture {
-        fn observe(&self, grad: &[f32], _: usize, _: usize) {
+    impl WeightGradHook for Capture {
+        fn positions(&self) -> Option<Vec<u32>> {
+            None
+        }
+        fn observe_dense(&self, grad: &[f32], _: usize, _: usize) {
             *self.0.lock().unwrap() = grad.to_vec();
+        }
+        fn observe_at(&self, _: &[f32]) {
+            panic!("no positions were named");
+        }
+    }
+
+    /// Follows fixed positions and records the gradient it is handed at them.
+    struct Follow(Vec<u32>, std::sync::Mutex<Vec<f32>>);
+    impl WeightGradHook for Follow {
+        fn positions(&self) -> Option<Vec<u32>> {
+            Some(self.0.clone())
+        }
+        fn observe_dense(&self, _: &[f32], _: usize, _: usize) {
+            panic!("a hook with positions wants no dense gradient");
+        }
+        fn observe_at(&self, grad: &[f32]) {
+            *self.1.lock().unwrap() = grad.to_vec();
         }
     }
 
@@ -1154,7 +1207,7 @@ mod tests {
         let x = Var::from_vec(random(n * inp, &mut rng), (n, inp), &dev).unwrap();
         let v = Var::from_vec(random(idx.len(), &mut rng), idx.len(), &dev).unwrap();
         let probe = Tensor::from_vec(random(n * out, &mut rng), (n, out), &dev).unwrap();
-        let run = |hook: Option<Arc<dyn DenseGradHook>>| {
+        let run = |hook: Option<Arc<dyn WeightGradHook>>| {
             let y = sparse_delta_matmul(&x, &v, Arc::new(idx.clone()), (out, inp), hook).unwrap();
             let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             g.get(&v).unwrap().to_vec1::<f32>().unwrap()
@@ -1176,5 +1229,13 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert!(rel_err(&dense, &want) < 1e-6);
+        // A hook that follows positions gets the dense gradient at them, sampled, and the
+        // values their usual gradients.
+        let positions = indices(out, inp, 45, &mut rng);
+        let follow = Arc::new(Follow(positions.clone(), Default::default()));
+        let sampled = run(Some(follow.clone()));
+        assert!(rel_err(&sampled, &without) < 1e-5);
+        let at: Vec<f32> = positions.iter().map(|&i| want[i as usize]).collect();
+        assert!(rel_err(&follow.1.lock().unwrap(), &at) < 1e-5);
     }
 }

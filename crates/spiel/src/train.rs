@@ -620,7 +620,7 @@ impl Trainer {
                 };
                 for s in slots {
                     let hook = if training {
-                        s.window.clone().map(|w| w as Arc<dyn crate::sparse::DenseGradHook>)
+                        s.window.clone().map(|w| w as Arc<dyn crate::sparse::WeightGradHook>)
                     } else {
                         None
                     };
