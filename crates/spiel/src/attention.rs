@@ -13,7 +13,9 @@
 //! - `dQ = scale dS K`, `dK = scale dS^T Q`, `dV = P^T dO`.
 //!
 //! Groups are independent and run in parallel, each product on one thread. At inference the keys
-//! and values are read in place from the decoding cache's buffers (no copy per token).
+//! and values are read in place from the decoding cache's buffers (no copy per token). Training
+//! and whole-sequence forwards enter through [`attention_from_projections`], which takes q, k and
+//! v as the projections leave them and applies RoPE itself.
 //!
 //! With bf16 activations, blocks of 16 query rows or more take bf16 operands with f32 sums
 //! (`bf16mm`) for `Q K^T`, `P V`, `dO V^T` and `dS K`, as PyTorch's autocast does; each group

@@ -855,8 +855,8 @@ impl Llama {
     /// activations are alive at a time instead of all of them. `loss` maps the final hidden
     /// states (after the last norm) to the scalar to differentiate, which is scaled by `scale`
     /// before the backward. `on_grads` receives each segment's gradients (blocks from last to
-    /// first, the embeddings when they are trainable, then the head); they add up to those of one plain
-    /// backward. Returns the loss.
+    /// first, the embeddings when they are trainable, then the head); they add up to those of
+    /// one plain backward. Returns the loss.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_by_blocks(
         &self,
