@@ -880,7 +880,7 @@ impl Llama {
         // Block inputs as leaf variables: their gradient is what flows into the block below.
         let mut inputs = Vec::with_capacity(self.layers.len());
         // Each block's output as its two addends (with their graphs), not their sum: the sum
-        // is copied into the next block's input, and formed again for the backward.
+        // is copied into the next block's input, and the backward starts from the addends.
         let mut outputs = Vec::new();
         let mut x = Var::from_tensor(&embedded.detach())?;
         for block in &self.layers {
@@ -900,17 +900,17 @@ impl Llama {
         let head_grads = (l * scale)?.backward()?;
         let mut g = head_grads.get(x.as_tensor()).ok_or_else(missing)?.clone();
         for (block, x) in self.layers.iter().zip(inputs).rev() {
-            let y = match outputs.pop() {
-                Some([r, m]) => crate::ops::add(&r, &m)?,
-                None => block.forward(&self.cfg, x.as_tensor(), &inp, None)?,
+            let [r, m] = match outputs.pop() {
+                Some(parts) => parts,
+                None => block.forward_parts(&self.cfg, x.as_tensor(), &inp, None)?,
             };
-            let grads = crate::ops::backward_from(&y, &g)?;
+            let grads = crate::ops::backward_from(&[&r, &m], &g)?;
             g = grads.get(x.as_tensor()).ok_or_else(missing)?.clone();
             on_grads(&grads)?;
         }
         if embedded.track_op() {
             // Trainable embeddings (full fine-tuning): their rows receive the last gradient.
-            on_grads(&crate::ops::backward_from(&embedded, &g)?)?;
+            on_grads(&crate::ops::backward_from(&[&embedded], &g)?)?;
         }
         on_grads(&head_grads)?;
         Ok(value)

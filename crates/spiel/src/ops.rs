@@ -486,12 +486,13 @@ impl CustomOp2 for Add {
     }
 }
 
-/// Back-propagate `g`, the gradient of some loss with respect to `y`, through `y`'s graph: the
-/// gradients of that loss for everything `y` depends on. The same as differentiating
-/// `sum(y * g)`, without that product's passes over `y` and `g` (the root op returns a dummy
-/// scalar and hands `g` back as `y`'s gradient).
-pub fn backward_from(y: &Tensor, g: &Tensor) -> Result<candle_core::backprop::GradStore> {
-    if y.shape() != g.shape() || y.dtype() != g.dtype() {
+/// Back-propagate `g`, the gradient of some loss with respect to `y`, through `y`'s graph, where
+/// `y` is the sum of `parts` (one or two tensors, never added up here): the gradients of that
+/// loss for everything `y` depends on. The same as differentiating `sum(y * g)`, without that
+/// product's passes over `y` and `g` or the sum's (the root op returns a dummy scalar and hands
+/// `g` back as each part's gradient).
+pub fn backward_from(parts: &[&Tensor], g: &Tensor) -> Result<candle_core::backprop::GradStore> {
+    if let Some(y) = parts.iter().find(|y| y.shape() != g.shape() || y.dtype() != g.dtype()) {
         return Err(crate::Error::Invalid(format!(
             "backward_from: gradient {:?} {:?} for a tensor {:?} {:?}",
             g.shape(),
@@ -500,10 +501,21 @@ pub fn backward_from(y: &Tensor, g: &Tensor) -> Result<candle_core::backprop::Gr
             y.dtype()
         )));
     }
-    Ok(y.apply_op1(Seed(g.clone()))?.backward()?)
+    let seed = Seed(g.clone());
+    let root = match parts {
+        [y] => y.apply_op1(seed)?,
+        [a, b] => a.apply_op2(b, seed)?,
+        _ => {
+            return Err(crate::Error::Invalid(format!(
+                "backward_from: {} parts, expected one or two",
+                parts.len()
+            )))
+        }
+    };
+    Ok(root.backward()?)
 }
 
-/// The root op of [`backward_from`]: its value is 0, its input's gradient the held `g`.
+/// The root op of [`backward_from`]: its value is 0, each input's gradient the held `g`.
 struct Seed(Tensor);
 
 impl CustomOp1 for Seed {
@@ -517,6 +529,32 @@ impl CustomOp1 for Seed {
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, _g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(self.0.clone()))
+    }
+}
+
+impl CustomOp2 for Seed {
+    fn name(&self) -> &'static str {
+        "backward-seed"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        _g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.0.clone()), Some(self.0.clone())))
     }
 }
 
