@@ -1,7 +1,7 @@
 #![no_main]
-//! Fuzz target `adapter_config`: see `spiel::fuzzing::Target::AdapterConfig`.
+//! Fuzz target `adapter_config`: see `spiel::testkit::fuzzing::Target::AdapterConfig`.
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     // An error is the right answer to a bad file; only a panic, abort or runaway allocation fails.
-    let _ = spiel::fuzzing::Target::AdapterConfig.run(data);
+    let _ = spiel::testkit::fuzzing::Target::AdapterConfig.run(data);
 });

@@ -1,7 +1,7 @@
 #![no_main]
-//! Fuzz target `adapter_safetensors`: see `spiel::fuzzing::Target::AdapterSafetensors`.
+//! Fuzz target `adapter_safetensors`: see `spiel::testkit::fuzzing::Target::AdapterSafetensors`.
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     // An error is the right answer to a bad file; only a panic, abort or runaway allocation fails.
-    let _ = spiel::fuzzing::Target::AdapterSafetensors.run(data);
+    let _ = spiel::testkit::fuzzing::Target::AdapterSafetensors.run(data);
 });

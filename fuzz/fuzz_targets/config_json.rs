@@ -1,7 +1,7 @@
 #![no_main]
-//! Fuzz target `config_json`: see `spiel::fuzzing::Target::ConfigJson`.
+//! Fuzz target `config_json`: see `spiel::testkit::fuzzing::Target::ConfigJson`.
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     // An error is the right answer to a bad file; only a panic, abort or runaway allocation fails.
-    let _ = spiel::fuzzing::Target::ConfigJson.run(data);
+    let _ = spiel::testkit::fuzzing::Target::ConfigJson.run(data);
 });

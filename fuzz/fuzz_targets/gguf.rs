@@ -1,7 +1,7 @@
 #![no_main]
-//! Fuzz target `gguf`: see `spiel::fuzzing::Target::Gguf`.
+//! Fuzz target `gguf`: see `spiel::testkit::fuzzing::Target::Gguf`.
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     // An error is the right answer to a bad file; only a panic, abort or runaway allocation fails.
-    let _ = spiel::fuzzing::Target::Gguf.run(data);
+    let _ = spiel::testkit::fuzzing::Target::Gguf.run(data);
 });

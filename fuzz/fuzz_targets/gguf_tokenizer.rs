@@ -1,7 +1,7 @@
 #![no_main]
-//! Fuzz target `gguf_tokenizer`: see `spiel::fuzzing::Target::GgufTokenizer`.
+//! Fuzz target `gguf_tokenizer`: see `spiel::testkit::fuzzing::Target::GgufTokenizer`.
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     // An error is the right answer to a bad file; only a panic, abort or runaway allocation fails.
-    let _ = spiel::fuzzing::Target::GgufTokenizer.run(data);
+    let _ = spiel::testkit::fuzzing::Target::GgufTokenizer.run(data);
 });

@@ -1,7 +1,7 @@
 #![no_main]
-//! Fuzz target `safetensors`: see `spiel::fuzzing::Target::Safetensors`.
+//! Fuzz target `safetensors`: see `spiel::testkit::fuzzing::Target::Safetensors`.
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     // An error is the right answer to a bad file; only a panic, abort or runaway allocation fails.
-    let _ = spiel::fuzzing::Target::Safetensors.run(data);
+    let _ = spiel::testkit::fuzzing::Target::Safetensors.run(data);
 });

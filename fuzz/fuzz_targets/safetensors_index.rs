@@ -1,7 +1,7 @@
 #![no_main]
-//! Fuzz target `safetensors_index`: see `spiel::fuzzing::Target::SafetensorsIndex`.
+//! Fuzz target `safetensors_index`: see `spiel::testkit::fuzzing::Target::SafetensorsIndex`.
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     // An error is the right answer to a bad file; only a panic, abort or runaway allocation fails.
-    let _ = spiel::fuzzing::Target::SafetensorsIndex.run(data);
+    let _ = spiel::testkit::fuzzing::Target::SafetensorsIndex.run(data);
 });

@@ -426,12 +426,12 @@ fn killed_and_resumed_tiny_runs_match_an_uninterrupted_one() {
 /// Write a tiny random LLaMA (byte-level tokenizer) as a GGUF file.
 fn tiny_model(dir: &std::path::Path) -> PathBuf {
     let p = dir.join("tiny.gguf");
-    let cfg = spiel::config::ModelConfig {
-        vocab_size: spiel::synth::BYTE_LEVEL_VOCAB,
-        ..spiel::model::tiny_config()
+    let cfg = spiel::formats::config::ModelConfig {
+        vocab_size: spiel::testkit::synth::BYTE_LEVEL_VOCAB,
+        ..spiel::model::random::tiny_config()
     };
-    let w = spiel::model::random_weights(&cfg, 3, &candle_core::Device::Cpu).unwrap();
-    spiel::synth::write_gguf(&p, &cfg, &w, spiel::quant::Format::F32).unwrap();
+    let w = spiel::model::random::random_weights(&cfg, 3, &candle_core::Device::Cpu).unwrap();
+    spiel::testkit::synth::write_gguf(&p, &cfg, &w, spiel::kernels::quant::Format::F32).unwrap();
     p
 }
 
@@ -573,13 +573,13 @@ fn compare_trains_every_method_and_reports() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.gguf");
     // A long context so a GSM8K question fits the byte-level tokenizer.
-    let cfg = spiel::config::ModelConfig {
-        vocab_size: spiel::synth::BYTE_LEVEL_VOCAB,
+    let cfg = spiel::formats::config::ModelConfig {
+        vocab_size: spiel::testkit::synth::BYTE_LEVEL_VOCAB,
         max_position_embeddings: 2048,
-        ..spiel::model::tiny_config()
+        ..spiel::model::random::tiny_config()
     };
-    let w = spiel::model::random_weights(&cfg, 5, &candle_core::Device::Cpu).unwrap();
-    spiel::synth::write_gguf(&model, &cfg, &w, spiel::quant::Format::F32).unwrap();
+    let w = spiel::model::random::random_weights(&cfg, 5, &candle_core::Device::Cpu).unwrap();
+    spiel::testkit::synth::write_gguf(&model, &cfg, &w, spiel::kernels::quant::Format::F32).unwrap();
     let data = dir.path().join("d.jsonl");
     let rows: String = (0..12)
         .map(|i| format!("{{\"instruction\": \"Count to {i}.\", \"output\": \"{i} {i} {i}.\"}}\n"))

@@ -8,11 +8,11 @@ fn main() -> anyhow::Result<()> {
     let home = std::env::args_os()
         .nth(1)
         .map(PathBuf::from)
-        .unwrap_or_else(spiel::assets::home);
-    for target in spiel::fuzzing::Target::ALL {
+        .unwrap_or_else(spiel::formats::assets::home);
+    for target in spiel::testkit::fuzzing::Target::ALL {
         let dir = root.join(target.name());
         std::fs::create_dir_all(&dir)?;
-        let seeds = spiel::fuzzing::seeds(target, &home)?;
+        let seeds = spiel::testkit::fuzzing::seeds(target, &home)?;
         for (name, bytes) in &seeds {
             std::fs::write(dir.join(name), bytes)?;
         }

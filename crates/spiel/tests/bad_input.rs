@@ -2,17 +2,17 @@
 
 mod common;
 
-use spiel::adapter::AdapterSet;
+use spiel::model::adapter::AdapterSet;
 
 use std::path::Path;
 
 use candle_core::Device;
-use spiel::gguf::Value;
-use spiel::model::random_weights;
-use spiel::quant::Format;
+use spiel::formats::gguf::Value;
+use spiel::kernels::quant::Format;
+use spiel::model::random::random_weights;
 
 fn load_err(path: &Path) -> String {
-    match spiel::loader::load(path, &Device::Cpu) {
+    match spiel::model::loader::load(path, &Device::Cpu) {
         Ok(_) => panic!("{} loaded but should not have", path.display()),
         Err(e) => {
             let msg = e.to_string();
@@ -26,7 +26,7 @@ fn tiny_gguf(dir: &Path) -> std::path::PathBuf {
     let cfg = common::tiny_cfg();
     let w = random_weights(&cfg, 1, &Device::Cpu).unwrap();
     let p = dir.join("tiny.gguf");
-    spiel::synth::write_gguf(&p, &cfg, &w, Format::F32).unwrap();
+    spiel::testkit::synth::write_gguf(&p, &cfg, &w, Format::F32).unwrap();
     p
 }
 
@@ -83,7 +83,7 @@ fn unsupported_tensor_type_and_architecture_are_named() {
         Format::F32,
         vec![0u8; 256],
     )];
-    spiel::gguf::write(&p, &meta, &tensors).unwrap();
+    spiel::formats::gguf::write(&p, &meta, &tensors).unwrap();
     let mut bytes = std::fs::read(&p).unwrap();
     let name = b"token_embd.weight";
     let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
@@ -95,14 +95,14 @@ fn unsupported_tensor_type_and_architecture_are_named() {
 
     let p = dir.path().join("gpt2.gguf");
     let meta = vec![("general.architecture".to_string(), Value::Str("gpt2".into()))];
-    spiel::gguf::write(&p, &meta, &[]).unwrap();
+    spiel::formats::gguf::write(&p, &meta, &[]).unwrap();
     assert!(load_err(&p).contains("unsupported GGUF architecture `gpt2`"));
 }
 
 fn tiny_hf_dir(dir: &Path) -> std::path::PathBuf {
-    let m = spiel::loader::load(&tiny_gguf(dir), &Device::Cpu).unwrap();
+    let m = spiel::model::loader::load(&tiny_gguf(dir), &Device::Cpu).unwrap();
     let out = dir.join("hf");
-    spiel::loader::export_hf(&m.model, &m.tokenizer, &out).unwrap();
+    spiel::model::loader::export_hf(&m.model, &m.tokenizer, &out).unwrap();
     out
 }
 
@@ -153,7 +153,7 @@ fn bad_safetensors_are_reported() {
     assert!(load_err(&hf).contains("model.safetensors"));
     // A missing tensor is named.
     std::fs::write(&st, &good).unwrap();
-    let m = spiel::loader::load(&hf, &Device::Cpu).unwrap();
+    let m = spiel::model::loader::load(&hf, &Device::Cpu).unwrap();
     let kept: Vec<_> = m
         .model
         .named_weights()
@@ -161,7 +161,7 @@ fn bad_safetensors_are_reported() {
         .into_iter()
         .filter(|(n, _)| !n.contains("layers.1.mlp.up_proj"))
         .collect();
-    spiel::loader::write_safetensors(&st, &kept).unwrap();
+    spiel::model::loader::write_safetensors(&st, &kept).unwrap();
     let msg = load_err(&hf);
     assert!(
         msg.contains("model.layers.1.mlp.up_proj.weight") && msg.contains("missing"),
@@ -173,15 +173,16 @@ fn bad_safetensors_are_reported() {
 fn empty_prompt_and_text_are_rejected() {
     let dev = Device::Cpu;
     let dir = tempfile::tempdir().unwrap();
-    let m = spiel::loader::load(&tiny_gguf(dir.path()), &dev).unwrap();
-    let opts = spiel::generate::GenerateOptions {
+    let m = spiel::model::loader::load(&tiny_gguf(dir.path()), &dev).unwrap();
+    let opts = spiel::tasks::generate::GenerateOptions {
         max_new_tokens: 4,
         temperature: 0.0,
         seed: 0,
         stop_strings: Vec::new(),
     };
-    let e = spiel::generate::generate(&m.model, &AdapterSet::none(), &m.tokenizer, &[], &opts, |_| {}).unwrap_err();
+    let e =
+        spiel::tasks::generate::generate(&m.model, &AdapterSet::none(), &m.tokenizer, &[], &opts, |_| {}).unwrap_err();
     assert!(e.to_string().contains("prompt is empty"));
-    let e = spiel::score::score(&m.model, &AdapterSet::none(), &m.tokenizer, "", 5).unwrap_err();
+    let e = spiel::tasks::score::score(&m.model, &AdapterSet::none(), &m.tokenizer, "", 5).unwrap_err();
     assert!(e.to_string().contains("empty"));
 }

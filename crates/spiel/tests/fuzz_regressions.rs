@@ -7,7 +7,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use spiel::fuzzing::{self, Target};
+use spiel::testkit::fuzzing::{self, Target};
 
 fn regressions(target: Target) -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))

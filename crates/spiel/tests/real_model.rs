@@ -2,13 +2,14 @@
 
 mod common;
 
-use spiel::adapter::AdapterSet;
+use spiel::model::adapter::AdapterSet;
 
 use candle_core::Tensor;
-use spiel::generate::{argmax, generate, GenerateOptions};
-use spiel::model::{Grad, KvCache};
-use spiel::score::score;
-use spiel::tokenizer::{Message, Tokenizer, CHATML_TEMPLATE};
+use spiel::formats::tokenizer::{Message, Tokenizer, CHATML_TEMPLATE};
+use spiel::model::transformer::KvCache;
+use spiel::model::weight::Grad;
+use spiel::tasks::generate::{argmax, generate, GenerateOptions};
+use spiel::tasks::score::score;
 
 /// Golden top-5 from the spec (reference implementation, f32 dequantised weights).
 const GOLDEN_TOP5: [(u32, &str, f32); 5] = [
@@ -41,7 +42,7 @@ fn golden_score_matches_reference() {
     assert!((nll - 3.6916).abs() < 1e-3, "nll {nll}");
 }
 
-fn greedy_chat(tok: &Tokenizer, model: &spiel::model::Llama, prompt: &str) -> String {
+fn greedy_chat(tok: &Tokenizer, model: &spiel::model::transformer::Llama, prompt: &str) -> String {
     let text = tok.apply_chat_template(&[Message::new("user", prompt)], true).unwrap();
     let ids = tok.encode(&text).unwrap();
     let opts = GenerateOptions {
@@ -121,7 +122,7 @@ fn exported_hf_directory_reproduces_gguf_logits() {
     let Some(m) = common::smollm() else { return };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("smollm2-hf");
-    spiel::loader::export_hf(&m.model, &m.tokenizer, &out).unwrap();
+    spiel::model::loader::export_hf(&m.model, &m.tokenizer, &out).unwrap();
     for f in [
         "config.json",
         "model.safetensors",
@@ -130,7 +131,7 @@ fn exported_hf_directory_reproduces_gguf_logits() {
     ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
-    let hf = spiel::loader::load(&out, &candle_core::Device::Cpu).unwrap();
+    let hf = spiel::model::loader::load(&out, &candle_core::Device::Cpu).unwrap();
     let text = "The capital of France is";
     let a = score(&m.model, &AdapterSet::none(), &m.tokenizer, text, 5).unwrap();
     let b = score(&hf.model, &AdapterSet::none(), &hf.tokenizer, text, 5).unwrap();
@@ -147,7 +148,7 @@ fn exported_hf_directory_reproduces_gguf_logits() {
 #[test]
 fn tokenizer_round_trips_alpaca_and_keeps_specials_atomic() {
     let Some(m) = common::smollm() else { return };
-    let Some(path) = common::asset(&spiel::assets::ALPACA) else {
+    let Some(path) = common::asset(&spiel::formats::assets::ALPACA) else {
         return;
     };
     let data: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();

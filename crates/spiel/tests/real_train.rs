@@ -3,16 +3,17 @@
 
 mod common;
 
-use spiel::adapter::Method;
-use spiel::train::{self, TrainConfig, Trainer};
+use spiel::model::adapter::Method;
+use spiel::train::config::TrainConfig;
+use spiel::train::{self, trainer::Trainer};
 
 #[test]
 fn spiel_ag_and_ma_lower_heldout_loss_on_smollm2() {
     let Some(m) = common::smollm() else { return };
-    let Some(data) = common::asset(&spiel::assets::ALPACA) else {
+    let Some(data) = common::asset(&spiel::formats::assets::ALPACA) else {
         return;
     };
-    let convs = spiel::data::read_conversations(&data).unwrap();
+    let convs = spiel::train::data::read_conversations(&data).unwrap();
     assert_eq!(convs.len(), 999);
     let dir = tempfile::tempdir().unwrap();
     for method in [Method::SpielAg, Method::SpielMa] {
@@ -32,7 +33,7 @@ fn spiel_ag_and_ma_lower_heldout_loss_on_smollm2() {
             ..TrainConfig::default()
         };
         let (mut t, stats) = Trainer::new(cfg, m.model.clone(), "smollm2", &m.tokenizer, &convs).unwrap();
-        let s = train::run(&mut t, &m.tokenizer, &stats, false, |_| train::Flow::Continue).unwrap();
+        let s = train::run::run(&mut t, &m.tokenizer, &stats, false, |_| train::run::Flow::Continue).unwrap();
         let (before, after) = (s.initial_eval.unwrap(), s.final_eval.unwrap());
         eprintln!("{}: held-out loss {before:.4} -> {after:.4}", method.as_str());
         assert!(after < before, "{method:?}: held-out loss {before} -> {after}");

@@ -2,11 +2,13 @@
 
 mod common;
 
-use spiel::adapter::AdapterSet;
+use spiel::model::adapter::AdapterSet;
 
 use candle_core::{DType, Device, Tensor, Var};
-use spiel::model::{random_weights, Grad, KvCache, Llama};
-use spiel::quant::Format;
+use spiel::kernels::quant::Format;
+use spiel::model::random::random_weights;
+use spiel::model::transformer::{KvCache, Llama};
+use spiel::model::weight::Grad;
 
 fn ids(v: &[u32]) -> Tensor {
     Tensor::new(v, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
@@ -16,15 +18,15 @@ fn ids(v: &[u32]) -> Tensor {
 fn gguf_file_loads_to_the_same_model() {
     let dev = Device::Cpu;
     for bias in [false, true] {
-        let cfg = spiel::config::ModelConfig {
+        let cfg = spiel::formats::config::ModelConfig {
             attention_bias: bias,
             ..common::tiny_cfg()
         };
         let w = random_weights(&cfg, 3, &dev).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
-        spiel::synth::write_gguf(&path, &cfg, &w, Format::F32).unwrap();
-        let loaded = spiel::loader::load(&path, &dev).unwrap();
+        spiel::testkit::synth::write_gguf(&path, &cfg, &w, Format::F32).unwrap();
+        let loaded = spiel::model::loader::load(&path, &dev).unwrap();
         assert_eq!(loaded.model.cfg, cfg);
         let reference = Llama::from_weights(cfg.clone(), w, &dev).unwrap();
         let x = ids(&[5, 17, 200, 3, 99, 261, 42]);
@@ -62,8 +64,8 @@ fn quantized_gguf_stays_close_to_f32() {
         (Format::Q4_0, 0.2 * scale),
     ] {
         let path = dir.path().join(format!("{format:?}.gguf"));
-        spiel::synth::write_gguf(&path, &cfg, &w, format).unwrap();
-        let b = spiel::loader::load(&path, &dev)
+        spiel::testkit::synth::write_gguf(&path, &cfg, &w, format).unwrap();
+        let b = spiel::model::loader::load(&path, &dev)
             .unwrap()
             .model
             .forward(&x, None, Grad::No, &AdapterSet::none())
@@ -76,7 +78,7 @@ fn quantized_gguf_stays_close_to_f32() {
 #[test]
 fn hf_export_round_trips() {
     let dev = Device::Cpu;
-    let cfg = spiel::config::ModelConfig {
+    let cfg = spiel::formats::config::ModelConfig {
         tie_word_embeddings: false,
         attention_bias: true,
         ..common::tiny_cfg()
@@ -84,13 +86,13 @@ fn hf_export_round_trips() {
     let w = random_weights(&cfg, 5, &dev).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let gguf = dir.path().join("tiny.gguf");
-    spiel::synth::write_gguf(&gguf, &cfg, &w, Format::F32).unwrap();
-    let m = spiel::loader::load(&gguf, &dev).unwrap();
+    spiel::testkit::synth::write_gguf(&gguf, &cfg, &w, Format::F32).unwrap();
+    let m = spiel::model::loader::load(&gguf, &dev).unwrap();
     let out = dir.path().join("hf");
-    spiel::loader::export_hf(&m.model, &m.tokenizer, &out).unwrap();
+    spiel::model::loader::export_hf(&m.model, &m.tokenizer, &out).unwrap();
     // Exporting again over an existing directory replaces it whole.
-    spiel::loader::export_hf(&m.model, &m.tokenizer, &out).unwrap();
-    let hf = spiel::loader::load(&out, &dev).unwrap();
+    spiel::model::loader::export_hf(&m.model, &m.tokenizer, &out).unwrap();
+    let hf = spiel::model::loader::load(&out, &dev).unwrap();
     assert_eq!(hf.model.cfg, cfg);
     let x = ids(&[1, 2, 3, 250, 7]);
     let a = m.model.forward(&x, None, Grad::No, &AdapterSet::none()).unwrap();
@@ -159,7 +161,7 @@ fn kv_cache_in_chunks_matches_full_forward() {
 /// delta and a LoRA pair attached: every step's logits equal the full forward's at that position.
 #[test]
 fn kv_cache_growing_batched_with_adapters_matches_full_forward() {
-    use spiel::adapter::{Delta, LoraDelta, SparseDelta};
+    use spiel::model::adapter::{Delta, LoraDelta, SparseDelta};
     use std::sync::Arc;
     let dev = Device::Cpu;
     let cfg = common::tiny_cfg();
@@ -288,7 +290,7 @@ fn gradients_reach_the_weights_and_match_finite_differences() {
 /// and NF4 stays close to the f32 model.
 #[test]
 fn quantised_projections_match_their_dequantised_model() {
-    use spiel::loader::{load_with, Quantize};
+    use spiel::model::loader::{load_with, Quantize};
     let dev = Device::Cpu;
     let cfg = common::tiny_cfg();
     let w = random_weights(&cfg, 8, &dev).unwrap();
@@ -296,7 +298,7 @@ fn quantised_projections_match_their_dequantised_model() {
     let x = ids(&[5, 17, 200, 3, 99, 42]);
     for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
         let path = dir.path().join(format!("{format:?}.gguf"));
-        spiel::synth::write_gguf(&path, &cfg, &w, format).unwrap();
+        spiel::testkit::synth::write_gguf(&path, &cfg, &w, format).unwrap();
         let dense = load_with(&path, &dev, Quantize::None).unwrap().model;
         let kept = load_with(&path, &dev, Quantize::Keep).unwrap().model;
         assert!(kept.is_quantized() && !dense.is_quantized());
@@ -314,7 +316,7 @@ fn quantised_projections_match_their_dequantised_model() {
         assert!(common::max_abs_diff(&a, &b) < 1e-4, "{format:?} cached");
     }
     let path = dir.path().join("f32.gguf");
-    spiel::synth::write_gguf(&path, &cfg, &w, Format::F32).unwrap();
+    spiel::testkit::synth::write_gguf(&path, &cfg, &w, Format::F32).unwrap();
     let f = load_with(&path, &dev, Quantize::None).unwrap().model;
     let q = load_with(&path, &dev, Quantize::Nf4).unwrap().model;
     assert!(q.weight_bytes() < f.weight_bytes());
@@ -337,8 +339,8 @@ fn bf16_base_matches_the_same_values_in_f32() {
     let w = random_weights(&cfg, 9, &dev).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bf16.gguf");
-    spiel::synth::write_gguf(&path, &cfg, &w, Format::BF16).unwrap();
-    let f32_model = spiel::loader::load(&path, &dev).unwrap().model;
+    spiel::testkit::synth::write_gguf(&path, &cfg, &w, Format::BF16).unwrap();
+    let f32_model = spiel::model::loader::load(&path, &dev).unwrap().model;
     let mut bf16 = f32_model.clone();
     bf16.hold_in_bf16().unwrap();
     assert!(bf16.is_quantized());
@@ -365,7 +367,7 @@ fn bf16_base_matches_the_same_values_in_f32() {
 /// plain backward for every weight (embeddings, norms, projections) and the same loss.
 #[test]
 fn backward_by_blocks_matches_one_backward() {
-    use spiel::model::BlockGraphs;
+    use spiel::model::transformer::BlockGraphs;
     use std::collections::HashMap;
     let dev = Device::Cpu;
     let cfg = common::tiny_cfg();

@@ -4,20 +4,21 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use spiel::adapter::{Adapter, AdapterSet, Method};
-use spiel::data::Conversation;
-use spiel::loader::LoadedModel;
-use spiel::model::Grad;
-use spiel::quant::Format;
-use spiel::tokenizer::Message;
-use spiel::train::{self, TrainConfig, Trainer};
+use spiel::formats::tokenizer::Message;
+use spiel::kernels::quant::Format;
+use spiel::model::adapter::{AdapterSet, Method};
+use spiel::model::loader::LoadedModel;
+use spiel::model::weight::Grad;
+use spiel::train::config::TrainConfig;
+use spiel::train::data::Conversation;
+use spiel::train::{self, trainer::Trainer};
 
 fn tiny(dir: &std::path::Path) -> LoadedModel {
     let cfg = common::tiny_cfg();
-    let w = spiel::model::random_weights(&cfg, 11, &Device::Cpu).unwrap();
+    let w = spiel::model::random::random_weights(&cfg, 11, &Device::Cpu).unwrap();
     let p = dir.join("tiny.gguf");
-    spiel::synth::write_gguf(&p, &cfg, &w, Format::F32).unwrap();
-    spiel::loader::load(&p, &Device::Cpu).unwrap()
+    spiel::testkit::synth::write_gguf(&p, &cfg, &w, Format::F32).unwrap();
+    spiel::model::loader::load(&p, &Device::Cpu).unwrap()
 }
 
 fn conversations(n: usize) -> Vec<Conversation> {
@@ -52,22 +53,25 @@ fn config(method: Method, out: &std::path::Path) -> TrainConfig {
     }
 }
 
-fn run(m: &LoadedModel, cfg: TrainConfig, resume: bool) -> Vec<train::StepRecord> {
+fn run(m: &LoadedModel, cfg: TrainConfig, resume: bool) -> Vec<train::metrics::StepRecord> {
     run_from(m, cfg, resume).0
 }
 
 /// Train to the end; returns the metrics file's records and the first update this call ran.
-fn run_from(m: &LoadedModel, cfg: TrainConfig, resume: bool) -> (Vec<train::StepRecord>, usize) {
+fn run_from(m: &LoadedModel, cfg: TrainConfig, resume: bool) -> (Vec<train::metrics::StepRecord>, usize) {
     let (mut t, stats) = Trainer::new(cfg.clone(), m.model.clone(), "tiny", &m.tokenizer, &conversations(40)).unwrap();
     let mut first_step = 0;
-    train::run(&mut t, &m.tokenizer, &stats, resume, |ev| {
-        if let train::Event::Start { first, .. } = ev {
+    train::run::run(&mut t, &m.tokenizer, &stats, resume, |ev| {
+        if let train::run::Event::Start { first, .. } = ev {
             first_step = first;
         }
-        train::Flow::Continue
+        train::run::Flow::Continue
     })
     .unwrap();
-    (train::read_metrics(&cfg.out.join("metrics.jsonl")).unwrap(), first_step)
+    (
+        train::metrics::read_metrics(&cfg.out.join("metrics.jsonl")).unwrap(),
+        first_step,
+    )
 }
 
 fn logits(m: &LoadedModel, a: &AdapterSet) -> Tensor {
@@ -100,7 +104,7 @@ fn every_method_trains_saves_reloads_and_merges() {
                 .collect();
             assert_eq!(resel, vec![4, 8]);
         }
-        let adapter = Adapter::load(&out.join("adapter"), &m.model).unwrap();
+        let adapter = m.model.load_adapter(&out.join("adapter")).unwrap();
         let set = adapter.to_set();
         let unmerged = logits(&m, &set);
         assert!(
@@ -119,9 +123,9 @@ fn every_method_trains_saves_reloads_and_merges() {
         // Save again and reload: identical logits.
         let copy = dir.path().join(format!("{}-copy", method.as_str()));
         adapter.save(&copy).unwrap();
-        let again = Adapter::load(&copy, &m.model).unwrap();
+        let again = m.model.load_adapter(&copy).unwrap();
         assert_eq!(common::max_abs_diff(&logits(&m, &again.to_set()), &unmerged), 0.0);
-        let report = spiel::inspect::inspect(&copy).unwrap();
+        let report = spiel::tasks::inspect::inspect(&copy).unwrap();
         assert_eq!(report.method, method);
         assert!(report.total > 0 && report.render().contains("per layer"));
     }
@@ -133,7 +137,7 @@ fn sparse_budget_matches_lora_rank_and_counts_are_conserved() {
     let m = tiny(dir.path());
     let out = dir.path().join("ag");
     run(&m, config(Method::SpielAg, &out), false);
-    let a = Adapter::load(&out.join("adapter"), &m.model).unwrap();
+    let a = m.model.load_adapter(&out.join("adapter")).unwrap();
     // Rank 2 on 7 modules x 2 layers: 2 * sum(in + out).
     let lora_equiv: usize = m.model.linears().iter().map(|l| 2 * (l.shape().0 + l.shape().1)).sum();
     let total: usize = a.config.module_counts.values().sum();
@@ -142,7 +146,7 @@ fn sparse_budget_matches_lora_rank_and_counts_are_conserved() {
         "{total} vs {lora_equiv}"
     );
     for (name, d) in &a.deltas {
-        let spiel::adapter::Delta::Sparse(s) = d else {
+        let spiel::model::adapter::Delta::Sparse(s) = d else {
             panic!("not sparse")
         };
         assert_eq!(s.indices.len(), a.config.module_counts[name]);
@@ -162,11 +166,11 @@ fn resume_reproduces_the_uninterrupted_run() {
         let cfg = config(method, &part_out);
         let (mut t, stats) =
             Trainer::new(cfg.clone(), m.model.clone(), "tiny", &m.tokenizer, &conversations(40)).unwrap();
-        let stop = |ev: train::Event| match ev {
-            train::Event::Step(r) if r.step == 7 => train::Flow::Stop,
-            _ => train::Flow::Continue,
+        let stop = |ev: train::run::Event| match ev {
+            train::run::Event::Step(r) if r.step == 7 => train::run::Flow::Stop,
+            _ => train::run::Flow::Continue,
         };
-        let s = train::run(&mut t, &m.tokenizer, &stats, false, stop).unwrap();
+        let s = train::run::run(&mut t, &m.tokenizer, &stats, false, stop).unwrap();
         assert!(s.stopped);
         drop(t);
         let (resumed, first) = run_from(&m, cfg, true);
@@ -195,37 +199,37 @@ fn adapters_for_another_base_or_broken_files_are_refused() {
     run(&m, config(Method::SpielAg, &out), false);
     let adir = out.join("adapter");
     // Another base: a config that differs in one field.
-    let other_cfg = spiel::config::ModelConfig {
+    let other_cfg = spiel::formats::config::ModelConfig {
         rope_theta: 500_000.0,
         ..common::tiny_cfg()
     };
-    let other = spiel::model::Llama::random(other_cfg, 1, &Device::Cpu).unwrap();
-    let e = Adapter::load(&adir, &other).err().unwrap().to_string();
+    let other = spiel::model::transformer::Llama::random(other_cfg, 1, &Device::Cpu).unwrap();
+    let e = other.load_adapter(&adir).err().unwrap().to_string();
     assert!(
         e.contains("trained on base model `tiny`") && e.contains("config hash"),
         "{e}"
     );
     // Unsorted indices.
-    let a = Adapter::load(&adir, &m.model).unwrap();
+    let a = m.model.load_adapter(&adir).unwrap();
     let mut broken = a.clone();
-    if let Some(spiel::adapter::Delta::Sparse(s)) = broken.deltas.values_mut().next() {
+    if let Some(spiel::model::adapter::Delta::Sparse(s)) = broken.deltas.values_mut().next() {
         let mut idx = (*s.indices).clone();
         idx.swap(0, 1);
         s.indices = std::sync::Arc::new(idx);
     }
     let bdir = dir.path().join("broken");
     broken.save(&bdir).unwrap();
-    let e = Adapter::load(&bdir, &m.model).err().unwrap().to_string();
+    let e = m.model.load_adapter(&bdir).err().unwrap().to_string();
     assert!(e.contains("not sorted and unique"), "{e}");
     // Index out of range.
     let mut broken = a.clone();
-    if let Some(spiel::adapter::Delta::Sparse(s)) = broken.deltas.values_mut().next() {
+    if let Some(spiel::model::adapter::Delta::Sparse(s)) = broken.deltas.values_mut().next() {
         let mut idx = (*s.indices).clone();
         *idx.last_mut().unwrap() = 1 << 30;
         s.indices = std::sync::Arc::new(idx);
     }
     broken.save(&bdir).unwrap();
-    let e = Adapter::load(&bdir, &m.model).err().unwrap().to_string();
+    let e = m.model.load_adapter(&bdir).err().unwrap().to_string();
     assert!(e.contains("out of range"), "{e}");
 }
 
@@ -242,16 +246,16 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
         ..config(Method::Lora, &out)
     };
     let (mut t, stats) = Trainer::new(cfg, m.model.clone(), "tiny", &m.tokenizer, &conversations(40)).unwrap();
-    let e = train::run(&mut t, &m.tokenizer, &stats, false, |_| train::Flow::Continue)
+    let e = train::run::run(&mut t, &m.tokenizer, &stats, false, |_| train::run::Flow::Continue)
         .err()
         .unwrap()
         .to_string();
     assert!(e.contains("loss became"), "{e}");
-    let ckpts = spiel::checkpoint::list(&out).unwrap();
+    let ckpts = spiel::formats::checkpoint::list(&out).unwrap();
     assert_eq!(ckpts.len(), 1);
-    let (_, arrays) = spiel::checkpoint::load(&ckpts[0].1).unwrap();
+    let (_, arrays) = spiel::formats::checkpoint::load(&ckpts[0].1).unwrap();
     for (name, a) in arrays {
-        if let spiel::checkpoint::Array::F32(v) = a {
+        if let spiel::formats::checkpoint::Array::F32(v) = a {
             assert!(
                 v.iter().all(|x| x.is_finite()),
                 "{name} is not finite in the kept checkpoint"
@@ -269,8 +273,8 @@ fn two_adapters_add_up_and_peft_style_configs_load() {
     let mut cfg_b = config(Method::SpielMa, &b_out);
     cfg_b.seed = 7;
     run(&m, cfg_b, false);
-    let a = Adapter::load(&a_out.join("adapter"), &m.model).unwrap();
-    let b = Adapter::load(&b_out.join("adapter"), &m.model).unwrap();
+    let a = m.model.load_adapter(&a_out.join("adapter")).unwrap();
+    let b = m.model.load_adapter(&b_out.join("adapter")).unwrap();
     let mut both = a.to_set();
     both.extend(&b.to_set());
     // Applying both equals merging one and applying the other on top.
@@ -291,7 +295,7 @@ fn two_adapters_add_up_and_peft_style_configs_load() {
         "inference_mode": true
     });
     std::fs::write(ldir.join("adapter_config.json"), peft.to_string()).unwrap();
-    let l = Adapter::load(&ldir, &m.model).unwrap();
+    let l = m.model.load_adapter(&ldir).unwrap();
     assert_eq!(l.config.method, Method::Lora);
     assert_eq!(l.deltas.len(), 14);
 }
@@ -310,7 +314,7 @@ fn toml_configs_parse_partially_and_name_unknown_fields() {
         (c.method, c.steps, c.batch_size),
         (Method::SpielMa, 7, TrainConfig::default().batch_size)
     );
-    assert_eq!(c.reselection_policy, spiel::select::Policy::Cosine);
+    assert_eq!(c.reselection_policy, spiel::train::select::Policy::Cosine);
     std::fs::write(&p, "steps = 7\nlearning_rate = 1e-3\n").unwrap();
     let e = TrainConfig::from_toml_file(&p).unwrap_err().to_string();
     assert!(e.contains("c.toml") && e.contains("learning_rate"), "{e}");
@@ -328,17 +332,17 @@ fn toml_configs_parse_partially_and_name_unknown_fields() {
 fn adapters_train_over_a_quantised_base() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = common::tiny_cfg();
-    let w = spiel::model::random_weights(&cfg, 11, &Device::Cpu).unwrap();
+    let w = spiel::model::random::random_weights(&cfg, 11, &Device::Cpu).unwrap();
     let p = dir.path().join("tiny-q4.gguf");
-    spiel::synth::write_gguf(&p, &cfg, &w, Format::Q4_0).unwrap();
+    spiel::testkit::synth::write_gguf(&p, &cfg, &w, Format::Q4_0).unwrap();
     let f32_path = dir.path().join("tiny.gguf");
-    spiel::synth::write_gguf(&f32_path, &cfg, &w, Format::F32).unwrap();
-    let dense = spiel::loader::load(&f32_path, &Device::Cpu).unwrap();
+    spiel::testkit::synth::write_gguf(&f32_path, &cfg, &w, Format::F32).unwrap();
+    let dense = spiel::model::loader::load(&f32_path, &Device::Cpu).unwrap();
     for (path, q) in [
-        (&f32_path, spiel::loader::Quantize::Nf4),
-        (&p, spiel::loader::Quantize::Keep),
+        (&f32_path, spiel::model::loader::Quantize::Nf4),
+        (&p, spiel::model::loader::Quantize::Keep),
     ] {
-        let m = spiel::loader::load_with(path, &Device::Cpu, q).unwrap();
+        let m = spiel::model::loader::load_with(path, &Device::Cpu, q).unwrap();
         assert!(m.model.is_quantized());
         // Projections at ~4.1-4.5 bits instead of 32.
         let proj_f32: usize = dense.model.linears().iter().map(|l| l.weight.bytes()).sum();
@@ -353,7 +357,7 @@ fn adapters_train_over_a_quantised_base() {
             let metrics = run(&m, c, false);
             let (first, last) = (metrics[0].eval_loss.unwrap(), metrics[12].eval_loss.unwrap());
             assert!(last < first, "{q:?} {method:?}: held-out loss {first} -> {last}");
-            let a = Adapter::load(&out.join("adapter"), &m.model).unwrap();
+            let a = m.model.load_adapter(&out.join("adapter")).unwrap();
             let with = logits(&m, &a.to_set());
             assert!(common::max_abs_diff(&with, &logits(&m, &AdapterSet::none())) > 1e-4);
             // Merging writes a dense model that gives the same logits as the unmerged adapter.
@@ -365,18 +369,18 @@ fn adapters_train_over_a_quantised_base() {
         }
     }
     // A bf16 base: adapters train and merge the same way.
-    let mut m = spiel::loader::load(&f32_path, &Device::Cpu).unwrap();
+    let mut m = spiel::model::loader::load(&f32_path, &Device::Cpu).unwrap();
     m.model.hold_in_bf16().unwrap();
     for method in [Method::SpielMa, Method::Lora] {
         let out = dir.path().join(format!("bf16-{}", method.as_str()));
         let c = TrainConfig {
-            dtype: spiel::loader::Dtype::Bf16,
+            dtype: spiel::model::loader::Dtype::Bf16,
             ..config(method, &out)
         };
         let metrics = run(&m, c, false);
         let (first, last) = (metrics[0].eval_loss.unwrap(), metrics[12].eval_loss.unwrap());
         assert!(last < first, "bf16 {method:?}: held-out loss {first} -> {last}");
-        let a = Adapter::load(&out.join("adapter"), &m.model).unwrap();
+        let a = m.model.load_adapter(&out.join("adapter")).unwrap();
         let with = logits(&m, &a.to_set());
         let merged = m.model.merged(&a.to_set()).unwrap();
         let ids = Tensor::new(&[[1u32, 40, 50, 60, 70, 2, 100]], &Device::Cpu).unwrap();
@@ -384,13 +388,13 @@ fn adapters_train_over_a_quantised_base() {
         assert!(common::max_abs_diff(&ml, &with) < 1e-4);
     }
     let bad = TrainConfig {
-        dtype: spiel::loader::Dtype::Bf16,
+        dtype: spiel::model::loader::Dtype::Bf16,
         ..config(Method::Full, &dir.path().join("full-bf16"))
     };
     assert!(bad.validate().unwrap_err().to_string().contains("dtype"));
     // Full fine-tuning over a quantised base is refused with the field named.
     let bad = TrainConfig {
-        quantize: spiel::loader::Quantize::Nf4,
+        quantize: spiel::model::loader::Quantize::Nf4,
         ..config(Method::Full, &dir.path().join("full"))
     };
     let e = bad.validate().unwrap_err().to_string();
@@ -401,10 +405,10 @@ fn adapters_train_over_a_quantised_base() {
 fn checkpointed_training_gives_the_same_losses() {
     let dir = tempfile::tempdir().unwrap();
     let m = tiny(dir.path());
-    let nf4 = spiel::loader::load_with(
+    let nf4 = spiel::model::loader::load_with(
         &dir.path().join("tiny.gguf"),
         &Device::Cpu,
-        spiel::loader::Quantize::Nf4,
+        spiel::model::loader::Quantize::Nf4,
     )
     .unwrap();
     let cases = [
@@ -416,9 +420,9 @@ fn checkpointed_training_gives_the_same_losses() {
     ];
     for (i, (method, model)) in cases.into_iter().enumerate() {
         let quantize = if model.model.is_quantized() {
-            spiel::loader::Quantize::Nf4
+            spiel::model::loader::Quantize::Nf4
         } else {
-            spiel::loader::Quantize::None
+            spiel::model::loader::Quantize::None
         };
         let metrics = |checkpoint_activations: bool| {
             let out = dir.path().join(format!("{i}-{checkpoint_activations}"));
@@ -429,7 +433,7 @@ fn checkpointed_training_gives_the_same_losses() {
             };
             (
                 run(model, c, false),
-                Adapter::load(&out.join("adapter"), &model.model).ok(),
+                model.model.load_adapter(&out.join("adapter")).ok(),
             )
         };
         let (plain, plain_adapter) = metrics(false);
@@ -466,11 +470,11 @@ fn checkpointed_training_gives_the_same_losses() {
 fn sparse_deltas_added_into_the_base_train_like_the_separate_product() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = common::tiny_cfg();
-    let w = spiel::model::random_weights(&cfg, 13, &Device::Cpu).unwrap();
+    let w = spiel::model::random::random_weights(&cfg, 13, &Device::Cpu).unwrap();
     let p = dir.path().join("bf16.gguf");
-    spiel::synth::write_gguf(&p, &cfg, &w, Format::BF16).unwrap();
-    let dense = spiel::loader::load(&p, &Device::Cpu).unwrap();
-    let mut held = spiel::loader::load(&p, &Device::Cpu).unwrap();
+    spiel::testkit::synth::write_gguf(&p, &cfg, &w, Format::BF16).unwrap();
+    let dense = spiel::model::loader::load(&p, &Device::Cpu).unwrap();
+    let mut held = spiel::model::loader::load(&p, &Device::Cpu).unwrap();
     held.model.hold_in_bf16().unwrap();
     let before: Vec<(String, Vec<f32>)> = dense
         .model
@@ -485,7 +489,7 @@ fn sparse_deltas_added_into_the_base_train_like_the_separate_product() {
         let b = run(
             &held,
             TrainConfig {
-                dtype: spiel::loader::Dtype::Bf16,
+                dtype: spiel::model::loader::Dtype::Bf16,
                 ..config(method, &out("bf16"))
             },
             false,
@@ -515,13 +519,13 @@ fn sparse_deltas_added_into_the_base_train_like_the_separate_product() {
 fn bf16_activations_train_like_f32_activations() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = common::tiny_cfg();
-    let w = spiel::model::random_weights(&cfg, 17, &Device::Cpu).unwrap();
+    let w = spiel::model::random::random_weights(&cfg, 17, &Device::Cpu).unwrap();
     let p = dir.path().join("bf16.gguf");
-    spiel::synth::write_gguf(&p, &cfg, &w, Format::BF16).unwrap();
+    spiel::testkit::synth::write_gguf(&p, &cfg, &w, Format::BF16).unwrap();
     // The same bf16-held base computing in f32 (the reference) and in bf16.
-    let mut f32_acts = spiel::loader::load(&p, &Device::Cpu).unwrap();
+    let mut f32_acts = spiel::model::loader::load(&p, &Device::Cpu).unwrap();
     f32_acts.model.hold_in_bf16().unwrap();
-    let mut bf16_acts = spiel::loader::load(&p, &Device::Cpu).unwrap();
+    let mut bf16_acts = spiel::model::loader::load(&p, &Device::Cpu).unwrap();
     bf16_acts.model.hold_in_bf16().unwrap();
     bf16_acts.model.compute_in(candle_core::DType::BF16).unwrap();
     assert!(bf16_acts.model.compute_in(candle_core::DType::F16).is_err());
@@ -529,7 +533,7 @@ fn bf16_activations_train_like_f32_activations() {
     for method in [Method::SpielAg, Method::SpielMa, Method::Lora] {
         let out = |tag: &str| dir.path().join(format!("{method:?}-{tag}"));
         let c = |tag: &str| TrainConfig {
-            dtype: spiel::loader::Dtype::Bf16,
+            dtype: spiel::model::loader::Dtype::Bf16,
             ..config(method, &out(tag))
         };
         let a = run(&f32_acts, c("f32"), false);
@@ -552,7 +556,7 @@ fn bf16_activations_train_like_f32_activations() {
         let (first, last) = (b[0].eval_loss.unwrap(), b[12].eval_loss.unwrap());
         assert!(last < first, "bf16 {method:?}: held-out loss {first} -> {last}");
         // The adapter holds f32 values and gives nearly the f32 model's logits.
-        let ad = Adapter::load(&out("bf16").join("adapter"), &bf16_acts.model).unwrap();
+        let ad = bf16_acts.model.load_adapter(&out("bf16").join("adapter")).unwrap();
         let (l16, l32) = (logits(&bf16_acts, &ad.to_set()), logits(&f32_acts, &ad.to_set()));
         assert_eq!(l16.dtype(), candle_core::DType::F32);
         let scale = l32.abs().unwrap().max_keepdim(1).unwrap().max_keepdim(2).unwrap();
@@ -564,7 +568,7 @@ fn bf16_activations_train_like_f32_activations() {
     let plain = run(
         &bf16_acts,
         TrainConfig {
-            dtype: spiel::loader::Dtype::Bf16,
+            dtype: spiel::model::loader::Dtype::Bf16,
             ..config(Method::SpielAg, &dir.path().join("p"))
         },
         false,
@@ -572,7 +576,7 @@ fn bf16_activations_train_like_f32_activations() {
     let ckpt = run(
         &bf16_acts,
         TrainConfig {
-            dtype: spiel::loader::Dtype::Bf16,
+            dtype: spiel::model::loader::Dtype::Bf16,
             checkpoint_activations: true,
             ..config(Method::SpielAg, &dir.path().join("c"))
         },

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use spiel::assets::{self, Asset};
+use spiel::formats::assets::{self, Asset};
 
 /// The workspace asset folder (`$SPIEL_HOME`, else `<workspace>/assets`).
 pub fn home() -> PathBuf {
@@ -29,16 +29,16 @@ pub fn asset(a: &Asset) -> Option<PathBuf> {
 }
 
 /// The default model, loaded in f32.
-pub fn smollm() -> Option<spiel::loader::LoadedModel> {
+pub fn smollm() -> Option<spiel::model::loader::LoadedModel> {
     let p = asset(&assets::MODEL)?;
-    Some(spiel::loader::load(&p, &candle_core::Device::Cpu).expect("load default model"))
+    Some(spiel::model::loader::load(&p, &candle_core::Device::Cpu).expect("load default model"))
 }
 
-/// The tiny test config with a vocabulary matching the byte-level tokenizer of [`spiel::synth`].
-pub fn tiny_cfg() -> spiel::config::ModelConfig {
-    spiel::config::ModelConfig {
-        vocab_size: spiel::synth::BYTE_LEVEL_VOCAB,
-        ..spiel::model::tiny_config()
+/// The tiny test config with a vocabulary matching the byte-level tokenizer of [`spiel::testkit::synth`].
+pub fn tiny_cfg() -> spiel::formats::config::ModelConfig {
+    spiel::formats::config::ModelConfig {
+        vocab_size: spiel::testkit::synth::BYTE_LEVEL_VOCAB,
+        ..spiel::model::random::tiny_config()
     }
 }
 

@@ -1,0 +1,222 @@
+//! `spiel compare`: train several methods on one split and budget, evaluate them and the base,
+//! and write the report.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::Args;
+use spiel::formats::assets;
+use spiel::model::adapter::AdapterSet;
+use spiel::model::loader;
+
+use crate::shared::{load_model, ModelArgs};
+
+/// `spiel compare` arguments.
+#[derive(Args)]
+pub struct CompareArgs {
+    /// The comparison config (see configs/compare-smollm2.toml).
+    #[arg(long)]
+    config: PathBuf,
+}
+
+impl CompareArgs {
+    /// Run the command.
+    pub fn run(self, home: &Path, threads: Option<usize>) -> Result<()> {
+        run_compare(&self.config, home, threads)
+    }
+}
+
+/// Train one run of a comparison in a child `spiel train` (so its peak memory is its own) and
+/// return that peak in MiB.
+fn train_in_child(run_toml: &Path, home: &Path, threads: Option<usize>) -> Result<f64> {
+    let exe = std::env::current_exe().context("locating the spiel binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--home").arg(home);
+    if let Some(n) = threads {
+        cmd.arg("--threads").arg(n.to_string());
+    }
+    cmd.arg("train").arg("--config").arg(run_toml).arg("--resume");
+    let child = cmd.spawn().context("starting spiel train")?;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 reaps exactly our child and fills both out-parameters.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    if r < 0 {
+        bail!("waiting for spiel train: {}", std::io::Error::last_os_error());
+    }
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        bail!(
+            "training with {} did not finish; rerun the same `spiel compare` to continue from its checkpoint",
+            run_toml.display()
+        );
+    }
+    // ru_maxrss is in KiB on Linux.
+    Ok(usage.ru_maxrss as f64 / 1024.0)
+}
+
+fn run_compare(config: &Path, home: &Path, threads: Option<usize>) -> Result<()> {
+    use spiel::tasks::compare::{self, CompareConfig, RunResult};
+    let cfg = CompareConfig::from_toml_file(config)?;
+    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
+    let first = cfg.run_config(cfg.methods[0], cfg.seeds[0])?;
+    if first.heldout == 0 || first.eval_every == 0 {
+        bail!(
+            "{}: [train] needs heldout > 0 and eval_every > 0: the comparison is scored on held-out loss",
+            config.display()
+        );
+    }
+    // 1. Train every run that has not finished (each in its own process).
+    let mut trained = Vec::new();
+    for &seed in &cfg.seeds {
+        for &method in &cfg.methods {
+            let rc = cfg.run_config(method, seed)?;
+            let record = rc.out.join("compare-run.json");
+            if !rc.out.join("summary.json").exists() || !record.exists() {
+                eprintln!("== training {} (seed {seed}) in {}", method.as_str(), rc.out.display());
+                let toml_path = cfg
+                    .out
+                    .join(format!("seed-{seed}"))
+                    .join(format!("{}.toml", method.as_str()));
+                spiel::formats::fsutil::write_atomic(&toml_path, rc.to_toml()?.as_bytes())?;
+                let peak = train_in_child(&toml_path, home, threads)?;
+                spiel::formats::fsutil::write_atomic(
+                    &record,
+                    serde_json::json!({ "peak_rss_mib": peak }).to_string().as_bytes(),
+                )?;
+            }
+            trained.push((method, seed, rc));
+        }
+    }
+    // 2. Evaluate the base model and every run (results cached per run in eval.json).
+    let m = load_model(
+        &ModelArgs {
+            model: first.model.clone(),
+            quantize: Some(first.quantize),
+            dtype: Some(first.dtype),
+        },
+        home,
+    )?;
+    let data = match &first.data {
+        Some(p) => p.clone(),
+        None => assets::ensure(&assets::ALPACA, home)?,
+    };
+    let plan = &cfg.eval;
+    let benchmarks = |model: &spiel::model::transformer::Llama,
+                      adapters: &AdapterSet,
+                      what: &str|
+     -> Result<(Option<f64>, Option<f64>)> {
+        let mmlu = if plan.mmlu_limit > 0 {
+            eprintln!("== MMLU ({} questions) on {what}", plan.mmlu_limit);
+            let path = assets::ensure(&assets::MMLU, home)?;
+            let r = spiel::tasks::eval::mmlu(
+                model,
+                adapters,
+                &m.tokenizer,
+                &path,
+                plan.mmlu_shots,
+                Some(plan.mmlu_limit),
+                &[],
+                0,
+                8,
+                |_, _| {},
+            )?;
+            Some(r.accuracy)
+        } else {
+            None
+        };
+        let gsm = if plan.gsm8k_limit > 0 {
+            eprintln!("== GSM8K ({} problems) on {what}", plan.gsm8k_limit);
+            let path = assets::ensure(&assets::GSM8K, home)?;
+            let r = spiel::tasks::eval::gsm8k(
+                model,
+                adapters,
+                &m.tokenizer,
+                &path,
+                plan.gsm8k_shots,
+                Some(plan.gsm8k_limit),
+                plan.gsm8k_max_new_tokens,
+                |_, _| {},
+            )?;
+            Some(r.accuracy)
+        } else {
+            None
+        };
+        Ok((mmlu, gsm))
+    };
+    let cached = |path: &Path, compute: &mut dyn FnMut() -> Result<serde_json::Value>| -> Result<serde_json::Value> {
+        if let Some(v) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+        {
+            return Ok(v);
+        }
+        let v = compute()?;
+        spiel::formats::fsutil::write_atomic(path, serde_json::to_string_pretty(&v)?.as_bytes())?;
+        Ok(v)
+    };
+    let base_eval = cached(&cfg.out.join("base-eval.json"), &mut || {
+        eprintln!("== held-out loss of the base model");
+        let h = spiel::tasks::eval::heldout(
+            &m.model,
+            &AdapterSet::none(),
+            &m.tokenizer,
+            &data,
+            first.heldout,
+            cfg.split_seed,
+            first.max_len,
+            first.eval_batch_size,
+            None,
+        )?;
+        let (mmlu, gsm8k) = benchmarks(&m.model, &AdapterSet::none(), "the base model")?;
+        Ok(serde_json::json!({ "heldout_loss": h.nll, "mmlu": mmlu, "gsm8k": gsm8k }))
+    })?;
+    let base = RunResult {
+        method: None,
+        seed: 0,
+        trainable: 0,
+        train_secs: 0.0,
+        peak_rss_mib: 0.0,
+        heldout_loss: base_eval["heldout_loss"].as_f64().unwrap_or(f64::NAN),
+        mmlu: base_eval["mmlu"].as_f64(),
+        gsm8k: base_eval["gsm8k"].as_f64(),
+        curve: Vec::new(),
+    };
+    let mut runs = Vec::new();
+    for (method, seed, rc) in trained {
+        let read = |p: PathBuf| -> Result<serde_json::Value> {
+            let t = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+            serde_json::from_str(&t).with_context(|| format!("parsing {}", p.display()))
+        };
+        let summary = read(rc.out.join("summary.json"))?;
+        let peak = read(rc.out.join("compare-run.json"))?["peak_rss_mib"]
+            .as_f64()
+            .unwrap_or(0.0);
+        let ev = cached(&rc.out.join("eval.json"), &mut || {
+            let what = format!("{} (seed {seed})", method.as_str());
+            let (mmlu, gsm8k) = if method == spiel::model::adapter::Method::Full {
+                let full = loader::load(&rc.out.join("model"), &Device::Cpu)?;
+                benchmarks(&full.model, &AdapterSet::none(), &what)?
+            } else {
+                let a = m.model.load_adapter(&rc.out.join("adapter"))?;
+                benchmarks(&m.model, &a.to_set(), &what)?
+            };
+            Ok(serde_json::json!({ "mmlu": mmlu, "gsm8k": gsm8k }))
+        })?;
+        runs.push(RunResult {
+            method: Some(method),
+            seed,
+            trainable: summary["trainable_parameters"].as_u64().unwrap_or(0) as usize,
+            train_secs: summary["train_secs"].as_f64().unwrap_or(0.0),
+            peak_rss_mib: peak,
+            heldout_loss: summary["final_eval_loss"].as_f64().unwrap_or(f64::NAN),
+            mmlu: ev["mmlu"].as_f64(),
+            gsm8k: ev["gsm8k"].as_f64(),
+            curve: compare::read_curve(&rc.out.join("metrics.jsonl"))?,
+        });
+    }
+    compare::write_report(&cfg, &base, &runs)?;
+    print!("{}", compare::render_markdown(&cfg, &base, &runs));
+    eprintln!("wrote {}/results.md, results.json and curves.png", cfg.out.display());
+    Ok(())
+}
