@@ -25,13 +25,8 @@ OUT=runs/bench-peers/$DTYPE
 MODEL_DIR=runs/bench-peers/model
 VENV=bench/peers/.venv
 
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, transformers, peft" 2>/dev/null; then
-    echo "setting up $VENV (torch, transformers, peft; a few GB) ..." >&2
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q -r bench/peers/requirements.txt
-fi
-cargo build --release --bin spiel
-SPIEL=target/release/spiel
+. scripts/peers-env.sh
+peers_env "$VENV" bench/peers/requirements.txt "torch, transformers, peft"
 mkdir -p "$OUT"
 if [ ! -f "$MODEL_DIR/config.json" ]; then
     "$SPIEL" export "$MODEL_DIR"

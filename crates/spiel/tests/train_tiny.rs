@@ -41,8 +41,8 @@ fn config(method: Method, out: &std::path::Path) -> TrainConfig {
         batch_size: 4,
         grad_accum: 2,
         max_len: 64,
-        reselection_steps: 4,
-        accumulation_steps: 2,
+        reselection_steps: Some(4),
+        accumulation_steps: Some(2),
         lora_dropout: if method == Method::Lora { 0.1 } else { 0.0 },
         lr: Some(1e-2),
         heldout: 8,
@@ -319,8 +319,8 @@ fn toml_configs_parse_partially_and_name_unknown_fields() {
     let e = TrainConfig::from_toml_file(&p).unwrap_err().to_string();
     assert!(e.contains("c.toml") && e.contains("learning_rate"), "{e}");
     let bad = TrainConfig {
-        accumulation_steps: 30,
-        reselection_steps: 20,
+        accumulation_steps: Some(30),
+        reselection_steps: Some(20),
         ..TrainConfig::default()
     };
     assert!(bad.validate().unwrap_err().to_string().contains("accumulation_steps"));
@@ -591,4 +591,109 @@ fn bf16_activations_train_like_f32_activations() {
             );
         }
     }
+}
+
+/// `initial_mask = "gradient"`: before any update, each module's indices are the top-k of the
+/// magnitude of its dense weight gradient summed over the initial micro-batches, here checked
+/// against candle's autograd on the dense base (every weight a variable, no adapter at all:
+/// the deltas are zero) summed in f64. Entries whose summed gradient ties the k-th within f32
+/// rounding may fall either way; every other entry must agree.
+#[test]
+fn gradient_initial_mask_is_the_top_k_of_the_accumulated_gradient() {
+    use spiel::train::config::InitialMask;
+    use spiel::train::data;
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let cfg = TrainConfig {
+        steps: 1,
+        eval_every: 0,
+        save_every: 0,
+        reselection_steps: Some(8),
+        initial_mask: InitialMask::Gradient,
+        initial_mask_examples: Some(8),
+        ..config(Method::SpielAg, &dir.path().join("run"))
+    };
+    let convs = conversations(40);
+    let (mut t, _) = Trainer::new(cfg.clone(), m.model.clone(), "tiny", &m.tokenizer, &convs).unwrap();
+    let random: Vec<Vec<u32>> = t
+        .current()
+        .1
+        .iter()
+        .map(|(_, ds)| match &ds[0] {
+            spiel::model::adapter::Delta::Sparse(s) => s.indices.to_vec(),
+            _ => panic!("sparse"),
+        })
+        .collect();
+    // One update: the mask is chosen before it, and no reselection moves the indices after it.
+    t.step().unwrap();
+    let (_, set) = t.current();
+    // The reference: the same micro-batches (the run's first two), the same loss, f64 sums.
+    let (train_c, _) = data::split(&convs, cfg.heldout, cfg.seed).unwrap();
+    let (train, _) = data::tokenize_all(&train_c, &m.tokenizer, cfg.max_len).unwrap();
+    let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
+    let batches = data::epoch_batches(&lengths, cfg.batch_size, cfg.seed, 0);
+    assert_eq!(cfg.initial_mask_micro_batches(), 2);
+    let mut vars = std::collections::HashMap::new();
+    let mut weights = spiel::model::weight::Weights::new();
+    for (name, w) in m.model.named_weights().unwrap() {
+        let v = candle_core::Var::from_tensor(&w).unwrap();
+        weights.insert(name.clone(), v.as_tensor().clone());
+        vars.insert(name, v);
+    }
+    let dense = spiel::model::transformer::Llama::from_weights(m.model.cfg.clone(), weights, &Device::Cpu).unwrap();
+    let mut sums: std::collections::HashMap<String, Vec<f64>> = std::collections::HashMap::new();
+    for idx in &batches[..2] {
+        let refs: Vec<&data::Example> = idx.iter().map(|&i| &train[i]).collect();
+        let b = data::make_batch(&refs, m.tokenizer.pad_id, &Device::Cpu).unwrap();
+        let h = dense
+            .forward_hidden(&b.ids, Some(&b.mask), Grad::Yes, &AdapterSet::none())
+            .unwrap();
+        let (bs, tt, hid) = h.dims3().unwrap();
+        let rows = h
+            .reshape((bs * tt, hid))
+            .unwrap()
+            .index_select(&b.positions, 0)
+            .unwrap();
+        let grads = dense.head_loss(&rows, &b.targets).unwrap().backward().unwrap();
+        for (name, ds) in set.iter() {
+            let g: Vec<f32> = grads
+                .get(vars[&format!("{name}.weight")].as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let s = sums.entry(name.to_string()).or_insert_with(|| vec![0.0; g.len()]);
+            s.iter_mut().zip(&g).for_each(|(s, g)| *s += *g as f64);
+            let _ = ds;
+        }
+    }
+    let mut checked = 0;
+    for ((name, ds), random) in set.iter().zip(&random) {
+        let spiel::model::adapter::Delta::Sparse(s) = &ds[0] else {
+            panic!()
+        };
+        let sum = &sums[name];
+        let k = s.indices.len();
+        let mut order: Vec<usize> = (0..sum.len()).collect();
+        order.sort_by(|&a, &b| sum[b].abs().total_cmp(&sum[a].abs()));
+        let kth = sum[order[k - 1]].abs();
+        let want: std::collections::BTreeSet<u32> = order[..k].iter().map(|&i| i as u32).collect();
+        let got: std::collections::BTreeSet<u32> = s.indices.iter().copied().collect();
+        for i in want.symmetric_difference(&got) {
+            let v = sum[*i as usize].abs();
+            assert!(
+                (v - kth).abs() <= 1e-4 * kth,
+                "{name}: entry {i} (|g| {v}) vs k-th {kth}"
+            );
+        }
+        assert!(
+            want.intersection(&got).count() * 100 >= k * 99,
+            "{name}: the masks barely overlap"
+        );
+        assert_ne!(&s.indices.to_vec(), random, "{name}: still the random placeholder mask");
+        checked += 1;
+    }
+    assert_eq!(checked, set.iter().count());
+    assert!(checked > 0);
 }

@@ -191,8 +191,10 @@ impl BenchArgs {
                     let cfg = TrainConfig {
                         method: methods[0].parse()?,
                         batch_size,
-                        reselection_steps,
-                        accumulation_steps: 5.min(reselection_steps),
+                        reselection_steps: Some(reselection_steps),
+                        accumulation_steps: Some(5.min(reselection_steps)),
+                        // Reselect through the whole measured run: every cycle alike.
+                        reselection_end: 1.0,
                         checkpoint_activations,
                         dtype: model.dtype.unwrap_or_default(),
                         ..TrainConfig::default()

@@ -44,6 +44,10 @@ pub struct TrainArgs {
     /// Sparse budget equal to LoRA of this rank on the same modules.
     #[arg(long)]
     lora_equivalent_rank: Option<usize>,
+    /// How the sparse budget is split across modules: size (in proportion to out * in) or lora
+    /// (r * (in + out) each, as LoRA's parameters and PEFT's SHiRA adapters fall).
+    #[arg(long)]
+    budget_split: Option<String>,
     /// LoRA rank.
     #[arg(long)]
     lora_rank: Option<usize>,
@@ -53,12 +57,23 @@ pub struct TrainArgs {
     /// LoRA dropout.
     #[arg(long)]
     lora_dropout: Option<f64>,
-    /// S: updates between reselections.
+    /// S: updates between reselections [default: max(8, steps / 10)].
     #[arg(long)]
     reselection_steps: Option<usize>,
-    /// A: updates per SpIEL-AG gradient window.
+    /// A: updates per SpIEL-AG gradient window [default: max(1, S / 4)].
     #[arg(long)]
     accumulation_steps: Option<usize>,
+    /// No reselection after this fraction of the run [default: 0.75].
+    #[arg(long)]
+    reselection_end: Option<f64>,
+    /// First indices: gradient (top-k of the dense gradient over --initial-mask-examples, before
+    /// the first update), random, or reference (random, all replaced at the first reselection)
+    /// [default: gradient].
+    #[arg(long)]
+    initial_mask: Option<String>,
+    /// Examples for the gradient initial mask [default: A updates' worth].
+    #[arg(long)]
+    initial_mask_examples: Option<usize>,
     /// zeta0: initial fraction replaced per reselection.
     #[arg(long)]
     reselection_rate: Option<f64>,
@@ -139,17 +154,9 @@ impl TrainArgs {
             lora_rank,
             lora_alpha,
             lora_dropout,
-            reselection_steps
+            reselection_rate
         );
-        set!(
-            accumulation_steps,
-            reselection_rate,
-            steps,
-            batch_size,
-            grad_accum,
-            max_len,
-            warmup_ratio
-        );
+        set!(steps, batch_size, grad_accum, max_len, warmup_ratio);
         set!(weight_decay, seed, eval_every, heldout, save_every);
         if self.model.model.is_some() {
             c.model = self.model.model.clone();
@@ -181,6 +188,24 @@ impl TrainArgs {
                 "cosine" => spiel::train::select::Policy::Cosine,
                 _ => bail!("--reselection-policy: expected linear or cosine, got `{p}`"),
             };
+        }
+        if self.reselection_steps.is_some() {
+            c.reselection_steps = self.reselection_steps;
+        }
+        if self.accumulation_steps.is_some() {
+            c.accumulation_steps = self.accumulation_steps;
+        }
+        if self.initial_mask_examples.is_some() {
+            c.initial_mask_examples = self.initial_mask_examples;
+        }
+        if let Some(e) = self.reselection_end {
+            c.reselection_end = e;
+        }
+        if let Some(m) = &self.initial_mask {
+            c.initial_mask = m.parse()?;
+        }
+        if let Some(b) = &self.budget_split {
+            c.budget_split = b.parse()?;
         }
         if let Some(p) = &self.lr_schedule {
             c.lr_schedule = match p.as_str() {

@@ -143,10 +143,10 @@ impl ModelConfig {
             head_dim,
             vocab_size,
             rope_theta: match g.get(&k("rope.freq_base")) {
-                Some(_) => g.get_f64(&k("rope.freq_base"))?,
+                Some(_) => shortest_f32(g.get_f64(&k("rope.freq_base"))?),
                 None => 10_000.0,
             },
-            rms_norm_eps: g.get_f64(&k("attention.layer_norm_rms_epsilon"))?,
+            rms_norm_eps: shortest_f32(g.get_f64(&k("attention.layer_norm_rms_epsilon"))?),
             max_position_embeddings: g.get_u64(&k("context_length"))? as usize,
             tie_word_embeddings: g.tensor("output.weight").is_none(),
             attention_bias: g.tensor("blk.0.attn_q.bias").is_some(),
@@ -254,11 +254,90 @@ impl ModelConfig {
         self.vocab_size * h + self.num_layers * block + h + head
     }
 
-    /// A short stable hash of the config, used to tie adapters to their base model.
+    /// A short stable hash of the config, used to tie adapters to their base model. Its floats
+    /// are hashed at f32 precision, the precision a GGUF file stores them in, so a model and its
+    /// Hugging Face export (`1e-5` in config.json, `9.999999747e-6` once widened from GGUF's f32)
+    /// hash the same.
     pub fn fingerprint(&self) -> String {
+        let at_f32 = |x: f64| (x as f32) as f64;
+        ModelConfig {
+            rope_theta: at_f32(self.rope_theta),
+            rms_norm_eps: at_f32(self.rms_norm_eps),
+            ..self.clone()
+        }
+        .legacy_fingerprint()
+    }
+
+    /// The hash as spiel wrote it before [`ModelConfig::fingerprint`] rounded the floats (the
+    /// config's own values), still accepted when checking an adapter's base.
+    pub fn legacy_fingerprint(&self) -> String {
         use sha2::Digest;
         let json = serde_json::to_string(self).unwrap_or_default();
         let digest = sha2::Sha256::digest(json.as_bytes());
         digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// A float GGUF stored as f32, as the shortest decimal that rounds to that f32 (`1e-5`, not the
+/// widened `9.999999747378752e-6`): the value the model's authors wrote, and the one a Hugging
+/// Face config.json of the same model holds. A value that is not an f32 is returned as it is.
+pub fn shortest_f32(x: f64) -> f64 {
+    let f = x as f32;
+    if f as f64 != x {
+        return x;
+    }
+    f.to_string().parse().unwrap_or(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f32_floats_take_their_shortest_decimal() {
+        // GGUF's f32 1e-5, widened, is 9.999999747378752e-6.
+        let widened = 1e-5f32 as f64;
+        assert_eq!(shortest_f32(widened), 1e-5);
+        assert_eq!(shortest_f32(100_000.0), 100_000.0);
+        assert_eq!(shortest_f32(1e-6f32 as f64), 1e-6);
+        // A value no f32 holds stays as it is.
+        assert_eq!(shortest_f32(0.1), 0.1);
+        // Every result rounds back to the same f32.
+        for x in [1e-5f32, 1e-6, 2.71, 1e-12, 5e5, 123.456] {
+            assert_eq!(shortest_f32(x as f64) as f32, x);
+        }
+    }
+
+    #[test]
+    fn hash_is_the_same_at_f32_and_at_the_shortest_decimal() {
+        let cfg = ModelConfig {
+            architecture: "LlamaForCausalLM".into(),
+            hidden_size: 8,
+            intermediate_size: 16,
+            num_layers: 1,
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            vocab_size: 10,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 32,
+            tie_word_embeddings: true,
+            attention_bias: false,
+        };
+        let widened = ModelConfig {
+            rms_norm_eps: 1e-5f32 as f64,
+            ..cfg.clone()
+        };
+        assert_eq!(cfg.fingerprint(), widened.fingerprint());
+        // The hash spiel wrote before was of the widened value: adapters trained on a GGUF base
+        // keep theirs.
+        assert_eq!(widened.fingerprint(), widened.legacy_fingerprint());
+        assert_ne!(cfg.legacy_fingerprint(), widened.legacy_fingerprint());
+        let other = ModelConfig {
+            rms_norm_eps: 1e-6,
+            ..cfg.clone()
+        };
+        assert_ne!(other.fingerprint(), cfg.fingerprint());
     }
 }

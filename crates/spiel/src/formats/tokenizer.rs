@@ -30,6 +30,19 @@ impl Message {
     }
 }
 
+/// Token ids for generation, as written to an exported model's config files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerationIds {
+    /// The beginning-of-sequence token, if the model names one.
+    pub bos: Option<u32>,
+    /// The end of an assistant turn (generation's end).
+    pub eos: Option<u32>,
+    /// Every id that ends generation, `eos` first.
+    pub stop: Vec<u32>,
+    /// Padding.
+    pub pad: u32,
+}
+
 /// The model's tokenizer plus what generation and training need around it.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -40,8 +53,11 @@ pub struct Tokenizer {
     pub stop_ids: Vec<u32>,
     /// The end-of-sequence token's text.
     pub eos_token: String,
-    /// The beginning-of-sequence token's text, if the model has one.
+    /// The beginning-of-sequence token's text, when the model prepends one to every text.
     pub bos_token: Option<String>,
+    /// The id of the beginning-of-sequence token the model names, prepended or not (written to
+    /// an exported config.json as `bos_token_id`).
+    pub bos_id: Option<u32>,
     /// Token id used for padding batches.
     pub pad_id: u32,
 }
@@ -120,17 +136,14 @@ impl Tokenizer {
         };
         let eos_token = id_text("tokenizer.ggml.eos_token_id").unwrap_or_else(|| "<|endoftext|>".into());
         let add_bos = matches!(g.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
-        let bos_token = if add_bos {
-            id_text("tokenizer.ggml.bos_token_id")
-        } else {
-            None
-        };
+        let bos_named = id_text("tokenizer.ggml.bos_token_id");
+        let bos_token = if add_bos { bos_named.clone() } else { None };
         let chat_template = match g.get("tokenizer.chat_template") {
             Some(Value::Str(s)) => s.clone(),
             _ => CHATML_TEMPLATE.to_string(),
         };
         let pad = id_text("tokenizer.ggml.padding_token_id").unwrap_or_else(|| eos_token.clone());
-        Tokenizer::assemble(inner, chat_template, eos_token, bos_token, &pad)
+        Tokenizer::assemble(inner, chat_template, eos_token, bos_token, bos_named, &pad)
     }
 
     /// Read `tokenizer.json` and (optionally) `tokenizer_config.json` from a model directory.
@@ -152,13 +165,14 @@ impl Tokenizer {
         };
         let eos_token = token_field("eos_token").unwrap_or_else(|| "<|endoftext|>".into());
         let add_bos = cfg.get("add_bos_token").and_then(Json::as_bool).unwrap_or(false);
-        let bos_token = if add_bos { token_field("bos_token") } else { None };
+        let bos_named = token_field("bos_token");
+        let bos_token = if add_bos { bos_named.clone() } else { None };
         let chat_template = match cfg.get("chat_template") {
             Some(Json::String(s)) => s.clone(),
             _ => CHATML_TEMPLATE.to_string(),
         };
         let pad = token_field("pad_token").unwrap_or_else(|| eos_token.clone());
-        Tokenizer::assemble(inner, chat_template, eos_token, bos_token, &pad)
+        Tokenizer::assemble(inner, chat_template, eos_token, bos_token, bos_named, &pad)
     }
 
     fn assemble(
@@ -166,8 +180,10 @@ impl Tokenizer {
         chat_template: String,
         eos_token: String,
         bos_token: Option<String>,
+        bos_named: Option<String>,
         pad: &str,
     ) -> Result<Tokenizer> {
+        let bos_id = bos_named.as_deref().and_then(|b| inner.token_to_id(b));
         let mut stop_ids = Vec::new();
         for t in [eos_token.as_str(), "<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
             if let Some(id) = inner.token_to_id(t) {
@@ -186,6 +202,7 @@ impl Tokenizer {
             stop_ids,
             eos_token,
             bos_token,
+            bos_id,
             pad_id,
         })
     }
@@ -250,9 +267,60 @@ impl Tokenizer {
         .map_err(|e| Error::Template(e.to_string()))
     }
 
-    /// The tokenizer as `tokenizer.json` text, for exporting a Hugging Face directory.
+    /// The tokenizer as `tokenizer.json` text, for exporting a Hugging Face directory. BPE merges
+    /// are written as `"a b"` strings, the form every release of the tokenizers library reads
+    /// (releases before 0.20 reject the `["a", "b"]` pairs newer ones write); a merge whose parts
+    /// hold a space cannot take that form, and then the pairs stay.
     pub fn to_json(&self) -> Result<String> {
-        self.inner.to_string(false).map_err(tok_err)
+        let text = self.inner.to_string(false).map_err(tok_err)?;
+        let mut spec: Json = serde_json::from_str(&text).map_err(tok_err)?;
+        if let Some(merges) = spec.pointer_mut("/model/merges").and_then(Json::as_array_mut) {
+            let joined: Option<Vec<Json>> = merges
+                .iter()
+                .map(|m| match m.as_array().map(Vec::as_slice) {
+                    Some([Json::String(a), Json::String(b)]) if !a.contains(' ') && !b.contains(' ') => {
+                        Some(Json::String(format!("{a} {b}")))
+                    }
+                    _ => m.as_str().map(|s| Json::String(s.to_string())),
+                })
+                .collect();
+            if let Some(joined) = joined {
+                *merges = joined;
+            }
+        }
+        serde_json::to_string(&spec).map_err(tok_err)
+    }
+
+    /// The ids generation needs, as a Hugging Face config.json and generation_config.json give
+    /// them: `eos` is the token that ends an assistant turn in the chat template (ChatML's
+    /// `<|im_end|>`, Llama 3's `<|eot_id|>`), or the eos token when the template ends turns with
+    /// none; `stop` is every id that ends generation, `eos` first.
+    pub fn generation_ids(&self) -> GenerationIds {
+        let eos_id = self.token_to_id(&self.eos_token);
+        let eos = self.turn_end_id().or(eos_id).or_else(|| self.stop_ids.first().copied());
+        let mut stop: Vec<u32> = eos.into_iter().collect();
+        if let Some(e) = eos_id.filter(|e| !stop.contains(e)) {
+            stop.push(e);
+        }
+        GenerationIds {
+            bos: self.bos_id,
+            eos,
+            stop,
+            pad: self.pad_id,
+        }
+    }
+
+    /// The special token the chat template writes right after an assistant message's content.
+    fn turn_end_id(&self) -> Option<u32> {
+        const MARK: &str = "spiel-turn-end-probe";
+        let msgs = [Message::new("user", "hi"), Message::new("assistant", MARK)];
+        let text = self.apply_chat_template(&msgs, false).ok()?;
+        let after = &text[text.find(MARK)? + MARK.len()..];
+        let specials = self.inner.get_added_tokens_decoder();
+        self.encode_piece(after)
+            .ok()?
+            .into_iter()
+            .find(|id| specials.get(id).is_some_and(|t| t.special))
     }
 
     /// A `tokenizer_config.json` describing the special tokens and chat template.
@@ -260,7 +328,7 @@ impl Tokenizer {
         json!({
             "chat_template": self.chat_template,
             "eos_token": self.eos_token,
-            "bos_token": self.bos_token,
+            "bos_token": self.bos_token.clone().or_else(|| self.bos_id.and_then(|id| self.inner.id_to_token(id))),
             "add_bos_token": self.bos_token.is_some(),
             "pad_token": self.inner.id_to_token(self.pad_id),
             "tokenizer_class": "PreTrainedTokenizerFast",

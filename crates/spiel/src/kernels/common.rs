@@ -204,6 +204,7 @@ pub(crate) fn bf16_to_f32(x: bf16) -> f32 {
 }
 
 /// `x` rounded to bf16 (nearest, ties to even), as its 16 bits. NaN stays NaN.
+#[inline]
 pub(crate) fn round_bf16(x: f32) -> u16 {
     let b = x.to_bits();
     // Written without an early return so that loops over it vectorise (a select, not a branch).
@@ -216,6 +217,7 @@ pub(crate) fn round_bf16(x: f32) -> u16 {
 }
 
 /// `x` rounded to bf16 and widened back to f32.
+#[inline]
 pub(crate) fn rounded(x: f32) -> f32 {
     f32::from_bits((round_bf16(x) as u32) << 16)
 }

@@ -223,6 +223,7 @@ fn parallelism() -> gemm::Parallelism {
 
 /// `a . b` over the shorter length: four 8-lane running sums with FMA where the CPU has AVX2
 /// and FMA (chosen at run time), else sixteen running sums that the compiler vectorises.
+#[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_dispatch::<false>(a, b)
 }
@@ -235,6 +236,7 @@ const PREFETCH_FLOATS: usize = 512;
 /// plus a prefetch of `b` 2 KiB ahead, which carries on into the next row. A stand-alone loop
 /// over the decode matrices read 20 -> 24-26 GB/s with it, and decoding went 27 -> 30.6
 /// tokens/s (docs/performance.md); not for operands already in cache (the SDDMM).
+#[inline]
 pub(crate) fn dot_streaming(a: &[f32], b: &[f32]) -> f32 {
     dot_dispatch::<true>(a, b)
 }

@@ -173,6 +173,13 @@ impl AdapterSet {
         }
     }
 
+    /// Every module with its deltas, by module path.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[Delta])> {
+        let mut v: Vec<(&str, &[Delta])> = self.modules.iter().map(|(m, d)| (m.as_str(), d.as_slice())).collect();
+        v.sort_unstable_by_key(|e| e.0);
+        v.into_iter()
+    }
+
     /// Whether no module has a delta.
     pub fn is_empty(&self) -> bool {
         self.modules.values().all(Vec::is_empty)
@@ -191,6 +198,10 @@ pub enum Method {
     Lora,
     /// Full fine-tuning (saved as a whole model, not an adapter).
     Full,
+    /// A SHiRA adapter read from Hugging Face PEFT (sparse deltas at fixed random indices, as
+    /// many per module as LoRA of rank `r`); spiel reads, applies and writes these, but does
+    /// not train them.
+    Shira,
 }
 
 impl Method {
@@ -201,12 +212,13 @@ impl Method {
             Method::SpielMa => "spiel-ma",
             Method::Lora => "lora",
             Method::Full => "full",
+            Method::Shira => "shira",
         }
     }
 
     /// Whether this method trains sparse deltas.
     pub fn is_sparse(self) -> bool {
-        matches!(self, Method::SpielAg | Method::SpielMa)
+        matches!(self, Method::SpielAg | Method::SpielMa | Method::Shira)
     }
 }
 
@@ -218,6 +230,11 @@ impl std::str::FromStr for Method {
             "spiel-ma" => Method::SpielMa,
             "lora" => Method::Lora,
             "full" => Method::Full,
+            "shira" => {
+                return Err(Error::Invalid(
+                    "method `shira`: spiel reads and writes PEFT's SHiRA adapters but trains sparse deltas with spiel-ag or spiel-ma".into(),
+                ))
+            }
             _ => {
                 return Err(Error::Invalid(format!(
                     "unknown method `{s}` (spiel-ag, spiel-ma, lora, full)"
@@ -295,7 +312,7 @@ pub struct Adapter {
     pub deltas: BTreeMap<String, Delta>,
 }
 
-const PREFIX: &str = "base_model.model.";
+pub(crate) const PREFIX: &str = "base_model.model.";
 
 impl Adapter {
     /// The deltas as a set for a forward pass.
@@ -340,16 +357,14 @@ impl Adapter {
                 }
             }
         }
-        let views = tensors
-            .iter()
-            .map(|(n, dt, shape, b)| {
-                safetensors::tensor::TensorView::new(*dt, shape.clone(), b)
-                    .map(|v| (n.clone(), v))
-                    .map_err(|e| Error::Invalid(format!("safetensors `{n}`: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let bytes = safetensors::serialize(views, None).map_err(|e| Error::Invalid(format!("safetensors: {e}")))?;
-        let config = serde_json::to_string_pretty(&self.config).map_err(|e| Error::Invalid(e.to_string()))?;
+        let bytes = crate::formats::safetensors::serialize(&tensors)?;
+        let mut json = serde_json::to_value(&self.config).map_err(|e| Error::Invalid(e.to_string()))?;
+        if self.config.method.is_sparse() && self.config.method != Method::Shira {
+            // The fields the paper's PEFT fork (`SftConfig`) reads, beside spiel's own.
+            json["peft_type"] = "SFT".into();
+            json["num_deltas"] = serde_json::json!(self.config.module_counts);
+        }
+        let config = serde_json::to_string_pretty(&json).map_err(|e| Error::Invalid(e.to_string()))?;
         fsutil::write_dir_atomic(dir, |tmp| {
             fsutil::write_atomic(&tmp.join("adapter_config.json"), config.as_bytes())?;
             fsutil::write_atomic(&tmp.join("adapter_model.safetensors"), &bytes)
@@ -362,7 +377,14 @@ impl Adapter {
     pub fn load(dir: &Path, base: &ModelConfig, module_shapes: &HashMap<String, (usize, usize)>) -> Result<Adapter> {
         let cfg_path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let config: AdapterConfig = serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, e.to_string()))?;
+        let raw: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, e.to_string()))?;
+        let mut config: AdapterConfig =
+            serde_json::from_value(raw.clone()).map_err(|e| Error::format(&cfg_path, e.to_string()))?;
+        // PEFT's own SHiRA config names no spiel method.
+        if raw.get("method").is_none() && config.peft_type.as_deref() == Some("SHIRA") {
+            config.method = Method::Shira;
+        }
         check_base(&config, base, &cfg_path)?;
         let st_path = dir.join("adapter_model.safetensors");
         let bytes = std::fs::read(&st_path).map_err(|e| Error::io(&st_path, e))?;
@@ -378,6 +400,7 @@ impl Adapter {
             .filter_map(|n| {
                 n.strip_suffix(".sft_delta.values")
                     .or_else(|| n.strip_suffix(".lora_A.weight"))
+                    .or_else(|| n.strip_suffix(".shira_weight"))
             })
             .map(str::to_string)
             .collect();
@@ -415,8 +438,16 @@ impl Adapter {
                     packs: None,
                 })
             } else {
-                let (vshape, values) = f32_tensor(&st, &format!("{PREFIX}{m}.sft_delta.values"), &st_path)?;
-                let indices = read_indices(&st, &format!("{PREFIX}{m}.sft_delta.indices"), &st_path)?;
+                let (vshape, values, indices) = if st.tensor(&format!("{PREFIX}{m}.shira_weight")).is_ok() {
+                    let (vshape, values) = f32_tensor(&st, &format!("{PREFIX}{m}.shira_weight"), &st_path)?;
+                    let name = format!("{PREFIX}{m}.shira_indices");
+                    let (values, indices) = read_shira_entries(&st, &name, &st_path, (out, inp), values)?;
+                    (vshape, values, indices)
+                } else {
+                    let (vshape, values) = f32_tensor(&st, &format!("{PREFIX}{m}.sft_delta.values"), &st_path)?;
+                    let indices = read_indices(&st, &format!("{PREFIX}{m}.sft_delta.indices"), &st_path)?;
+                    (vshape, values, indices)
+                };
                 if vshape.len() != 1 || values.len() != indices.len() {
                     return Err(bad(format!(
                         "`{m}`: {} values for {} indices",
@@ -474,7 +505,8 @@ pub fn check_base(config: &AdapterConfig, base: &ModelConfig, path: &Path) -> Re
         );
         return Ok(());
     };
-    if trained_on.config_hash != hash {
+    // Adapters written before the hash rounded its floats carry the config's own values' hash.
+    if trained_on.config_hash != hash && trained_on.config_hash != base.legacy_fingerprint() {
         return Err(Error::format(
             path,
             format!(
@@ -502,6 +534,65 @@ fn f32_tensor(st: &safetensors::SafeTensors, name: &str, path: &Path) -> Result<
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     Ok((v.shape().to_vec(), data))
+}
+
+/// A SHiRA module's entries: `indices` is `[2, K]` (rows, then columns; I32 or I64 as PEFT
+/// writes them, F32 as it writes them on Windows), turned into sorted flat indices `r * in + c`
+/// with `values` reordered alongside. A row or column out of range is an error naming it.
+fn read_shira_entries(
+    st: &safetensors::SafeTensors,
+    name: &str,
+    path: &Path,
+    (out, inp): (usize, usize),
+    values: Vec<f32>,
+) -> Result<(Vec<f32>, Vec<u64>)> {
+    let v = st
+        .tensor(name)
+        .map_err(|_| Error::format(path, format!("tensor `{name}` is missing")))?;
+    let k = values.len();
+    if v.shape() != [2, k] {
+        return Err(Error::format(
+            path,
+            format!(
+                "tensor `{name}` has shape {:?}, expected [2, {k}] (rows, columns)",
+                v.shape()
+            ),
+        ));
+    }
+    let d = v.data();
+    let ints: Vec<i64> = match v.dtype() {
+        safetensors::Dtype::I32 => d
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+            .collect(),
+        safetensors::Dtype::I64 => d
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect(),
+        safetensors::Dtype::F32 => d
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+            .collect(),
+        other => {
+            return Err(Error::format(
+                path,
+                format!("tensor `{name}` has dtype {other:?}, expected I32, I64 or F32"),
+            ))
+        }
+    };
+    let mut entries = Vec::with_capacity(k);
+    for (j, value) in values.into_iter().enumerate() {
+        let (r, c) = (ints[j], ints[k + j]);
+        if !(0..out as i64).contains(&r) || !(0..inp as i64).contains(&c) {
+            return Err(Error::format(
+                path,
+                format!("tensor `{name}`: entry {j} at ({r}, {c}) is outside a [{out}, {inp}] weight"),
+            ));
+        }
+        entries.push((r as u64 * inp as u64 + c as u64, value));
+    }
+    entries.sort_unstable_by_key(|e| e.0);
+    Ok(entries.into_iter().map(|(i, v)| (v, i)).unzip())
 }
 
 fn read_indices(st: &safetensors::SafeTensors, name: &str, path: &Path) -> Result<Vec<u64>> {

@@ -363,13 +363,25 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
     })
 }
 
-/// Write `model` and `tokenizer` as a Hugging Face directory (f32 safetensors, rotate-half q/k),
-/// atomically: `out` appears complete or not at all.
+/// Write `model` and `tokenizer` as a Hugging Face directory (f32 safetensors, rotate-half q/k;
+/// config.json and generation_config.json with the tokenizer's bos, eos and pad ids, so
+/// `generate` stops at the end of a turn), atomically: `out` appears complete or not at all.
 pub fn export_hf(model: &Llama, tokenizer: &Tokenizer, out: &Path) -> Result<()> {
     fsutil::write_dir_atomic(out, |dir| {
-        let config =
-            serde_json::to_string_pretty(&model.cfg.to_hf_json()).map_err(|e| Error::Invalid(e.to_string()))?;
-        fsutil::write_atomic(&dir.join("config.json"), config.as_bytes())?;
+        let ids = tokenizer.generation_ids();
+        let mut config = model.cfg.to_hf_json();
+        config["bos_token_id"] = serde_json::json!(ids.bos);
+        config["eos_token_id"] = serde_json::json!(ids.eos);
+        config["pad_token_id"] = serde_json::json!(ids.pad);
+        let generation = serde_json::json!({
+            "bos_token_id": ids.bos,
+            // One id where the turn end is the eos token, else all of them (as Llama 3's does).
+            "eos_token_id": if ids.stop.len() > 1 { serde_json::json!(ids.stop) } else { serde_json::json!(ids.eos) },
+            "pad_token_id": ids.pad,
+        });
+        let json = |v: &serde_json::Value| serde_json::to_string_pretty(v).map_err(|e| Error::Invalid(e.to_string()));
+        fsutil::write_atomic(&dir.join("config.json"), json(&config)?.as_bytes())?;
+        fsutil::write_atomic(&dir.join("generation_config.json"), json(&generation)?.as_bytes())?;
         fsutil::write_atomic(&dir.join("tokenizer.json"), tokenizer.to_json()?.as_bytes())?;
         let tc = serde_json::to_string_pretty(&tokenizer.config_json()).map_err(|e| Error::Invalid(e.to_string()))?;
         fsutil::write_atomic(&dir.join("tokenizer_config.json"), tc.as_bytes())?;
@@ -379,20 +391,11 @@ pub fn export_hf(model: &Llama, tokenizer: &Tokenizer, out: &Path) -> Result<()>
 
 /// Write named f32 tensors as one safetensors file.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let mut bufs = Vec::with_capacity(tensors.len());
+    let mut raw = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        bufs.push((name.clone(), t.dims().to_vec(), bytes));
+        raw.push((name.clone(), safetensors::Dtype::F32, t.dims().to_vec(), bytes));
     }
-    let views = bufs
-        .iter()
-        .map(|(n, shape, b)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::Invalid(format!("safetensors view `{n}`: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, None).map_err(|e| Error::Invalid(format!("safetensors: {e}")))?;
-    fsutil::write_atomic(path, &bytes)
+    fsutil::write_atomic(path, &crate::formats::safetensors::serialize(&raw)?)
 }

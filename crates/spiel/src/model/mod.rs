@@ -1,16 +1,17 @@
 //! The model: the transformer and its projections over frozen base weights ([`weight`],
 //! [`linear`], [`transformer`]), the adapters that ride on them and their files ([`adapter`]),
-//! loading a model from the file formats and writing one back ([`loader`]), and random weights
-//! ([`random`]). Uses [`crate::kernels`] and [`crate::formats`]; nothing here knows about
-//! training or tasks.
+//! adapters in stock PEFT's files ([`peft`]), loading a model from the file formats and writing
+//! one back ([`loader`]), and random weights ([`random`]). Uses [`crate::kernels`] and
+//! [`crate::formats`]; nothing here knows about training or tasks.
 //!
-//! Inside: [`weight`] < [`adapter`] < [`linear`] < [`transformer`] < [`loader`], [`random`]; an
-//! adapter never reaches back into the transformer (it is checked against a model's config and
-//! module shapes, [`transformer::Llama::load_adapter`]).
+//! Inside: [`weight`] < [`adapter`] < [`peft`], [`linear`] < [`transformer`] < [`loader`],
+//! [`random`]; an adapter never reaches back into the transformer (it is checked against a
+//! model's config and module shapes, [`transformer::Llama::load_adapter`]).
 
 pub mod adapter;
 pub mod linear;
 pub mod loader;
+pub mod peft;
 pub mod random;
 pub mod transformer;
 pub mod weight;

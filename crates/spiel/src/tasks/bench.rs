@@ -342,12 +342,12 @@ pub fn bench_train(
     }
     let med = |v: &Vec<f64>| if v.is_empty() { None } else { Some(median(v.clone())) };
     let plain_m = med(&plain).unwrap_or(f64::NAN);
-    let mean_cycle_s = if method.is_sparse() && sched.reselection_steps > 0 {
+    let mean_cycle_s = if method.is_sparse() && schedule.reselection_steps > 0 {
         // One cycle: S updates, of which one reselection and (AG) A - 1 other window updates.
-        let s = sched.reselection_steps as f64;
+        let s = schedule.reselection_steps as f64;
         let (w, r) = (med(&window), med(&resel));
         let n_window = if method == crate::model::adapter::Method::SpielAg {
-            sched.accumulation_steps as f64 - 1.0
+            schedule.accumulation_steps as f64 - 1.0
         } else {
             0.0
         };

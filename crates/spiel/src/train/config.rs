@@ -10,6 +10,59 @@ use crate::model::adapter::Method;
 use crate::train::select::{Policy, Schedule};
 use crate::{Error, Result};
 
+/// How the sparse budget is split across the targeted modules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetSplit {
+    /// In proportion to each matrix's size (`out * in`), as the reference SpIEL does.
+    #[default]
+    Size,
+    /// As LoRA's parameters fall: `r * (in + out)` per module for `lora_equivalent_rank = r`
+    /// (in proportion to `in + out` under `density`); the counts PEFT's SHiRA adapters hold, so
+    /// `spiel export --to peft` can write the adapter.
+    Lora,
+}
+
+impl std::str::FromStr for BudgetSplit {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<BudgetSplit> {
+        match s {
+            "size" => Ok(BudgetSplit::Size),
+            "lora" => Ok(BudgetSplit::Lora),
+            _ => Err(Error::Invalid(format!(
+                "budget_split: expected size or lora, got `{s}`"
+            ))),
+        }
+    }
+}
+
+/// How a sparse run's first indices are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitialMask {
+    /// The top-k of the accumulated dense gradient at zero deltas, before the first update.
+    #[default]
+    Gradient,
+    /// Uniformly random indices.
+    Random,
+    /// Random indices that the first reselection replaces completely (the reference SpIEL).
+    Reference,
+}
+
+impl std::str::FromStr for InitialMask {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<InitialMask> {
+        match s {
+            "gradient" => Ok(InitialMask::Gradient),
+            "random" => Ok(InitialMask::Random),
+            "reference" => Ok(InitialMask::Reference),
+            _ => Err(Error::Invalid(format!(
+                "initial_mask: expected gradient, random or reference, got `{s}`"
+            ))),
+        }
+    }
+}
+
 /// Learning-rate decay after warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -45,16 +98,28 @@ pub struct TrainConfig {
     pub density: Option<f64>,
     /// Sparse budget as many deltas as LoRA of this rank on the same modules.
     pub lora_equivalent_rank: usize,
+    /// How the sparse budget is split across modules: `size` or `lora`.
+    pub budget_split: BudgetSplit,
     /// LoRA rank.
     pub lora_rank: usize,
     /// LoRA alpha (scale = alpha / rank).
     pub lora_alpha: f64,
     /// LoRA dropout.
     pub lora_dropout: f64,
-    /// S: updates between reselections.
-    pub reselection_steps: usize,
-    /// A: updates in each SpIEL-AG window.
-    pub accumulation_steps: usize,
+    /// S: updates between reselections; unset: max(8, T / 10) ([`TrainConfig::schedule`]).
+    pub reselection_steps: Option<usize>,
+    /// A: updates in each SpIEL-AG window; unset: max(1, S / 4), the reference's 5 of 20.
+    pub accumulation_steps: Option<usize>,
+    /// Fraction of the run after which no reselection happens (0.75: the last quarter keeps its
+    /// mask).
+    pub reselection_end: f64,
+    /// How the first indices are chosen: `gradient` (top-k of the accumulated dense gradient
+    /// over `initial_mask_examples` examples, before the first update), `random`, or `reference`
+    /// (random, and the first reselection replaces them all, as the reference SpIEL does).
+    pub initial_mask: InitialMask,
+    /// Training examples whose gradient picks a `gradient` initial mask; unset: the first AG
+    /// window's worth (A updates of `batch_size * grad_accum`).
+    pub initial_mask_examples: Option<usize>,
     /// zeta0: initial fraction of entries replaced.
     pub reselection_rate: f64,
     /// How the fraction decays.
@@ -125,11 +190,15 @@ impl Default for TrainConfig {
             .to_vec(),
             density: None,
             lora_equivalent_rank: 8,
+            budget_split: BudgetSplit::Size,
             lora_rank: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.0,
-            reselection_steps: 20,
-            accumulation_steps: 5,
+            reselection_steps: None,
+            accumulation_steps: None,
+            reselection_end: 0.75,
+            initial_mask: InitialMask::Gradient,
+            initial_mask_examples: None,
             reselection_rate: 0.2,
             reselection_policy: Policy::Linear,
             steps: 40,
@@ -180,6 +249,15 @@ impl TrainConfig {
         toml::to_string(self).map_err(|e| Error::Invalid(e.to_string()))
     }
 
+    /// The run's config.toml: [`TrainConfig::resolved`], headed by the rule that filled in S and A.
+    pub fn to_run_toml(&self) -> Result<String> {
+        Ok(format!(
+            "# Resolved config of this run. Unless set, reselection_steps (S) = max(8, steps / 10) and\n\
+             # accumulation_steps (A) = max(1, S / 4); no reselection after reselection_end * steps.\n{}",
+            self.resolved().to_toml()?
+        ))
+    }
+
     /// Parse and validate a TOML config held in memory.
     pub fn from_toml_str(text: &str) -> Result<TrainConfig> {
         let c: TrainConfig = toml::from_str(text).map_err(|e| Error::Invalid(e.to_string().replace('\n', " ")))?;
@@ -190,8 +268,11 @@ impl TrainConfig {
     /// The learning rate, defaulting by method.
     pub fn peak_lr(&self) -> f64 {
         self.lr.unwrap_or(match self.method {
-            Method::SpielAg => 2e-3,
-            Method::SpielMa => 2e-3,
+            // With the gradient initial mask the deltas start where the gradient is largest, and
+            // AdamW at 2e-3 there made the default run end above the base model (1.7290 ->
+            // 1.7863); 2e-4 was the best of 1e-4, 2e-4, 5e-4 and 2e-3 (docs/results.md).
+            Method::SpielAg => 2e-4,
+            Method::SpielMa | Method::Shira => 2e-3,
             Method::Lora => 1e-3,
             Method::Full => 5e-5,
         })
@@ -200,6 +281,9 @@ impl TrainConfig {
     /// Check value ranges; the error names the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |f: &str, why: &str| Err(Error::Invalid(format!("train config: `{f}` {why}")));
+        if self.method == Method::Shira {
+            return bad("method", "shira names PEFT's adapter files, which spiel reads and writes; train sparse deltas with spiel-ag or spiel-ma (budget_split = \"lora\" for SHiRA's counts)");
+        }
         if self.steps == 0 {
             return bad("steps", "must be at least 1");
         }
@@ -221,11 +305,22 @@ impl TrainConfig {
                 "applies to adapter methods; full fine-tuning trains every weight in f32",
             );
         }
-        if self.method.is_sparse() && self.reselection_steps > 0 && self.accumulation_steps > self.reselection_steps {
+        let sched = self.schedule();
+        if self.method.is_sparse() && sched.reselection_steps > 0 && sched.accumulation_steps > sched.reselection_steps
+        {
             return bad("accumulation_steps", "must not exceed reselection_steps");
         }
-        if self.method == Method::SpielAg && self.reselection_steps > 0 && self.accumulation_steps == 0 {
+        if self.method == Method::SpielAg && sched.reselection_steps > 0 && sched.accumulation_steps == 0 {
             return bad("accumulation_steps", "must be at least 1 for spiel-ag");
+        }
+        if !(0.0..=1.0).contains(&self.reselection_end) {
+            return bad("reselection_end", "must be in [0, 1]");
+        }
+        if self.initial_mask_examples == Some(0) {
+            return bad(
+                "initial_mask_examples",
+                "must be at least 1 (or unset: the first window's worth)",
+            );
         }
         if !(0.0..=1.0).contains(&self.reselection_rate) {
             return bad("reselection_rate", "must be in [0, 1]");
@@ -285,12 +380,33 @@ impl TrainConfig {
 
     /// The SpIEL reselection schedule these settings describe.
     pub fn schedule(&self) -> Schedule {
+        let s = self.reselection_steps.unwrap_or((self.steps / 10).max(8));
         Schedule {
-            reselection_steps: self.reselection_steps,
-            accumulation_steps: self.accumulation_steps,
+            reselection_steps: s,
+            accumulation_steps: self.accumulation_steps.unwrap_or((s / 4).max(1)),
             rate: self.reselection_rate,
             policy: self.reselection_policy,
             total: self.steps,
+            end: (self.reselection_end * self.steps as f64).floor() as usize,
+            full_first: self.initial_mask == InitialMask::Reference,
+        }
+    }
+
+    /// Examples the `gradient` initial mask accumulates over (whole micro-batches).
+    pub fn initial_mask_micro_batches(&self) -> usize {
+        let examples = self
+            .initial_mask_examples
+            .unwrap_or(self.schedule().accumulation_steps * self.batch_size * self.grad_accum);
+        examples.div_ceil(self.batch_size).max(1)
+    }
+
+    /// The config with S and A filled in from T when unset, as a run uses them.
+    pub fn resolved(&self) -> TrainConfig {
+        let sched = self.schedule();
+        TrainConfig {
+            reselection_steps: Some(sched.reselection_steps),
+            accumulation_steps: Some(sched.accumulation_steps),
+            ..self.clone()
         }
     }
 

@@ -69,7 +69,23 @@ pub fn read_metrics(path: &Path) -> Result<Vec<StepRecord>> {
         .collect()
 }
 
-/// Draw `loss.png` (training loss and held-out loss against step) from metrics.jsonl.
+/// An exponential moving average of `points` (`m = beta m + (1 - beta) y`), divided by
+/// `1 - beta^n` so the first points are not pulled towards zero (as TensorBoard smooths).
+pub fn ema(points: &[(f64, f64)], beta: f64) -> Vec<(f64, f64)> {
+    let mut m = 0.0;
+    let mut weight = 0.0;
+    points
+        .iter()
+        .map(|&(x, y)| {
+            m = beta * m + (1.0 - beta) * y;
+            weight = beta * weight + (1.0 - beta);
+            (x, m / weight)
+        })
+        .collect()
+}
+
+/// Draw `loss.png` (training loss per update, its moving average, and held-out loss against
+/// step) from metrics.jsonl.
 pub fn plot_losses(metrics: &Path, png: &Path, title: &str) -> Result<()> {
     let recs = read_metrics(metrics)?;
     let train: Vec<(f64, f64)> = recs.iter().filter_map(|r| r.loss.map(|l| (r.step as f64, l))).collect();
@@ -77,10 +93,17 @@ pub fn plot_losses(metrics: &Path, png: &Path, title: &str) -> Result<()> {
         .iter()
         .filter_map(|r| r.eval_loss.map(|l| (r.step as f64, l)))
         .collect();
-    let mut series = vec![Series {
-        name: "train loss".into(),
-        points: train,
-    }];
+    let smoothed = ema(&train, 0.9);
+    let mut series = vec![
+        Series {
+            name: "train loss".into(),
+            points: train,
+        },
+        Series {
+            name: "train loss, EMA 0.9".into(),
+            points: smoothed,
+        },
+    ];
     if !eval.is_empty() {
         series.push(Series {
             name: "held-out loss".into(),
@@ -88,4 +111,27 @@ pub fn plot_losses(metrics: &Path, png: &Path, title: &str) -> Result<()> {
         });
     }
     line_chart(png, title, "update", "mean NLL per response token", &series)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ema_is_debiased_and_follows_a_step() {
+        let pts: Vec<(f64, f64)> = (0..50).map(|i| (i as f64, if i < 10 { 2.0 } else { 1.0 })).collect();
+        let e = ema(&pts, 0.9);
+        // A constant stays itself from the first point on.
+        assert!(e[..10].iter().all(|p| (p.1 - 2.0).abs() < 1e-12));
+        // After the step it moves towards 1 monotonically, and is close after 40 points.
+        assert!(e[10..].windows(2).all(|w| w[1].1 < w[0].1));
+        assert!((e[49].1 - 1.0).abs() < 0.02);
+        // Reference: the plain recurrence, divided by 1 - 0.9^n.
+        let (mut m, mut n) = (0.0, 0);
+        for (p, want) in pts.iter().zip(&e) {
+            m = 0.9 * m + 0.1 * p.1;
+            n += 1;
+            assert!((m / (1.0 - 0.9f64.powi(n)) - want.1).abs() < 1e-12);
+        }
+    }
 }

@@ -126,7 +126,7 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     };
     let total_params = proj_params + other_params;
     let trainable = match cfg.method {
-        Method::SpielAg | Method::SpielMa => match cfg.density {
+        Method::SpielAg | Method::SpielMa | Method::Shira => match cfg.density {
             Some(d) => (d * total_params).min(targeted_params),
             None => lora_params(cfg.lora_equivalent_rank as f64).min(targeted_params),
         },
@@ -136,7 +136,8 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     let (adapter, optimizer, selector) = match cfg.method {
         // Values and u32 indices; AdamW m, v, age and the gradient buffer; window candidates
         // with three f32 sums each, plus one module's dense gradient while a window is open.
-        Method::SpielAg => {
+        // (A SHiRA config is refused before a plan is made.)
+        Method::SpielAg | Method::Shira => {
             let largest = projections.iter().map(|(_, o, n)| o * n).fold(0.0, f64::max);
             (trainable * 8.0, trainable * 16.0, trainable * 16.0 + largest * f)
         }
@@ -216,6 +217,17 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
         Dtype::F32 => 0.0,
     };
     let transient = tokens * per_token_layer * act + widened;
+    // A `gradient` initial mask over several micro-batches sums each targeted matrix's dense
+    // gradient for the pass before the first update (one micro-batch keeps only the indices).
+    let initial_mask = match cfg.method {
+        Method::SpielAg | Method::SpielMa
+            if cfg.initial_mask == crate::train::config::InitialMask::Gradient
+                && cfg.initial_mask_micro_batches() > 1 =>
+        {
+            targeted_params * 4.0
+        }
+        _ => 0.0,
+    };
 
     let items = vec![
         Item {
@@ -249,6 +261,10 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
         Item {
             what: "transient buffers",
             bytes: transient as u64,
+        },
+        Item {
+            what: "initial mask sums",
+            bytes: initial_mask as u64,
         },
         Item {
             what: "runtime",

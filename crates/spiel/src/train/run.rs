@@ -111,7 +111,7 @@ pub fn run(
             );
         }
     }
-    let toml_text = cfg.to_toml()?;
+    let toml_text = cfg.to_run_toml()?;
     fsutil::write_atomic(&paths.config, toml_text.as_bytes())?;
     let mut initial_eval = None;
     if resume {

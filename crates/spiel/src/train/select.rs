@@ -27,7 +27,8 @@ pub fn split_budget(total: usize, numels: &[usize]) -> Vec<usize> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Policy {
-    /// `zeta0 * (1 - c / T)`; the first reselection replaces everything.
+    /// `zeta0 * (1 - c / T)` (with the reference's initial mask, the first reselection replaces
+    /// everything).
     Linear,
     /// `zeta0 * (1 + cos(pi c / T)) / 2`.
     Cosine,
@@ -46,12 +47,18 @@ pub struct Schedule {
     pub policy: Policy,
     /// T: total updates.
     pub total: usize,
+    /// No reselection follows an update after this one (the last quarter of a run keeps its
+    /// mask, as dynamic sparse training usually does).
+    pub end: usize,
+    /// The first reselection replaces every entry (the reference's random initial mask, whose
+    /// entries are all placeholders until then).
+    pub full_first: bool,
 }
 
 impl Schedule {
     /// Whether a reselection follows update `c` (1-based).
     pub fn is_reselection(&self, c: usize) -> bool {
-        self.reselection_steps > 0 && c.is_multiple_of(self.reselection_steps) && c < self.total
+        self.reselection_steps > 0 && c.is_multiple_of(self.reselection_steps) && c < self.total && c <= self.end
     }
 
     /// Whether update `c` (1-based) lies in an AG window: exactly the A updates ending at a
@@ -68,7 +75,7 @@ impl Schedule {
     pub fn fraction(&self, c: usize) -> f64 {
         let t = self.total.max(1) as f64;
         match self.policy {
-            Policy::Linear if c == self.reselection_steps => 1.0,
+            Policy::Linear if self.full_first && c == self.reselection_steps => 1.0,
             Policy::Linear => self.rate * (1.0 - c as f64 / t),
             Policy::Cosine => self.rate * (1.0 + (std::f64::consts::PI * c as f64 / t).cos()) / 2.0,
         }
@@ -158,6 +165,58 @@ impl WeightGradHook for WindowHook {
     fn observe_at(&self, grad: &[f32]) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).observe_at(grad);
     }
+}
+
+/// A module's gradient-informed initial mask as a backward hook: the dense weight gradient at
+/// zero deltas, summed over the initial pass's micro-batches, and the top-k of its magnitude.
+/// With one micro-batch only the k indices are kept (the dense gradient stays transient, as in
+/// an AG window); with several, one f32 sum of the module's size lives for the pass.
+pub struct InitialMaskHook(Mutex<MaskSum>);
+
+struct MaskSum {
+    k: usize,
+    micro_batches: usize,
+    sum: Vec<f32>,
+    chosen: Option<Vec<u32>>,
+}
+
+impl InitialMaskHook {
+    /// A hook that keeps `k` indices from `micro_batches` backward passes.
+    pub fn new(k: usize, micro_batches: usize) -> InitialMaskHook {
+        InitialMaskHook(Mutex::new(MaskSum {
+            k,
+            micro_batches,
+            sum: Vec::new(),
+            chosen: None,
+        }))
+    }
+
+    /// The chosen indices (sorted): top-k of |summed gradient|; `None` if no gradient came.
+    pub fn indices(&self) -> Option<Vec<u32>> {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.chosen
+            .clone()
+            .or_else(|| (!m.sum.is_empty()).then(|| top_k_abs(&m.sum, m.k)))
+    }
+}
+
+impl WeightGradHook for InitialMaskHook {
+    fn positions(&self) -> Option<Vec<u32>> {
+        None
+    }
+
+    fn observe_dense(&self, grad: &[f32], _out: usize, _in: usize) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if m.micro_batches <= 1 {
+            m.chosen = Some(top_k_abs(grad, m.k));
+        } else if m.sum.is_empty() {
+            m.sum = grad.to_vec();
+        } else {
+            m.sum.iter_mut().zip(grad).for_each(|(s, g)| *s += g);
+        }
+    }
+
+    fn observe_at(&self, _grad: &[f32]) {}
 }
 
 /// Order by score descending, then index ascending (deterministic ties).
@@ -434,6 +493,8 @@ mod tests {
             rate: 0.2,
             policy: Policy::Linear,
             total: 100,
+            end: 100,
+            full_first: true,
         };
         let resel: Vec<usize> = (1..=100).filter(|&c| s.is_reselection(c)).collect();
         assert_eq!(resel, vec![20, 40, 60, 80]);
@@ -442,6 +503,17 @@ mod tests {
         assert!(!s.in_window(96), "no window before the end of training");
         assert_eq!(s.fraction(20), 1.0);
         assert!((s.fraction(40) - 0.2 * 0.6).abs() < 1e-12);
+        // With an informed initial mask the first reselection is like the others, and none
+        // follows update `end` (nor opens a window before it).
+        let g = Schedule {
+            full_first: false,
+            end: 75,
+            ..s
+        };
+        assert!((g.fraction(20) - 0.2 * 0.8).abs() < 1e-12);
+        let resel: Vec<usize> = (1..=100).filter(|&c| g.is_reselection(c)).collect();
+        assert_eq!(resel, vec![20, 40, 60]);
+        assert!(!g.in_window(79));
         let c = Schedule {
             policy: Policy::Cosine,
             ..s

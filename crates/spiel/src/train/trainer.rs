@@ -20,11 +20,11 @@ use crate::kernels::sparse::DeltaInBase;
 use crate::model::adapter::{Adapter, AdapterConfig, AdapterSet, BaseModel, Delta, LoraDelta, Method, SparseDelta};
 use crate::model::transformer::{BlockGraphs, Llama};
 use crate::model::weight::Weights;
-use crate::train::config::TrainConfig;
+use crate::train::config::{BudgetSplit, InitialMask, TrainConfig};
 use crate::train::data::{self, Example};
 use crate::train::loss::{eval_loss, target_loss};
 use crate::train::metrics::StepRecord;
-use crate::train::select::{self, AgWindow, ReselectStats, SparseModule, WindowHook};
+use crate::train::select::{self, AgWindow, InitialMaskHook, ReselectStats, SparseModule, WindowHook};
 use crate::{Error, Result};
 
 /// Trainable variables with the gradient buffers they accumulate into.
@@ -307,8 +307,72 @@ impl Trainer {
         data::epoch_batches(&lengths, self.cfg.batch_size, self.cfg.seed, epoch)[i % per_epoch].clone()
     }
 
+    /// The `gradient` initial mask: one backward pass per micro-batch of the run's first
+    /// examples with every delta at zero, each module's hook summing its dense weight gradient;
+    /// the top-k of |sum| become the module's indices. No update is spent: there is no optimizer
+    /// step and the value gradients are discarded.
+    fn choose_initial_mask(&mut self) -> Result<()> {
+        let n = self.cfg.initial_mask_micro_batches();
+        let batches: Vec<Vec<usize>> = (0..n).map(|i| self.micro_batch(i)).collect();
+        let Trainable::Sparse(slots) = &mut self.trainable else {
+            return Ok(());
+        };
+        let _t = crate::kernels::profile::span(crate::kernels::profile::Phase::Selection);
+        let hooks: Vec<Arc<InitialMaskHook>> = slots
+            .iter()
+            .map(|s| Arc::new(InitialMaskHook::new(s.state.indices.len(), n)))
+            .collect();
+        let mut set = AdapterSet::none();
+        for (s, h) in slots.iter().zip(&hooks) {
+            set.add(
+                &s.name,
+                Delta::Sparse(SparseDelta {
+                    shape: s.shape,
+                    indices: Arc::new(s.state.indices.clone()),
+                    values: s.var.as_tensor().clone(),
+                    hook: Some(h.clone() as Arc<dyn crate::kernels::sparse::WeightGradHook>),
+                    in_base: false,
+                    packs: None,
+                }),
+            );
+        }
+        let graphs = match self.cfg.checkpoint_activations {
+            true => BlockGraphs::Recomputed,
+            false => BlockGraphs::Kept,
+        };
+        for idx in &batches {
+            let refs: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
+            let b = data::make_batch(&refs, self.pad_id, self.base.device())?;
+            let loss = |h: &Tensor| target_loss(&self.base, h, &b);
+            self.base
+                .backward_by_blocks(&b.ids, Some(&b.mask), &set, graphs, loss, 1.0, |_| Ok(()))?;
+        }
+        let ag = self.cfg.method == Method::SpielAg;
+        for (s, h) in slots.iter_mut().zip(&hooks) {
+            let Some(indices) = h.indices() else { continue };
+            let k = indices.len();
+            s.state = SparseModule {
+                indices,
+                values: vec![0.0; k],
+                adam: ag.then(|| AdamState::new(k)),
+            };
+            s.var
+                .set(&Tensor::zeros(k, candle_core::DType::F32, s.var.as_tensor().device())?)?;
+            // The kept bf16 operands hold the old positions.
+            s.packs = Arc::default();
+        }
+        tracing::info!(
+            "initial mask: top-k of the dense gradient over {} examples ({n} micro-batches)",
+            n * self.cfg.batch_size
+        );
+        Ok(())
+    }
+
     /// Run one update (all its micro-batches, the optimizer step, and a reselection if due).
     pub fn step(&mut self) -> Result<StepRecord> {
+        if self.step == 0 && self.cfg.method.is_sparse() && self.cfg.initial_mask == InitialMask::Gradient {
+            self.choose_initial_mask()?;
+        }
         let c = self.step + 1;
         let started = Instant::now();
         let sched = self.cfg.schedule();
@@ -743,8 +807,20 @@ pub fn sparse_budget(cfg: &TrainConfig, model: &Llama, targets: &[(String, (usiz
         Some(d) => (d * model.cfg.num_parameters() as f64).floor() as usize,
         None => cfg.lora_equivalent_rank * targets.iter().map(|(_, (o, i))| o + i).sum::<usize>(),
     };
-    let numels: Vec<usize> = targets.iter().map(|(_, (o, i))| o * i).collect();
-    select::split_budget(total, &numels)
+    match (cfg.budget_split, cfg.density) {
+        (BudgetSplit::Lora, None) => targets
+            .iter()
+            .map(|(_, (o, i))| cfg.lora_equivalent_rank * (o + i))
+            .collect(),
+        (BudgetSplit::Lora, Some(_)) => {
+            let sides: Vec<usize> = targets.iter().map(|(_, (o, i))| o + i).collect();
+            select::split_budget(total, &sides)
+        }
+        (BudgetSplit::Size, _) => {
+            let numels: Vec<usize> = targets.iter().map(|(_, (o, i))| o * i).collect();
+            select::split_budget(total, &numels)
+        }
+    }
 }
 
 fn init_trainable(cfg: &TrainConfig, base: &Llama) -> Result<Trainable> {
@@ -757,11 +833,21 @@ fn init_trainable(cfg: &TrainConfig, base: &Llama) -> Result<Trainable> {
         .collect();
     let dev = base.device();
     Ok(match cfg.method {
+        Method::Shira => {
+            return Err(Error::Invalid(
+                "train config: method `shira` is not trained (spiel-ag or spiel-ma)".into(),
+            ))
+        }
         Method::SpielAg | Method::SpielMa => {
             let ks = sparse_budget(cfg, base, &targets);
             let mut slots = Vec::with_capacity(targets.len());
             for (j, ((name, shape), k)) in targets.into_iter().zip(ks).enumerate() {
                 let numel = shape.0 * shape.1;
+                if k > numel {
+                    return Err(Error::Invalid(format!(
+                        "module `{name}`: a budget of {k} deltas exceeds its {numel} entries; lower lora_equivalent_rank or density"
+                    )));
+                }
                 if numel > u32::MAX as usize {
                     return Err(Error::Invalid(format!(
                         "module `{name}` has {numel} entries; more than 2^32 is not supported"
