@@ -655,7 +655,7 @@ fn gradient_initial_mask_is_the_top_k_of_the_accumulated_gradient() {
             .index_select(&b.positions, 0)
             .unwrap();
         let grads = dense.head_loss(&rows, &b.targets).unwrap().backward().unwrap();
-        for (name, ds) in set.iter() {
+        for (name, _) in set.iter() {
             let g: Vec<f32> = grads
                 .get(vars[&format!("{name}.weight")].as_tensor())
                 .unwrap()
@@ -665,7 +665,6 @@ fn gradient_initial_mask_is_the_top_k_of_the_accumulated_gradient() {
                 .unwrap();
             let s = sums.entry(name.to_string()).or_insert_with(|| vec![0.0; g.len()]);
             s.iter_mut().zip(&g).for_each(|(s, g)| *s += *g as f64);
-            let _ = ds;
         }
     }
     let mut checked = 0;

@@ -8,14 +8,20 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use crate::formats::fsutil;
-use crate::model::adapter::{Adapter, Delta, PREFIX};
+use crate::model::adapter::{Adapter, Delta, SparseDelta, PREFIX};
 use crate::{Error, Result};
 
 /// The one rank `r` with `k = r * (in + out)` in every module of a sparse adapter, or an error
 /// naming the first module whose count no such `r` gives (train with `budget_split = "lora"` and
 /// `lora_equivalent_rank = r` for counts that fit).
 pub fn shira_rank(adapter: &Adapter) -> Result<usize> {
+    Ok(sparse_modules(adapter)?.0)
+}
+
+/// [`shira_rank`] and every module's sparse delta, by module path.
+fn sparse_modules(adapter: &Adapter) -> Result<(usize, Vec<(&String, &SparseDelta)>)> {
     let mut rank = None;
+    let mut modules = Vec::with_capacity(adapter.deltas.len());
     for (m, d) in &adapter.deltas {
         let Delta::Sparse(s) = d else {
             return Err(Error::Invalid(format!(
@@ -40,8 +46,10 @@ pub fn shira_rank(adapter: &Adapter) -> Result<usize> {
             }
             _ => {}
         }
+        modules.push((m, s));
     }
-    rank.ok_or_else(|| Error::Invalid("the adapter has no modules".into()))
+    let r = rank.ok_or_else(|| Error::Invalid("the adapter has no modules".into()))?;
+    Ok((r, modules))
 }
 
 /// Write `adapter` into `dir` as a stock PEFT adapter: SHiRA for sparse deltas, the usual PEFT
@@ -50,13 +58,10 @@ pub fn export_peft(adapter: &Adapter, dir: &Path) -> Result<()> {
     if adapter.config.method == crate::model::adapter::Method::Lora {
         return adapter.save(dir);
     }
-    let r = shira_rank(adapter)?;
+    let (r, modules) = sparse_modules(adapter)?;
     let mut tensors = Vec::new();
     let mut short: BTreeSet<String> = BTreeSet::new();
-    for (m, d) in &adapter.deltas {
-        let Delta::Sparse(s) = d else {
-            unreachable!("checked by shira_rank")
-        };
+    for (m, s) in modules {
         let inp = s.shape.1 as u32;
         let values: Vec<f32> = s.values.to_vec1()?;
         let rows = s.indices.iter().map(|&i| (i / inp) as i32);
