@@ -3,6 +3,7 @@
 //! exit code.
 
 mod cmd;
+mod http;
 mod shared;
 
 use std::path::PathBuf;
@@ -63,6 +64,12 @@ enum Cmd {
     /// write results.md, results.json and curves.png. Rerunning continues where it stopped.
     #[command(after_help = "Example: spiel compare --config configs/compare-smollm2.toml")]
     Compare(cmd::compare::CompareArgs),
+    /// Serve the base model and many adapters over an OpenAI-compatible HTTP API, requests for
+    /// different adapters batched together.
+    #[command(
+        after_help = "Examples:\n  spiel serve --adapters runs/ --port 8080\n  spiel serve --adapter support=runs/spiel-ag/adapter --max-batch 32"
+    )]
+    Serve(Box<cmd::serve::ServeArgs>),
     /// Throughput tables.
     Bench(cmd::bench::BenchArgs),
 }
@@ -103,6 +110,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Inspect(a) => a.run(),
         Cmd::Merge(a) => a.run(&home),
         Cmd::Compare(a) => a.run(&home, threads),
+        Cmd::Serve(a) => a.run(&home),
         Cmd::Bench(a) => a.run(&home, threads),
     }
 }

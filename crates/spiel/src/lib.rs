@@ -8,6 +8,7 @@
 //! - [`model`]: the transformer, its linears, adapters and their files, loading.
 //! - [`train`]: config, data, selection, the step loop, metrics, run directories, memory plan.
 //! - [`tasks`]: evaluation, generation, scoring, comparison, inspection, benchmarks.
+//! - [`serve`]: the adapter registry and the continuous-batching engine of `spiel serve`.
 //! - [`testkit`]: synthetic models and fuzzing entry points, for tests only.
 //!
 //! [`Error`] and [`Result`] belong to no layer and are used by all.
@@ -16,6 +17,7 @@ mod error;
 pub mod formats;
 pub mod kernels;
 pub mod model;
+pub mod serve;
 pub mod tasks;
 pub mod testkit;
 pub mod train;

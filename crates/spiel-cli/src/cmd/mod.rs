@@ -10,4 +10,5 @@ pub mod inspect;
 pub mod merge;
 pub mod plan;
 pub mod score;
+pub mod serve;
 pub mod train;

@@ -7,7 +7,7 @@
 //! block codecs) sit on [`common`]; [`bf16mm`] (bf16 products on AMX tiles) on those; then the
 //! element-wise [`ops`], the frozen and quantised weight products [`qmatrix`], the sparse-delta op
 //! and SDDMM [`sparse`], [`attention`], the vocabulary head with its loss [`head`], the LoRA op
-//! [`lora`], and the optimizer loops [`optim`].
+//! [`lora`], the optimizer loops [`optim`], and the batch-invariant decoding loops [`rowwise`].
 
 pub mod attention;
 pub mod bf16mm;
@@ -20,6 +20,7 @@ pub mod optim;
 pub mod profile;
 pub mod qmatrix;
 pub mod quant;
+pub mod rowwise;
 pub mod sparse;
 #[cfg(test)]
 pub(crate) mod testing;

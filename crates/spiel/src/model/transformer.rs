@@ -74,26 +74,26 @@ fn rope_tables(cfg: &ModelConfig, offset: usize, t: usize, device: &Device) -> R
 }
 
 #[derive(Debug, Clone)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+pub(crate) struct Attention {
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj: Linear,
+    pub(crate) o_proj: Linear,
 }
 
 #[derive(Debug, Clone)]
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+pub(crate) struct Mlp {
+    pub(crate) gate_proj: Linear,
+    pub(crate) up_proj: Linear,
+    pub(crate) down_proj: Linear,
 }
 
 #[derive(Debug, Clone)]
-struct Block {
-    input_layernorm: Tensor,
-    self_attn: Attention,
-    post_attention_layernorm: Tensor,
-    mlp: Mlp,
+pub(crate) struct Block {
+    pub(crate) input_layernorm: Tensor,
+    pub(crate) self_attn: Attention,
+    pub(crate) post_attention_layernorm: Tensor,
+    pub(crate) mlp: Mlp,
 }
 
 /// Per-layer cached keys and values for incremental decoding. Each layer's keys and values live
@@ -277,11 +277,11 @@ pub struct Llama {
     /// Shape of the model.
     pub cfg: ModelConfig,
     /// Token embeddings `[V, H]` (also the head when tied).
-    embed_tokens: Weight,
-    layers: Vec<Block>,
-    norm: Tensor,
+    pub(crate) embed_tokens: Weight,
+    pub(crate) layers: Vec<Block>,
+    pub(crate) norm: Tensor,
     /// Separate head weight `[V, H]`; `None` when tied to the embeddings.
-    lm_head: Option<Weight>,
+    pub(crate) lm_head: Option<Weight>,
     /// The dtype of the hidden states between the embeddings and the final norm (f32 or bf16).
     activations: DType,
     device: Device,

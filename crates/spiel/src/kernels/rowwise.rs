@@ -1,0 +1,436 @@
+//! Batch-invariant inference kernels for decoding many sequences together (the server's batched
+//! step, [`crate::model::decode`]). Every output row is computed by the same sequence of
+//! floating-point operations whichever other rows share the call, so a request's tokens do not
+//! depend on what it was batched with, nor on how its prompt was split into chunks:
+//!
+//! - [`xwt`]: `y = x W^T`. Each element is one 8-lane FMA chain over `k` in steps of 8, summed
+//!   across lanes in a fixed tree, then the scalar tail: the same for a 1-row call and for a
+//!   block of 4 rows x 3 weight rows, so blocking (which reads each weight row once for all rows)
+//!   changes nothing but speed.
+//! - [`Csr`] and [`Csr::add_rows`]: `y[rows] += s * x[rows] S^T` for a sparse delta held by output
+//!   row, reading its nonzeros once for all the rows that use it.
+//! - [`rms_norm_rows`], [`rope_row`], [`attend`]: per-row loops.
+
+use rayon::prelude::*;
+
+/// Lanes per FMA chain in [`xwt`].
+const LANES: usize = 8;
+
+/// `y[i, j] = x_i . w_j` for `x: [n, k]`, `w: [m, k]`, `y: [n, m]` (overwritten); batch-invariant
+/// (module docs). Parallel over blocks of weight rows.
+pub fn xwt(x: &[f32], n: usize, k: usize, w: &[f32], m: usize, y: &mut [f32]) {
+    assert!(
+        x.len() >= n * k && w.len() >= m * k && y.len() >= n * m,
+        "xwt: operand sizes"
+    );
+    if n == 0 || m == 0 {
+        return;
+    }
+    // Blocks of weight rows, several per thread so uneven progress evens out; each block's
+    // outputs are a column range of y, written through a raw pointer (disjoint per block).
+    let block = m.div_ceil(8 * rayon::current_num_threads().max(1)).clamp(12, 384);
+    let y_addr = y.as_mut_ptr() as usize;
+    (0..m.div_ceil(block)).into_par_iter().for_each(|b| {
+        let (j0, j1) = (b * block, ((b + 1) * block).min(m));
+        // SAFETY: y holds n * m values (asserted); block b writes only columns j0..j1 of each
+        // row, which no other block writes.
+        let y = unsafe { std::slice::from_raw_parts_mut(y_addr as *mut f32, n * m) };
+        xwt_block(x, n, k, &w[j0 * k..j1 * k], j1 - j0, y, m, j0);
+    });
+}
+
+/// [`xwt`] for weight rows `w: [mb, k]` into columns `c0..c0 + mb` of `y` (row stride `ldy`).
+#[allow(clippy::too_many_arguments)]
+fn xwt_block(x: &[f32], n: usize, k: usize, w: &[f32], mb: usize, y: &mut [f32], ldy: usize, c0: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the AVX2 kernel is compiled for (just checked).
+        unsafe { avx2::xwt_block(x, n, k, w, mb, y, ldy, c0) };
+        return;
+    }
+    for j in 0..mb {
+        for i in 0..n {
+            y[i * ldy + c0 + j] = dot_portable(&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]);
+        }
+    }
+}
+
+/// The portable form of one element's chain: 8 lane sums over `k` in steps of 8, the lanes summed
+/// as ((0+4)+(2+6)) + ((1+5)+(3+7)), then the tail; the same tree as the AVX2 reduction.
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let k = a.len();
+    let mut lanes = [0f32; LANES];
+    let full = k / LANES * LANES;
+    for c in (0..full).step_by(LANES) {
+        for l in 0..LANES {
+            lanes[l] = a[c + l].mul_add(b[c + l], lanes[l]);
+        }
+    }
+    let mut sum = reduce_lanes(&lanes);
+    for c in full..k {
+        sum += a[c] * b[c];
+    }
+    sum
+}
+
+/// The fixed lane-summing tree shared by both forms.
+fn reduce_lanes(l: &[f32; LANES]) -> f32 {
+    let q = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
+    let p = [q[0] + q[2], q[1] + q[3]];
+    p[0] + p[1]
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{reduce_lanes, LANES};
+
+    /// Weight rows per block when several input rows share it, and input rows per block: 12
+    /// accumulators, 3 weight loads and one input load fill the 16 registers.
+    const WJ: usize = 3;
+    const XI: usize = 4;
+    /// Weight rows per block for a single input row: more chains to hide the FMA latency.
+    const WJ_ONE: usize = 8;
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn xwt_block(
+        x: &[f32],
+        n: usize,
+        k: usize,
+        w: &[f32],
+        mb: usize,
+        y: &mut [f32],
+        ldy: usize,
+        c0: usize,
+    ) {
+        let mut j = 0;
+        if n == 1 {
+            while j + WJ_ONE <= mb {
+                tile::<1, WJ_ONE>(x, 0, k, w, j, y, ldy, c0);
+                j += WJ_ONE;
+            }
+        }
+        while j < mb {
+            let wj = (mb - j).min(WJ);
+            let mut i = 0;
+            while i < n {
+                let xi = (n - i).min(XI);
+                match (xi, wj) {
+                    (4, 3) => tile::<4, 3>(x, i, k, w, j, y, ldy, c0),
+                    (4, 2) => tile::<4, 2>(x, i, k, w, j, y, ldy, c0),
+                    (4, 1) => tile::<4, 1>(x, i, k, w, j, y, ldy, c0),
+                    (3, 3) => tile::<3, 3>(x, i, k, w, j, y, ldy, c0),
+                    (3, 2) => tile::<3, 2>(x, i, k, w, j, y, ldy, c0),
+                    (3, 1) => tile::<3, 1>(x, i, k, w, j, y, ldy, c0),
+                    (2, 3) => tile::<2, 3>(x, i, k, w, j, y, ldy, c0),
+                    (2, 2) => tile::<2, 2>(x, i, k, w, j, y, ldy, c0),
+                    (2, 1) => tile::<2, 1>(x, i, k, w, j, y, ldy, c0),
+                    (1, 3) => tile::<1, 3>(x, i, k, w, j, y, ldy, c0),
+                    (1, 2) => tile::<1, 2>(x, i, k, w, j, y, ldy, c0),
+                    _ => tile::<1, 1>(x, i, k, w, j, y, ldy, c0),
+                }
+                i += xi;
+            }
+            j += wj;
+        }
+    }
+
+    /// Rows `i0..i0 + R` of x against weight rows `j0..j0 + C`: one FMA chain per element.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const R: usize, const C: usize>(
+        x: &[f32],
+        i0: usize,
+        k: usize,
+        w: &[f32],
+        j0: usize,
+        y: &mut [f32],
+        ldy: usize,
+        c0: usize,
+    ) {
+        let xp = x.as_ptr().add(i0 * k);
+        let wp = w.as_ptr().add(j0 * k);
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let full = k / LANES * LANES;
+        let mut c = 0;
+        while c < full {
+            let mut wv = [_mm256_setzero_ps(); C];
+            for (jj, v) in wv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(wp.add(jj * k + c));
+            }
+            for (ii, row) in acc.iter_mut().enumerate() {
+                let xv = _mm256_loadu_ps(xp.add(ii * k + c));
+                for (jj, a) in row.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(xv, wv[jj], *a);
+                }
+            }
+            c += LANES;
+        }
+        for (ii, row) in acc.iter().enumerate() {
+            for (jj, a) in row.iter().enumerate() {
+                let mut lanes = [0f32; LANES];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+                let mut sum = reduce_lanes(&lanes);
+                for t in full..k {
+                    sum += *xp.add(ii * k + t) * *wp.add(jj * k + t);
+                }
+                *y.get_unchecked_mut((i0 + ii) * ldy + c0 + j0 + jj) = sum;
+            }
+        }
+    }
+}
+
+/// A sparse delta `S: [out, in]` by output row (compressed sparse rows), the form the server keeps
+/// a loaded delta in: row `r`'s nonzeros are `cols[starts[r]..starts[r + 1]]` with their values.
+#[derive(Debug, Clone)]
+pub struct Csr {
+    /// `(out, in)`.
+    pub shape: (usize, usize),
+    /// `out + 1` offsets into `cols` and `values`.
+    pub starts: Vec<u32>,
+    /// Column of each nonzero, ascending within a row.
+    pub cols: Vec<u32>,
+    /// Value of each nonzero.
+    pub values: Vec<f32>,
+}
+
+impl Csr {
+    /// From sorted unique flat indices `r * in + c` and their values.
+    pub fn from_flat(shape: (usize, usize), indices: &[u32], values: &[f32]) -> Csr {
+        let (out, inp) = shape;
+        let mut starts = vec![0u32; out + 1];
+        let mut cols = Vec::with_capacity(indices.len());
+        for &f in indices {
+            let (r, c) = (f as usize / inp, f as usize % inp);
+            starts[r + 1] += 1;
+            cols.push(c as u32);
+        }
+        for r in 0..out {
+            starts[r + 1] += starts[r];
+        }
+        Csr {
+            shape,
+            starts,
+            cols,
+            values: values.to_vec(),
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        4 * (self.starts.len() + self.cols.len() + self.values.len())
+    }
+
+    /// `y[i] += scale * x[i] S^T` for each row index `i` in `rows`, with `x: [.., in]` and
+    /// `y: [.., out]` row-major; each element adds its row's products in column order, then the
+    /// sum (times `scale` unless it is 1) to `y`. Parallel over blocks of output rows.
+    pub fn add_rows(&self, x: &[f32], y: &mut [f32], rows: &[usize], scale: f32) {
+        let (out, inp) = self.shape;
+        if rows.is_empty() || self.cols.is_empty() {
+            return;
+        }
+        let max_row = rows.iter().copied().max().unwrap_or(0);
+        assert!(
+            x.len() >= (max_row + 1) * inp && y.len() >= (max_row + 1) * out,
+            "csr: operand sizes"
+        );
+        let y_addr = y.as_mut_ptr() as usize;
+        let ylen = y.len();
+        let block = out.div_ceil(4 * rayon::current_num_threads().max(1)).max(64);
+        (0..out.div_ceil(block)).into_par_iter().for_each(|b| {
+            // SAFETY: block b writes only output columns b*block.. of the given rows, which no
+            // other block writes; sizes asserted above.
+            let y = unsafe { std::slice::from_raw_parts_mut(y_addr as *mut f32, ylen) };
+            for r in b * block..((b + 1) * block).min(out) {
+                let (s, e) = (self.starts[r] as usize, self.starts[r + 1] as usize);
+                if s == e {
+                    continue;
+                }
+                let (cols, vals) = (&self.cols[s..e], &self.values[s..e]);
+                for &i in rows {
+                    let xr = &x[i * inp..(i + 1) * inp];
+                    let mut sum = 0f32;
+                    for (&c, &v) in cols.iter().zip(vals) {
+                        sum = v.mul_add(xr[c as usize], sum);
+                    }
+                    y[i * out + r] += if scale == 1.0 { sum } else { scale * sum };
+                }
+            }
+        });
+    }
+}
+
+/// RMSNorm of each row of `x: [n, h]` with weight `w: [h]`: `x / sqrt(mean(x^2) + eps) * w`.
+pub fn rms_norm_rows(x: &[f32], h: usize, w: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for (xr, yr) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum();
+        let inv = 1.0 / (ss / h as f32 + eps).sqrt();
+        for ((y, v), g) in yr.iter_mut().zip(xr).zip(w) {
+            *y = v * inv * g;
+        }
+    }
+    out
+}
+
+/// Rotate-half RoPE in place on one position's heads `x: [heads, d]` with that position's
+/// `cos`, `sin: [d/2]`.
+pub fn rope_row(x: &mut [f32], d: usize, cos: &[f32], sin: &[f32]) {
+    let half = d / 2;
+    for head in x.chunks_exact_mut(d) {
+        for i in 0..half {
+            let (a, b) = (head[i], head[i + half]);
+            head[i] = a * cos[i] - b * sin[i];
+            head[i + half] = b * cos[i] + a * sin[i];
+        }
+    }
+}
+
+/// One query head `q: [d]` attending keys and values `0..len` laid out position-major with row
+/// stride `ld` (`k[j * ld .. j * ld + d]`): softmax(q k^T * scale) v, into `out: [d]`.
+pub fn attend(q: &[f32], k: &[f32], v: &[f32], ld: usize, len: usize, scale: f32, out: &mut [f32]) {
+    let d = q.len();
+    let mut scores: Vec<f32> = (0..len)
+        .map(|j| dot_portable(q, &k[j * ld..j * ld + d]) * scale)
+        .collect();
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        total += *s;
+    }
+    out.fill(0.0);
+    for (j, s) in scores.iter().enumerate() {
+        let p = s / total;
+        for (o, x) in out.iter_mut().zip(&v[j * ld..j * ld + d]) {
+            *o = p.mul_add(*x, *o);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+    use crate::kernels::testing::uniform;
+
+    fn xwt_f64(x: &[f32], n: usize, k: usize, w: &[f32], m: usize) -> Vec<f64> {
+        let mut y = vec![0f64; n * m];
+        for i in 0..n {
+            for j in 0..m {
+                y[i * m + j] = (0..k).map(|c| x[i * k + c] as f64 * w[j * k + c] as f64).sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn xwt_matches_f64_on_awkward_shapes_and_is_batch_invariant() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for &(n, k, m) in &[
+            (1, 1, 1),
+            (1, 7, 5),
+            (1, 576, 193),
+            (3, 33, 13),
+            (5, 64, 7),
+            (9, 100, 29),
+            (17, 9, 40),
+        ] {
+            let (x, w) = (uniform(n * k, 1.0, &mut rng), uniform(m * k, 1.0, &mut rng));
+            let mut y = vec![f32::NAN; n * m];
+            xwt(&x, n, k, &w, m, &mut y);
+            let r = xwt_f64(&x, n, k, &w, m);
+            for (a, b) in y.iter().zip(&r) {
+                assert!(
+                    (*a as f64 - b).abs() <= 1e-5 * (k as f64).sqrt(),
+                    "n {n} k {k} m {m}: {a} vs {b}"
+                );
+            }
+            // Each row alone gives bit-identical values to the row inside the batch.
+            for i in 0..n {
+                let mut one = vec![0f32; m];
+                xwt(&x[i * k..(i + 1) * k], 1, k, &w, m, &mut one);
+                assert_eq!(one, y[i * m..(i + 1) * m], "row {i} of n {n} k {k} m {m}");
+            }
+        }
+    }
+
+    #[test]
+    fn portable_chain_equals_the_avx2_chain() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        for k in [1, 8, 13, 64, 577] {
+            let (x, w) = (uniform(k, 1.0, &mut rng), uniform(3 * k, 1.0, &mut rng));
+            let mut y = vec![0f32; 3];
+            xwt(&x, 1, k, &w, 3, &mut y);
+            for j in 0..3 {
+                assert_eq!(y[j], dot_portable(&x, &w[j * k..(j + 1) * k]), "k {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn csr_add_rows_matches_a_dense_f64_reference_on_chosen_rows() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (out, inp, n) = (37, 23, 6);
+        let mut flat: Vec<u32> = (0..(out * inp) as u32)
+            .filter(|_| rand::Rng::gen_bool(&mut rng, 0.2))
+            .collect();
+        flat.dedup();
+        let values = uniform(flat.len(), 1.0, &mut rng);
+        let csr = Csr::from_flat((out, inp), &flat, &values);
+        let x = uniform(n * inp, 1.0, &mut rng);
+        let y0 = uniform(n * out, 1.0, &mut rng);
+        let rows = [0usize, 2, 5];
+        let mut y = y0.clone();
+        csr.add_rows(&x, &mut y, &rows, 0.5);
+        let mut dense = vec![0f64; out * inp];
+        for (&f, &v) in flat.iter().zip(&values) {
+            dense[f as usize] = v as f64;
+        }
+        for i in 0..n {
+            for r in 0..out {
+                let corr: f64 = (0..inp).map(|c| dense[r * inp + c] * x[i * inp + c] as f64).sum();
+                let want = y0[i * out + r] as f64 + if rows.contains(&i) { 0.5 * corr } else { 0.0 };
+                assert!((y[i * out + r] as f64 - want).abs() < 1e-5, "row {i} out {r}");
+            }
+        }
+        assert_eq!(csr.starts.len(), out + 1);
+        assert_eq!(*csr.starts.last().unwrap() as usize, flat.len());
+    }
+
+    #[test]
+    fn attend_and_norm_match_f64_references() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let (d, len, ld) = (12, 7, 20);
+        let (q, k, v) = (
+            uniform(d, 1.0, &mut rng),
+            uniform(len * ld, 1.0, &mut rng),
+            uniform(len * ld, 1.0, &mut rng),
+        );
+        let mut out = vec![0f32; d];
+        attend(&q, &k, &v, ld, len, 0.3, &mut out);
+        let s: Vec<f64> = (0..len)
+            .map(|j| (0..d).map(|c| q[c] as f64 * k[j * ld + c] as f64).sum::<f64>() * 0.3)
+            .collect();
+        let m = s.iter().cloned().fold(f64::MIN, f64::max);
+        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let t: f64 = e.iter().sum();
+        for c in 0..d {
+            let want: f64 = (0..len).map(|j| e[j] / t * v[j * ld + c] as f64).sum();
+            assert!((out[c] as f64 - want).abs() < 1e-5);
+        }
+        let (h, x, w) = (9, uniform(18, 2.0, &mut rng), uniform(9, 1.0, &mut rng));
+        let y = rms_norm_rows(&x, h, &w, 1e-5);
+        for r in 0..2 {
+            let ms: f64 = x[r * h..(r + 1) * h].iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / h as f64;
+            for c in 0..h {
+                let want = x[r * h + c] as f64 / (ms + 1e-5).sqrt() * w[c] as f64;
+                assert!((y[r * h + c] as f64 - want).abs() < 1e-5);
+            }
+        }
+    }
+}
