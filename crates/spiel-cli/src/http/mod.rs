@@ -121,9 +121,24 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Parse a JSON body, naming what is wrong with it.
+/// Parse a JSON body into `T`, naming the field (by its path) at fault; the body's syntax
+/// errors name their line and column.
 pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("request body: {e}")))
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("request body: {e}")))?;
+    parse_value(value)
+}
+
+/// [`parse_body`] from an already parsed body.
+pub fn parse_value<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match path.as_str() {
+            "." | "" => ApiError::bad_request(format!("request body: {inner}")),
+            _ => ApiError::bad_request(format!("request body: field `{path}`: {inner}")),
+        }
+    })
 }
 
 /// A panic in a handler becomes a 500 for that request (logged); the server goes on.

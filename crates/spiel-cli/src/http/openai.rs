@@ -18,7 +18,7 @@ use spiel::model::decode::ServedAdapter;
 use spiel::serve::engine::{Event, EventSink, Request, SamplingParams, SubmitError};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::{parse_body, ApiError, Shared};
+use super::{parse_body, parse_value, ApiError, Shared};
 
 /// A string or a list of strings (`prompt`, `stop`).
 #[derive(Deserialize)]
@@ -76,8 +76,6 @@ struct Common {
 #[derive(Deserialize)]
 struct CompletionBody {
     prompt: OneOrMany,
-    #[serde(flatten)]
-    common: Common,
 }
 
 /// A chat message's content: a string or a list of text parts.
@@ -104,8 +102,12 @@ struct ChatMessage {
 #[derive(Deserialize)]
 struct ChatBody {
     messages: Vec<ChatMessage>,
-    #[serde(flatten)]
-    common: Common,
+}
+
+/// The body's endpoint-specific part and the shared fields, each parsed with its field paths.
+fn bodies<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<(T, Common), ApiError> {
+    let value: Value = parse_body(body)?;
+    Ok((parse_value(value.clone())?, parse_value(value)?))
 }
 
 /// Which endpoint a response is for.
@@ -129,7 +131,7 @@ impl EventSink for ChannelSink {
 
 pub async fn completions(AxState(state): AxState<Shared>, body: Bytes) -> Response {
     let result = async {
-        let body: CompletionBody = parse_body(&body)?;
+        let (body, common): (CompletionBody, Common) = bodies(&body)?;
         let prompts = body.prompt.into_vec();
         if prompts.len() != 1 {
             return Err(ApiError::bad_request(format!(
@@ -138,7 +140,7 @@ pub async fn completions(AxState(state): AxState<Shared>, body: Bytes) -> Respon
             )));
         }
         let text = prompts.into_iter().next().expect("one");
-        start(&state, body.common, text, Kind::Completion).await
+        start(&state, common, text, Kind::Completion).await
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
@@ -146,7 +148,7 @@ pub async fn completions(AxState(state): AxState<Shared>, body: Bytes) -> Respon
 
 pub async fn chat_completions(AxState(state): AxState<Shared>, body: Bytes) -> Response {
     let result = async {
-        let body: ChatBody = parse_body(&body)?;
+        let (body, common): (ChatBody, Common) = bodies(&body)?;
         if body.messages.is_empty() {
             return Err(ApiError::bad_request("messages: at least one message is required"));
         }
@@ -181,7 +183,7 @@ pub async fn chat_completions(AxState(state): AxState<Shared>, body: Bytes) -> R
             .tokenizer
             .apply_chat_template(&msgs, true)
             .map_err(|e| ApiError::bad_request(format!("messages: {e}")))?;
-        start(&state, body.common, text, Kind::Chat).await
+        start(&state, common, text, Kind::Chat).await
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
