@@ -64,6 +64,7 @@ impl std::ops::Deref for Server {
 }
 
 impl Server {
+    #[allow(clippy::zombie_processes)] // waited for in Drop
     fn start(model: &Path, adapters: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_spiel"))
             .args(["--threads", "2", "serve", "--port", "0", "--served-name", "base"])

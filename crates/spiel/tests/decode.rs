@@ -81,7 +81,10 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// Run sequences through decode steps in the given chunk plans (one list of chunk lengths per
 /// sequence, all advancing together), returning every logits vector each step produced.
-fn run(m: &Llama, seqs: &[(Vec<u32>, Vec<(&ServedAdapter, f32)>)], plans: &[Vec<usize>]) -> Vec<Vec<Vec<f32>>> {
+/// A sequence's tokens and the adapters its rows use.
+type Seq<'a> = (Vec<u32>, Vec<(&'a ServedAdapter, f32)>);
+
+fn run(m: &Llama, seqs: &[Seq], plans: &[Vec<usize>]) -> Vec<Vec<Vec<f32>>> {
     let mut caches: Vec<SeqCache> = seqs.iter().map(|_| SeqCache::new()).collect();
     let mut pos = vec![0usize; seqs.len()];
     let mut out = vec![Vec::new(); seqs.len()];

@@ -42,6 +42,7 @@ fn greedy(max_tokens: usize) -> SamplingParams {
         top_p: 1.0,
         seed: 0,
         stop: Vec::new(),
+        ignore_eos: false,
     }
 }
 

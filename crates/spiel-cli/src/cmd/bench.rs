@@ -72,6 +72,10 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Serving throughput and latency over loopback: the base alone, one adapter, and many
+    /// adapters mixed in the batch.
+    #[command(after_help = "Example: spiel --threads 2 bench serve --clients 8 --adapters 8,64")]
+    Serve(Box<super::bench_serve::ServeBenchArgs>),
     /// Prefill and decode tokens/s.
     #[command(after_help = "Example: spiel bench generate --threads 2")]
     Generate {
@@ -96,6 +100,7 @@ impl BenchArgs {
     /// Run the command.
     pub fn run(self, home: &Path, cli_threads: Option<usize>) -> Result<()> {
         match self.what {
+            BenchCmd::Serve(a) => return a.run(home, cli_threads),
             BenchCmd::Gemm {
                 model,
                 tokens,

@@ -1,6 +1,7 @@
 //! One file per verb: each owns its clap arguments and its handler (`run`).
 
 pub mod bench;
+pub mod bench_serve;
 pub mod compare;
 pub mod eval;
 pub mod export;

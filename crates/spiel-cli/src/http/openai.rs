@@ -71,6 +71,9 @@ struct Common {
     stream_options: Option<StreamOptions>,
     adapters: Option<Vec<AdapterRef>>,
     n: Option<usize>,
+    /// vLLM's extension: generate `max_tokens` whatever end-of-turn tokens come.
+    #[serde(default)]
+    ignore_eos: bool,
 }
 
 #[derive(Deserialize)]
@@ -296,6 +299,7 @@ fn check_params(state: &Shared, c: &Common, kind: Kind) -> Result<SamplingParams
         top_p,
         seed: c.seed.unwrap_or_else(rand_seed),
         stop,
+        ignore_eos: c.ignore_eos,
     })
 }
 

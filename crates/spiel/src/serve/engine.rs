@@ -41,6 +41,8 @@ pub struct SamplingParams {
     pub seed: u64,
     /// Stop before the first of these in the generated text (it is not returned).
     pub stop: Vec<String>,
+    /// Go on past end-of-turn tokens until `max_tokens` (for benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// Why a sequence ended.
@@ -201,8 +203,8 @@ impl Engine {
             return Err(SubmitError::QueueFull);
         }
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        match tx.as_ref().map(|t| t.send(request)) {
-            Some(Ok(())) => Ok(()),
+        match tx.as_ref().map(|t| t.send(request).is_ok()) {
+            Some(true) => Ok(()),
             _ => {
                 self.stats.queued.fetch_sub(1, Ordering::SeqCst);
                 Err(SubmitError::ShuttingDown)
@@ -487,7 +489,7 @@ fn advance(
         });
         Ok(Outcome::Done)
     };
-    if tokenizer.stop_ids.contains(&next) {
+    if !p.ignore_eos && tokenizer.stop_ids.contains(&next) {
         return finish(seq, FinishReason::Stop);
     }
     seq.generated.push(next);
