@@ -45,6 +45,9 @@ pub struct ServeBenchArgs {
     /// Running sequences at most in the server (--max-batch).
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
+    /// Print JSON (one object per scenario, then the cold load).
+    #[arg(long)]
+    json: bool,
 }
 
 /// One scenario's measurements.
@@ -141,6 +144,19 @@ impl ServeBenchArgs {
             ));
         }
         let base_tps = rows[0].1;
+        if self.json {
+            let list: Vec<Value> = rows
+                .iter()
+                .map(|(name, tps, tokens, ttft, itl)| {
+                    json!({"scenario": name, "tokens_per_s": tps, "generated_tokens": tokens,
+                        "ttft_p50_s": ttft.0, "ttft_p99_s": ttft.1, "itl_p50_s": itl.0, "itl_p99_s": itl.1})
+                })
+                .collect();
+            let out = json!({"scenarios": list, "cold_load_ms": cold_ms, "adapter_mb": adapter_mb,
+                "clients": self.clients, "budget": budget});
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            return Ok(());
+        }
         println!(
             "model: {} ({} threads, {} clients x {} requests, ~{} prompt + {} output tokens, adapters of {budget} deltas = {adapter_mb:.1} MB)",
             self.model.model.as_deref().map_or("default".into(), |p| p.display().to_string()),

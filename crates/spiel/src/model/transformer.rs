@@ -5,8 +5,11 @@
 //! Two paths share the weights:
 //! - [`Llama::forward`]: batched, right-padded sequences with an attention mask, built from
 //!   differentiable candle ops so autograd reaches the adapters (training, scoring, eval);
-//! - [`Llama::forward_cached`]: incremental decoding with a [`KvCache`], using candle's fused
-//!   inference kernels (no backward needed).
+//! - [`Llama::forward_cached`]: incremental decoding with a [`KvCache`] of candle tensors, using
+//!   candle's fused inference kernels on any device (equal-length sequences, one adapter set).
+//!
+//! Generation and the server decode through [`crate::model::decode`] instead: CPU loops, any mix
+//! of sequence lengths and adapters in one step, and batch-invariant results.
 //!
 //! Shapes: B batch, T new tokens, S attended positions, H hidden, NH query heads, KV key/value
 //! heads, D head dim, V vocab.

@@ -5,8 +5,8 @@ use std::time::Instant;
 use candle_core::Tensor;
 use serde::Serialize;
 
-use crate::model::adapter::AdapterSet;
-use crate::model::transformer::{KvCache, Llama};
+use crate::model::decode::{SeqCache, StepInput};
+use crate::model::transformer::Llama;
 use crate::tasks::generate::argmax;
 use crate::Result;
 
@@ -53,22 +53,20 @@ pub fn bench_generate(
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     for round in 0..=rounds {
-        let mut cache = KvCache::new();
+        let mut cache = SeqCache::new();
+        let step = |cache: &mut SeqCache, tokens: &[u32]| -> Result<u32> {
+            let logits = model.decode_step(&mut [StepInput {
+                cache,
+                tokens,
+                adapters: &[],
+            }])?;
+            Ok(argmax(&logits[0]) as u32)
+        };
         let t0 = Instant::now();
-        let logits = model.forward_cached(
-            &Tensor::new(prompt.as_slice(), model.device())?.unsqueeze(0)?,
-            &mut cache,
-            &AdapterSet::none(),
-        )?;
-        let mut next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?) as u32;
+        let mut next = step(&mut cache, &prompt)?;
         let t1 = Instant::now();
         for _ in 0..decode_tokens {
-            let logits = model.forward_cached(
-                &Tensor::new(&[next], model.device())?.unsqueeze(0)?,
-                &mut cache,
-                &AdapterSet::none(),
-            )?;
-            next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?) as u32;
+            next = step(&mut cache, &[next])?;
         }
         let t2 = Instant::now();
         if round > 0 {
