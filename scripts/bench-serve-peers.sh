@@ -49,4 +49,11 @@ for i, row in enumerate(spiel[0]):
     s = statistics.median(x[i]["tokens_per_s"] for x in spiel)
     p = statistics.median(x[i]["tokens_per_s"] for x in peer)
     print(f"| {row['scenario']} | {s:.1f} | {p:.1f} | {s / p:.2f}x |")
+runs = [json.load(open(f"{out}/spiel-{r}.json")) for r in range(1, rounds + 1)]
+step = [r["decode_step"] for r in runs]
+b = statistics.median(x["base_ms"] for x in step)
+m = statistics.median(x["mixed_ms"] for x in step)
+print(f"spiel's decode step alone, {step[0]['batch']} sequences: {b:.1f} ms base, {m:.1f} ms with "
+      f"{step[0]['adapters']} distinct adapters ({b / m:.2f}x); cold adapter load "
+      f"{statistics.median(r['cold_load_ms'] for r in runs):.1f} ms")
 PY

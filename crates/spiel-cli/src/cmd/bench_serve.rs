@@ -103,7 +103,16 @@ impl ServeBenchArgs {
             .served_adapter(&m.model.load_adapter(&root.join("ad0"))?.to_set())?;
         let cold_ms = start.elapsed().as_secs_f64() * 1e3;
         let adapter_mb = served.bytes() as f64 / 1e6;
-        drop((served, m));
+        drop(served);
+        // The decode step alone, one distinct adapter per row against none.
+        let load = |i: usize| -> Result<_> {
+            Ok(m.model
+                .served_adapter(&m.model.load_adapter(&root.join(format!("ad{i}")))?.to_set())?)
+        };
+        let distinct: Vec<_> = (0..self.clients.min(most)).map(load).collect::<Result<_>>()?;
+        let refs: Vec<_> = distinct.iter().collect();
+        let step = spiel::tasks::bench::bench_decode_step(&m.model, &refs, self.clients, self.prompt_tokens, 16, 3)?;
+        drop((distinct, m));
 
         let server = Server::start(&self.model, home, &root, threads, self.max_batch)?;
         let prompt = "the quick brown fox jumps over a lazy dog ".repeat(self.prompt_tokens.div_ceil(9).max(1));
@@ -153,7 +162,7 @@ impl ServeBenchArgs {
                 })
                 .collect();
             let out = json!({"scenarios": list, "cold_load_ms": cold_ms, "adapter_mb": adapter_mb,
-                "clients": self.clients, "budget": budget});
+                "clients": self.clients, "budget": budget, "decode_step": step});
             println!("{}", serde_json::to_string_pretty(&out)?);
             return Ok(());
         }
@@ -179,6 +188,15 @@ impl ServeBenchArgs {
             );
         }
         println!("cold adapter load (read, check, convert): {cold_ms:.1} ms");
+        println!(
+            "decode step alone, {} sequences at {} cached tokens: {:.1} ms base, {:.1} ms with {} distinct adapters ({:.2}x the base's throughput)",
+            step.batch,
+            step.context,
+            step.base_ms,
+            step.mixed_ms,
+            step.adapters,
+            step.base_ms / step.mixed_ms
+        );
         Ok(())
     }
 }

@@ -310,7 +310,7 @@ fn dot_portable<const PREFETCH: bool>(a: &[f32], b: &[f32]) -> f32 {
 /// A hint to bring the cache line at `p` into L1; `p` may point anywhere (a prefetch never
 /// faults), so reading past the end of a row is fine.
 #[inline(always)]
-fn prefetch(p: *const f32) {
+pub(crate) fn prefetch(p: *const f32) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is a hint that does not access memory architecturally; SSE is in the
     // x86_64 baseline.

@@ -7,11 +7,13 @@
 //!   across lanes in a fixed tree, then the scalar tail: the same for a 1-row call and for a
 //!   block of 4 rows x 3 weight rows, so blocking (which reads each weight row once for all rows)
 //!   changes nothing but speed.
-//! - [`Csr`] and [`Csr::add_rows`]: `y[rows] += s * x[rows] S^T` for a sparse delta held by output
-//!   row, reading its nonzeros once for all the rows that use it.
+//! - [`Csr`] and [`add_sparse_rows`]: `y[rows] += s * x[rows] S^T` for sparse deltas held by
+//!   output row, each reading its nonzeros once for all the rows that use it.
 //! - [`rms_norm_rows`], [`rope_row`], [`attend`]: per-row loops.
 
 use rayon::prelude::*;
+
+use crate::kernels::gemm::prefetch;
 
 /// Lanes per FMA chain in [`xwt`].
 const LANES: usize = 8;
@@ -260,30 +262,103 @@ impl Csr {
     }
 
     /// `y[i] += scale * x[i] S^T` for each row index `i` in `rows`, with `x: [.., in]` and
-    /// `y: [.., out]` row-major. Each element sums its row's products in [`SPLIT`] running sums
-    /// (the nonzero at position p of the row goes to sum p mod 4), adds them as (0+1)+(2+3), then
-    /// adds that (times `scale` unless it is 1) to `y`: the same for one row as for many. Several
-    /// rows' inputs are gathered transposed (`[in, rows]`) so each nonzero is read once and
-    /// multiplies every row in one vector op. Parallel over blocks of output rows.
+    /// `y: [.., out]` row-major; [`add_sparse_rows`] with one delta.
     pub fn add_rows(&self, x: &[f32], y: &mut [f32], rows: &[usize], scale: f32) {
-        match &self.cols {
-            Cols::U16(c) => self.add_rows_with(c, x, y, rows, scale),
-            Cols::U32(c) => self.add_rows_with(c, x, y, rows, scale),
-        }
+        add_sparse_rows(&[(self, rows, scale)], x, y);
     }
 
-    fn add_rows_with<C: Col>(&self, all_cols: &[C], x: &[f32], y: &mut [f32], rows: &[usize], scale: f32) {
+    /// Output rows `r0..r1` of this delta for the rows `rows` (`xt`: their inputs transposed,
+    /// `[in, rows]`, when there are several).
+    #[allow(clippy::too_many_arguments)]
+    fn add_block<C: Col>(
+        &self,
+        all_cols: &[C],
+        x: &[f32],
+        xt: &[f32],
+        y: &mut [f32],
+        rows: &[usize],
+        scale: f32,
+        (r0, r1): (usize, usize),
+    ) {
         let (out, inp) = self.shape;
-        if rows.is_empty() || all_cols.is_empty() {
-            return;
-        }
-        let max_row = rows.iter().copied().max().unwrap_or(0);
-        assert!(x.len() >= (max_row + 1) * inp && y.len() >= (max_row + 1) * out, "csr: operand sizes");
         let nr = rows.len();
-        // One row reads its input in place; several read it transposed.
-        let xt: Vec<f32> = if nr == 1 {
-            Vec::new()
-        } else {
+        let mut acc = vec![0f32; SPLIT * nr];
+        for r in r0..r1 {
+            let (s, e) = (self.starts[r] as usize, self.starts[r + 1] as usize);
+            if s == e {
+                continue;
+            }
+            let (cols, vals) = (&all_cols[s..e], &self.values[s..e]);
+            let mut add = |i: usize, sum: f32| {
+                y[i * out + r] += if scale == 1.0 { sum } else { scale * sum };
+            };
+            if nr == 1 {
+                let xr = &x[rows[0] * inp..(rows[0] + 1) * inp];
+                let mut sums = [0f32; SPLIT];
+                let (cc, vc) = (cols.chunks_exact(SPLIT), vals.chunks_exact(SPLIT));
+                let (ct, vt) = (cc.remainder(), vc.remainder());
+                for (n, (c4, v4)) in cc.zip(vc).enumerate() {
+                    // The nonzeros stream from memory once: ask for them 2 KiB ahead.
+                    if n % 16 == 0 {
+                        prefetch(v4.as_ptr().wrapping_add(PREFETCH_AHEAD));
+                        prefetch(c4.as_ptr().wrapping_add(PREFETCH_AHEAD).cast());
+                    }
+                    for l in 0..SPLIT {
+                        // SAFETY: every column is below `in` (`Csr::from_flat` takes it mod `in`)
+                        // and `xr` holds `in` values.
+                        let xv = unsafe { *xr.get_unchecked(c4[l].at()) };
+                        sums[l] = v4[l].mul_add(xv, sums[l]);
+                    }
+                }
+                for (l, (c, v)) in ct.iter().zip(vt).enumerate() {
+                    sums[l] = v.mul_add(xr[c.at()], sums[l]);
+                }
+                add(rows[0], (sums[0] + sums[1]) + (sums[2] + sums[3]));
+                continue;
+            }
+            acc.fill(0.0);
+            for (p, (&c, &v)) in cols.iter().zip(vals).enumerate() {
+                let lane = &mut acc[(p % SPLIT) * nr..(p % SPLIT + 1) * nr];
+                let xc = &xt[c.at() * nr..(c.at() + 1) * nr];
+                for (a, xv) in lane.iter_mut().zip(xc) {
+                    *a = v.mul_add(*xv, *a);
+                }
+            }
+            for (j, &i) in rows.iter().enumerate() {
+                add(i, (acc[j] + acc[nr + j]) + (acc[2 * nr + j] + acc[3 * nr + j]));
+            }
+        }
+    }
+}
+
+/// `y[i] += scale * x[i] S^T` for every `(S, rows, scale)` in `deltas` and every row index `i` in
+/// its `rows`, in one parallel pass over (delta, block of output rows) pairs, so a step's many
+/// small corrections cost one hand-off to the threads, not one each. The deltas share one shape
+/// and their row sets must be disjoint. Each element sums its row's products in [`SPLIT`] running
+/// sums (the nonzero at position p of the row goes to sum p mod 4), adds them as (0+1)+(2+3),
+/// then adds that (times `scale` unless it is 1) to `y`: the same for one row as for many, so a
+/// row's result does not depend on the others. Several rows' inputs are gathered transposed
+/// (`[in, rows]`) so each nonzero is read once and multiplies every row in one vector op.
+pub fn add_sparse_rows(deltas: &[(&Csr, &[usize], f32)], x: &[f32], y: &mut [f32]) {
+    let Some(&(first, _, _)) = deltas.first() else { return };
+    let (out, inp) = first.shape;
+    let n = x.len() / inp.max(1);
+    let mut seen = vec![false; n];
+    for (d, rows, _) in deltas {
+        assert_eq!(d.shape, (out, inp), "sparse rows: deltas of different shapes");
+        for &i in rows.iter() {
+            assert!(i < n && !seen[i], "sparse rows: row {i} out of range or in two deltas");
+            seen[i] = true;
+        }
+    }
+    assert!(y.len() >= n * out, "sparse rows: output size");
+    let xts: Vec<Vec<f32>> = deltas
+        .iter()
+        .map(|(_, rows, _)| {
+            let nr = rows.len();
+            if nr < 2 {
+                return Vec::new();
+            }
             let mut xt = vec![0f32; inp * nr];
             for (j, &i) in rows.iter().enumerate() {
                 for (c, v) in x[i * inp..(i + 1) * inp].iter().enumerate() {
@@ -291,51 +366,31 @@ impl Csr {
                 }
             }
             xt
-        };
-        let y_addr = y.as_mut_ptr() as usize;
-        let ylen = y.len();
-        let block = out.div_ceil(4 * rayon::current_num_threads().max(1)).max(64);
-        (0..out.div_ceil(block)).into_par_iter().for_each(|b| {
-            // SAFETY: block b writes only output columns b*block.. of the given rows, which no
-            // other block writes; sizes asserted above.
-            let y = unsafe { std::slice::from_raw_parts_mut(y_addr as *mut f32, ylen) };
-            let mut acc = vec![0f32; SPLIT * nr];
-            for r in b * block..((b + 1) * block).min(out) {
-                let (s, e) = (self.starts[r] as usize, self.starts[r + 1] as usize);
-                if s == e {
-                    continue;
-                }
-                let (cols, vals) = (&all_cols[s..e], &self.values[s..e]);
-                let add = |y: &mut [f32], i: usize, sum: f32| {
-                    y[i * out + r] += if scale == 1.0 { sum } else { scale * sum };
-                };
-                if nr == 1 {
-                    let xr = &x[rows[0] * inp..(rows[0] + 1) * inp];
-                    let mut sums = [0f32; SPLIT];
-                    for (p, (&c, &v)) in cols.iter().zip(vals).enumerate() {
-                        sums[p % SPLIT] = v.mul_add(xr[c.at()], sums[p % SPLIT]);
-                    }
-                    add(y, rows[0], (sums[0] + sums[1]) + (sums[2] + sums[3]));
-                    continue;
-                }
-                acc.fill(0.0);
-                for (p, (&c, &v)) in cols.iter().zip(vals).enumerate() {
-                    let lane = &mut acc[(p % SPLIT) * nr..(p % SPLIT + 1) * nr];
-                    let xc = &xt[c.at() * nr..(c.at() + 1) * nr];
-                    for (a, xv) in lane.iter_mut().zip(xc) {
-                        *a = v.mul_add(*xv, *a);
-                    }
-                }
-                for (j, &i) in rows.iter().enumerate() {
-                    let sum = (acc[j] + acc[nr + j]) + (acc[2 * nr + j] + acc[3 * nr + j]);
-                    add(y, i, sum);
-                }
-            }
-        });
-    }
+        })
+        .collect();
+    let block = out.div_ceil(2 * rayon::current_num_threads().max(1)).max(64);
+    let tasks: Vec<(usize, usize)> = (0..deltas.len())
+        .flat_map(|d| (0..out.div_ceil(block)).map(move |b| (d, b)))
+        .collect();
+    let y_addr = y.as_mut_ptr() as usize;
+    let ylen = y.len();
+    tasks.into_par_iter().for_each(|(d, b)| {
+        // SAFETY: task (d, b) writes only output columns b*block.. of delta d's rows; the row
+        // sets are disjoint (asserted), so no two tasks write the same element.
+        let y = unsafe { std::slice::from_raw_parts_mut(y_addr as *mut f32, ylen) };
+        let (csr, rows, scale) = deltas[d];
+        let range = (b * block, ((b + 1) * block).min(out));
+        match &csr.cols {
+            Cols::U16(c) => csr.add_block(c, x, &xts[d], y, rows, scale, range),
+            Cols::U32(c) => csr.add_block(c, x, &xts[d], y, rows, scale, range),
+        }
+    });
 }
 
-/// Running sums per element in [`Csr::add_rows`] (independent chains hide the FMA latency).
+/// How far ahead of the current nonzero [`add_sparse_rows`] prefetches (elements).
+const PREFETCH_AHEAD: usize = 512;
+
+/// Running sums per element in [`add_sparse_rows`] (independent chains hide the FMA latency).
 const SPLIT: usize = 4;
 
 /// RMSNorm of each row of `x: [n, h]` with weight `w: [h]`: `x / sqrt(mean(x^2) + eps) * w`.

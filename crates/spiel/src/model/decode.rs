@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use crate::kernels::rowwise::{attend, rms_norm_rows, rope_row, xwt, Csr};
+use crate::kernels::rowwise::{add_sparse_rows, attend, rms_norm_rows, rope_row, xwt, Csr};
 use crate::model::adapter::{AdapterSet, Delta};
 use crate::model::linear::Linear;
 use crate::model::transformer::Llama;
@@ -96,6 +96,8 @@ pub struct StepInput<'a> {
 
 /// Rows that add one adapter (at one scale) in one component position.
 struct Group<'a> {
+    /// The component position: a row's adapters apply in its request's order.
+    position: usize,
     adapter: &'a ServedAdapter,
     scale: f32,
     rows: Vec<usize>,
@@ -257,6 +259,7 @@ fn adapter_groups<'a>(seqs: &[StepInput<'a>], rows: &[(usize, usize)]) -> Vec<Gr
             match groups[first..].iter_mut().find(|g| same(g)) {
                 Some(g) => g.rows.push(r),
                 None => groups.push(Group {
+                    position: p,
                     adapter,
                     scale,
                     rows: vec![r],
@@ -277,32 +280,59 @@ fn project(lin: &Linear, slot: usize, x: &[f32], n: usize, groups: &[Group]) -> 
             add_into(row, &b);
         }
     }
-    for g in groups {
-        for delta in &g.adapter.modules[slot] {
-            match delta {
-                ServedDelta::Sparse(csr) => csr.add_rows(x, &mut y, &g.rows, g.scale),
-                ServedDelta::Lora { a, b, rank, scale } => {
-                    let xs: Vec<f32> = g
-                        .rows
-                        .iter()
-                        .flat_map(|&r| x[r * inp..(r + 1) * inp].iter().copied())
-                        .collect();
-                    let ng = g.rows.len();
-                    let mut t = vec![0f32; ng * rank];
-                    xwt(&xs, ng, inp, a, *rank, &mut t);
-                    let mut u = vec![0f32; ng * out];
-                    xwt(&t, ng, *rank, b, out, &mut u);
-                    let s = scale * g.scale;
-                    for (i, &r) in g.rows.iter().enumerate() {
-                        for (yv, uv) in y[r * out..(r + 1) * out].iter_mut().zip(&u[i * out..(i + 1) * out]) {
-                            *yv += s * uv;
-                        }
+    // Component position by position; within one, the groups' rows are disjoint, so every
+    // sparse delta of the position (the k-th of each adapter's deltas on this module together)
+    // runs in one parallel pass.
+    let mut start = 0;
+    while start < groups.len() {
+        let end = start
+            + groups[start..]
+                .iter()
+                .take_while(|g| g.position == groups[start].position)
+                .count();
+        let here = &groups[start..end];
+        let most = here.iter().map(|g| g.adapter.modules[slot].len()).max().unwrap_or(0);
+        for k in 0..most {
+            let mut sparse = Vec::new();
+            for g in here {
+                match g.adapter.modules[slot].get(k) {
+                    Some(ServedDelta::Sparse(csr)) => sparse.push((csr, g.rows.as_slice(), g.scale)),
+                    Some(ServedDelta::Lora { a, b, rank, scale }) => {
+                        lora_rows(x, &mut y, &g.rows, (inp, out), (a, b, *rank), scale * g.scale)
                     }
+                    None => {}
                 }
             }
+            add_sparse_rows(&sparse, x, &mut y);
         }
+        start = end;
     }
     Ok(y)
+}
+
+/// `y[rows] += s * x[rows] A^T B^T` for `a: [r, in]`, `b: [out, r]`.
+fn lora_rows(
+    x: &[f32],
+    y: &mut [f32],
+    rows: &[usize],
+    (inp, out): (usize, usize),
+    (a, b, rank): (&[f32], &[f32], usize),
+    s: f32,
+) {
+    let xs: Vec<f32> = rows
+        .iter()
+        .flat_map(|&r| x[r * inp..(r + 1) * inp].iter().copied())
+        .collect();
+    let ng = rows.len();
+    let mut t = vec![0f32; ng * rank];
+    xwt(&xs, ng, inp, a, rank, &mut t);
+    let mut u = vec![0f32; ng * out];
+    xwt(&t, ng, rank, b, out, &mut u);
+    for (i, &r) in rows.iter().enumerate() {
+        for (yv, uv) in y[r * out..(r + 1) * out].iter_mut().zip(&u[i * out..(i + 1) * out]) {
+            *yv += s * uv;
+        }
+    }
 }
 
 /// `x W^T` for a base weight: the batch-invariant kernel over a dense f32 one, the weight's own

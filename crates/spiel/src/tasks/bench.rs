@@ -5,7 +5,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use serde::Serialize;
 
-use crate::model::decode::{SeqCache, StepInput};
+use crate::model::decode::{SeqCache, ServedAdapter, StepInput};
 use crate::model::transformer::Llama;
 use crate::tasks::generate::argmax;
 use crate::Result;
@@ -35,6 +35,92 @@ fn median(mut v: Vec<f64>) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// The batched decode step alone (no server): milliseconds per step of `batch` sequences with no
+/// adapter against the same batch with row i using adapter i mod K (medians over rounds that
+/// alternate the two).
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeStepBench {
+    /// Sequences per step.
+    pub batch: usize,
+    /// Distinct adapters in the mixed batch.
+    pub adapters: usize,
+    /// Cached positions of each sequence when the timed steps start.
+    pub context: usize,
+    /// Median ms per step, base alone.
+    pub base_ms: f64,
+    /// Median ms per step, adapters mixed.
+    pub mixed_ms: f64,
+}
+
+/// Time [`Llama::decode_step`] over `batch` sequences of `context` cached tokens, `steps` steps
+/// per round, base alone and with `adapters` mixed in, alternating for `rounds` rounds after one
+/// warm-up.
+pub fn bench_decode_step(
+    model: &Llama,
+    adapters: &[&ServedAdapter],
+    batch: usize,
+    context: usize,
+    steps: usize,
+    rounds: usize,
+) -> Result<DecodeStepBench> {
+    let vocab = model.cfg.vocab_size as u32;
+    let token = |i: usize, j: usize| 300 + ((i * 7919 + j * 104_729) as u32) % (vocab - 300).max(1);
+    let run = |mixed: bool| -> Result<f64> {
+        let rows: Vec<Vec<(&ServedAdapter, f32)>> = (0..batch)
+            .map(|i| match (mixed, adapters.is_empty()) {
+                (true, false) => vec![(adapters[i % adapters.len()], 1.0)],
+                _ => Vec::new(),
+            })
+            .collect();
+        let prompts: Vec<Vec<u32>> = (0..batch)
+            .map(|i| (0..context).map(|j| token(i, j)).collect())
+            .collect();
+        let mut caches: Vec<SeqCache> = (0..batch).map(|_| SeqCache::new()).collect();
+        let mut inputs: Vec<StepInput> = caches
+            .iter_mut()
+            .zip(&prompts)
+            .zip(&rows)
+            .map(|((cache, tokens), adapters)| StepInput {
+                cache,
+                tokens,
+                adapters,
+            })
+            .collect();
+        model.decode_step(&mut inputs)?;
+        let next: Vec<[u32; 1]> = (0..batch).map(|i| [token(i, context)]).collect();
+        let start = Instant::now();
+        for _ in 0..steps {
+            let mut inputs: Vec<StepInput> = caches
+                .iter_mut()
+                .zip(&next)
+                .zip(&rows)
+                .map(|((cache, tokens), adapters)| StepInput {
+                    cache,
+                    tokens,
+                    adapters,
+                })
+                .collect();
+            model.decode_step(&mut inputs)?;
+        }
+        Ok(start.elapsed().as_secs_f64() * 1e3 / steps as f64)
+    };
+    let (mut base, mut mixed) = (Vec::new(), Vec::new());
+    for round in 0..=rounds {
+        let (b, m) = (run(false)?, run(true)?);
+        if round > 0 {
+            base.push(b);
+            mixed.push(m);
+        }
+    }
+    Ok(DecodeStepBench {
+        batch,
+        adapters: adapters.len(),
+        context,
+        base_ms: median(base),
+        mixed_ms: median(mixed),
+    })
 }
 
 /// Measure prefill of `prompt_tokens` tokens and greedy decode of `decode_tokens` tokens
