@@ -220,3 +220,77 @@ fn tiny_other(dir: &std::path::Path) -> spiel::model::adapter::Adapter {
     let m = spiel::model::transformer::Llama::random(cfg, 1, &Device::Cpu).unwrap();
     random_sparse(&m, 1, 0.02, 0.05).unwrap()
 }
+
+#[test]
+fn a_request_that_panics_fails_alone_and_its_batch_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    // An adapter prepared for a one-layer model: applying it in layer 1 indexes past its modules.
+    let small = spiel::model::transformer::Llama::random(
+        spiel::formats::config::ModelConfig {
+            num_layers: 1,
+            vocab_size: spiel::testkit::synth::BYTE_LEVEL_VOCAB,
+            ..spiel::model::random::tiny_config()
+        },
+        2,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let foreign = Arc::new(
+        small
+            .served_adapter(&random_sparse(&small, 3, 0.05, 0.5).unwrap().to_set())
+            .unwrap(),
+    );
+    let good = Arc::new(
+        m.model
+            .served_adapter(&random_sparse(&m.model, 4, 0.05, 0.5).unwrap().to_set())
+            .unwrap(),
+    );
+    let prompt = m.tokenizer.encode("a prompt").unwrap();
+    let run = |adapters: Vec<Vec<(Arc<spiel::model::decode::ServedAdapter>, f32)>>| {
+        let (engine, worker) = Engine::new(
+            Arc::new(m.model.clone()),
+            Arc::new(m.tokenizer.clone()),
+            EngineConfig {
+                max_batch: 8,
+                max_queue: 8,
+                prefill_chunk: 64,
+            },
+        );
+        let rxs: Vec<Receiver<Event>> = adapters
+            .into_iter()
+            .map(|a| {
+                let (tx, rx) = channel();
+                engine
+                    .submit(Request {
+                        prompt: prompt.clone(),
+                        adapters: a,
+                        params: greedy(6),
+                        label: "x".into(),
+                        sink: Box::new(Sink(tx)),
+                    })
+                    .unwrap();
+                rx
+            })
+            .collect();
+        engine.close();
+        worker.run();
+        let errors = engine
+            .stats()
+            .outcomes
+            .lock()
+            .unwrap()
+            .get(&("x".to_string(), "error".to_string()))
+            .copied();
+        (rxs, errors)
+    };
+    let (rxs, errors) = run(vec![vec![], vec![(foreign, 1.0)], vec![(good.clone(), 1.0)]]);
+    let (alone, _) = run(vec![vec![], vec![(good, 1.0)]]);
+    assert_eq!(outcome(&rxs[0]), outcome(&alone[0]), "the base-only request");
+    match rxs[1].recv().unwrap() {
+        Event::Failed(msg) => assert!(msg.contains("internal error"), "{msg}"),
+        other => panic!("the bad request got {other:?}"),
+    }
+    assert_eq!(outcome(&rxs[2]), outcome(&alone[1]), "the adapted request");
+    assert_eq!(errors, Some(1));
+}

@@ -59,6 +59,8 @@ impl ServedAdapter {
 pub struct SeqCache {
     layers: Vec<(Vec<f32>, Vec<f32>)>,
     len: usize,
+    /// Values per position in each layer's keys (KV * D).
+    width: usize,
 }
 
 impl SeqCache {
@@ -75,6 +77,16 @@ impl SeqCache {
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Drop the keys and values a step that failed part-way left past [`SeqCache::len`], so the
+    /// sequence can be stepped again.
+    pub fn discard_partial(&mut self) {
+        let keep = self.len * self.width;
+        for (k, v) in &mut self.layers {
+            k.truncate(keep);
+            v.truncate(keep);
+        }
     }
 
     /// Bytes the cached keys and values hold.
@@ -170,6 +182,7 @@ impl Llama {
             }
             if seq.cache.layers.len() != self.layers.len() {
                 seq.cache.layers = vec![(Vec::new(), Vec::new()); self.layers.len()];
+                seq.cache.width = kvd;
             }
             ids.extend_from_slice(seq.tokens);
             rows.extend((0..seq.tokens.len()).map(|i| (s, seq.cache.len + i)));

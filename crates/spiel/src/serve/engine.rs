@@ -386,34 +386,42 @@ impl Scheduler {
             .iter()
             .map(|(i, _)| std::mem::take(&mut self.running[*i].cache))
             .collect();
-        let model = self.model.clone();
-        let result = {
-            let mut inputs: Vec<StepInput> = caches
-                .iter_mut()
-                .zip(&plan)
-                .zip(&adapters)
-                .map(|((cache, (_, tokens)), ad)| StepInput {
-                    cache,
-                    tokens,
-                    adapters: ad,
-                })
-                .collect();
-            catch_unwind(AssertUnwindSafe(|| model.decode_step(&mut inputs)))
+        let tokens: Vec<&[u32]> = plan.iter().map(|(_, t)| t.as_slice()).collect();
+        let results: Vec<Result<Vec<f32>, String>> = match run_step(&self.model, &mut caches, &tokens, &adapters) {
+            Ok(rows) => rows.into_iter().map(Ok).collect(),
+            // One request's failure must not fail the others: rerun each alone to find it.
+            Err(msg) if plan.len() > 1 => {
+                tracing::warn!(
+                    "a decode step of {} sequences failed ({msg}); running them one by one",
+                    plan.len()
+                );
+                (0..plan.len())
+                    .map(|k| {
+                        let one = std::slice::from_mut(&mut caches[k]);
+                        run_step(&self.model, one, &tokens[k..k + 1], &adapters[k..k + 1]).map(|mut r| r.remove(0))
+                    })
+                    .collect()
+            }
+            Err(msg) => vec![Err(msg)],
         };
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         for ((i, _), cache) in plan.iter().zip(caches) {
             self.running[*i].cache = cache;
         }
-        let logits = match result {
-            Ok(Ok(l)) => l,
-            Ok(Err(e)) => return self.fail(&plan, &e.to_string()),
-            Err(panic) => return self.fail(&plan, &panic_message(&panic)),
-        };
         let mut done = Vec::new();
-        for ((i, tokens), row) in plan.iter().zip(logits) {
+        for ((i, tokens), row) in plan.iter().zip(results) {
             let tokenizer = self.tokenizer.clone();
             let model = self.model.clone();
             let seq = &mut self.running[*i];
+            let row = match row {
+                Ok(row) => row,
+                Err(msg) => {
+                    tracing::error!(label = seq.req.label, "request failed: {msg}");
+                    seq.req.sink.send(Event::Failed(msg));
+                    done.push((*i, "error"));
+                    continue;
+                }
+            };
             if seq.next.is_none() {
                 seq.fed += tokens.len();
                 self.stats
@@ -449,15 +457,6 @@ impl Scheduler {
         self.retire(done);
     }
 
-    /// Fail every sequence of a step that could not run.
-    fn fail(&mut self, plan: &[(usize, Vec<u32>)], msg: &str) {
-        tracing::error!("decode step failed for {} sequences: {msg}", plan.len());
-        for (i, _) in plan {
-            self.running[*i].req.sink.send(Event::Failed(msg.to_string()));
-        }
-        self.retire(plan.iter().map(|(i, _)| (*i, "error")).collect());
-    }
-
     fn retire(&mut self, mut done: Vec<(usize, &str)>) {
         done.sort_by_key(|d| std::cmp::Reverse(d.0));
         for (i, outcome) in done {
@@ -466,6 +465,38 @@ impl Scheduler {
         }
         self.stats.running.store(self.running.len(), Ordering::SeqCst);
     }
+}
+
+/// One decode step, a panic caught as an error; on failure every cache is rolled back to before
+/// the step.
+fn run_step(
+    model: &Llama,
+    caches: &mut [SeqCache],
+    tokens: &[&[u32]],
+    adapters: &[Vec<(&ServedAdapter, f32)>],
+) -> Result<Vec<Vec<f32>>, String> {
+    let result = {
+        let mut inputs: Vec<StepInput> = caches
+            .iter_mut()
+            .zip(tokens)
+            .zip(adapters)
+            .map(|((cache, tokens), ad)| StepInput {
+                cache,
+                tokens,
+                adapters: ad,
+            })
+            .collect();
+        catch_unwind(AssertUnwindSafe(|| model.decode_step(&mut inputs)))
+    };
+    let err = match result {
+        Ok(Ok(rows)) => return Ok(rows),
+        Ok(Err(e)) => e.to_string(),
+        Err(panic) => panic_message(&panic),
+    };
+    for c in caches.iter_mut() {
+        c.discard_partial();
+    }
+    Err(err)
 }
 
 /// Take the sampled token for a sequence whose prompt is read: stream its text, decide whether it
