@@ -155,7 +155,15 @@ fn the_registry_keeps_under_budget_evicting_unheld_adapters() {
             .save(&root.join(format!("ad{i:02}")))
             .unwrap();
     }
+    // A run directory of `spiel train` serves the adapter inside it, by the run's name.
+    random_sparse(&m.model, 99, 0.02, 0.05)
+        .unwrap()
+        .save(&dir.path().join("runs").join("run7").join("adapter"))
+        .unwrap();
     let model = Arc::new(m.model.clone());
+    let mut runs = Registry::new(model.clone(), Some(&dir.path().join("runs")), &[], 1 << 30).unwrap();
+    assert_eq!(runs.names(), vec!["run7".to_string()]);
+    runs.get("run7").unwrap();
     let one = model
         .served_adapter(&model.load_adapter(&root.join("ad00")).unwrap().to_set())
         .unwrap()

@@ -19,7 +19,8 @@ use crate::shared::{load_model, ModelArgs};
 pub struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Serve every adapter directory under DIR by its folder name (loaded on first use).
+    /// Serve every adapter directory under DIR by its folder name (a `spiel train` run directory
+    /// serves its adapter), each loaded on first use.
     #[arg(long, value_name = "DIR")]
     adapters: Option<PathBuf>,
     /// Serve one more adapter as NAME=PATH (repeatable).

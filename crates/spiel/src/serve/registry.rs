@@ -1,5 +1,6 @@
 //! The adapters a server can apply, by name: every adapter directory under a root (its folder
-//! name), ones named on the command line, and ones registered at run time. Each is loaded on first
+//! name; a `spiel train` run directory serves the adapter inside it), ones named on the command
+//! line, and ones registered at run time. Each is loaded on first
 //! use into the decoding form ([`ServedAdapter`]) and kept while a byte budget allows; when a load
 //! would pass the budget, the least recently used adapters that no running request holds are
 //! evicted first. An adapter trained on another base is refused by its config hash.
@@ -132,12 +133,14 @@ impl Registry {
             let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
                 continue;
             };
-            if path.join("adapter_config.json").is_file()
-                && plain_name(&name)
-                && !self.entries.contains_key(&name)
-                && !self.unloaded.contains(&name)
-            {
+            if !plain_name(&name) || self.entries.contains_key(&name) || self.unloaded.contains(&name) {
+                continue;
+            }
+            // An adapter directory, or a `spiel train` run directory with its adapter inside.
+            if path.join("adapter_config.json").is_file() {
                 self.insert(&name, path);
+            } else if path.join("adapter").join("adapter_config.json").is_file() {
+                self.insert(&name, path.join("adapter"));
             }
         }
     }
