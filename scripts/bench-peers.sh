@@ -28,9 +28,7 @@ VENV=bench/peers/.venv
 . scripts/peers-env.sh
 peers_env "$VENV" bench/peers/requirements.txt "torch, transformers, peft"
 mkdir -p "$OUT"
-if [ ! -f "$MODEL_DIR/config.json" ]; then
-    "$SPIEL" export "$MODEL_DIR"
-fi
+peers_model "$MODEL_DIR"
 
 export OMP_NUM_THREADS=$THREADS
 run_spiel_train() {

@@ -50,6 +50,14 @@ struct Client {
     base: String,
 }
 
+/// A temporary folder with the model and `n` sparse adapters (plus `lora`) in it.
+fn fixture(n: usize) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_model(dir.path());
+    let root = write_adapters(&model, dir.path(), n);
+    (dir, model, root)
+}
+
 struct Server {
     child: Child,
     client: Client,
@@ -195,9 +203,7 @@ fn completion(model: &str, prompt: &str, max_tokens: usize) -> Value {
 
 #[test]
 fn the_openai_api_serves_adapters_and_refuses_bad_requests() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = write_model(dir.path());
-    let root = write_adapters(&model, dir.path(), 4);
+    let (dir, model, root) = fixture(4);
     let s = Server::start(&model, &root, &["--allow-adapter-loading"]);
 
     // The model list: the base and every adapter, each with the base as parent.
@@ -386,9 +392,7 @@ fn the_openai_api_serves_adapters_and_refuses_bad_requests() {
 
 #[test]
 fn a_full_queue_is_429_and_sixty_four_adapters_stay_under_the_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = write_model(dir.path());
-    let root = write_adapters(&model, dir.path(), 64);
+    let (_dir, model, root) = fixture(64);
     let m = spiel::model::loader::load_gguf(&model, &candle_core::Device::Cpu).unwrap();
     let one = m
         .model
@@ -454,9 +458,7 @@ fn a_full_queue_is_429_and_sixty_four_adapters_stay_under_the_budget() {
 
 #[test]
 fn sigterm_lets_the_running_request_finish_and_exits_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = write_model(dir.path());
-    let root = write_adapters(&model, dir.path(), 1);
+    let (_dir, model, root) = fixture(1);
     let mut s = Server::start(&model, &root, &[]);
     let mut body = completion("ad0", "Once upon a time", 400);
     body["stream"] = json!(true);

@@ -4,62 +4,23 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use candle_core::{Device, Tensor};
-use spiel::model::adapter::{AdapterSet, Delta, LoraDelta, SparseDelta};
+use spiel::model::adapter::AdapterSet;
 use spiel::model::decode::{SeqCache, ServedAdapter, StepInput};
 use spiel::model::transformer::Llama;
 use spiel::model::weight::Grad;
+use spiel::testkit::adapters::{random_lora, random_sparse};
 
 fn model() -> Llama {
     Llama::random(common::tiny_cfg(), 21, &Device::Cpu).unwrap()
 }
 
-/// A sparse delta on layer 0's q_proj (values times `scale`) and, with `lora`, a LoRA pair on
-/// layer 1's up_proj.
-fn adapters(m: &Llama, seed: usize, scale: f32, lora: bool) -> AdapterSet {
-    let dev = Device::Cpu;
-    let mut set = AdapterSet::none();
-    let find = |suffix: &str| {
-        m.linears()
-            .into_iter()
-            .find(|l| l.name.ends_with(suffix))
-            .unwrap()
-            .clone()
-    };
-    let q = find("0.self_attn.q_proj");
-    let (out, inp) = q.shape();
-    let indices: Vec<u32> = (seed as u32..(out * inp) as u32).step_by(5 + seed).collect();
-    let values: Vec<f32> = (0..indices.len())
-        .map(|i| ((i * (seed + 3) % 13) as f32 - 6.0) * 0.02 * scale)
-        .collect();
-    set.add(
-        &q.name,
-        Delta::Sparse(SparseDelta {
-            shape: (out, inp),
-            values: Tensor::new(values.as_slice(), &dev).unwrap(),
-            indices: Arc::new(indices),
-            hook: None,
-            in_base: false,
-            packs: None,
-        }),
-    );
+/// Random sparse deltas on every projection (values times `scale`) and, with `lora`, a random
+/// LoRA pair on every projection too.
+fn adapters(m: &Llama, seed: u64, scale: f32, lora: bool) -> AdapterSet {
+    let mut set = random_sparse(m, seed, 0.05, 0.5 * scale).unwrap().to_set();
     if lora {
-        let up = find("1.mlp.up_proj");
-        let (out, inp) = up.shape();
-        let ramp = |n: usize, s: f32| -> Vec<f32> { (0..n).map(|i| ((i * 31 % 17) as f32 - 8.0) * s).collect() };
-        set.add(
-            &up.name,
-            Delta::Lora(LoraDelta {
-                a: Tensor::from_vec(ramp(4 * inp, 0.01), (4, inp), &dev).unwrap(),
-                b: Tensor::from_vec(ramp(out * 4, 0.02), (out, 4), &dev).unwrap(),
-                scale: 2.0,
-                dropout: 0.0,
-                dropout_seed: 0,
-                packs: None,
-            }),
-        );
+        set.extend(&random_lora(m, seed + 100, 4, 0.1).unwrap().to_set());
     }
     set
 }

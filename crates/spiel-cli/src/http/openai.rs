@@ -21,7 +21,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use super::{parse_body, parse_value, ApiError, Shared};
 
 /// A string or a list of strings (`prompt`, `stop`).
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(untagged)]
 enum OneOrMany {
     One(String),
@@ -285,11 +285,8 @@ fn check_params(state: &Shared, c: &Common, kind: Kind) -> Result<SamplingParams
             state.max_tokens
         )));
     }
-    let stop = c.stop.as_ref().map(|s| match s {
-        OneOrMany::One(s) => vec![s.clone()],
-        OneOrMany::Many(v) => v.clone(),
-    });
-    let stop: Vec<String> = stop.unwrap_or_default().into_iter().filter(|s| !s.is_empty()).collect();
+    let stop: Vec<String> = c.stop.clone().map(OneOrMany::into_vec).unwrap_or_default();
+    let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
     if stop.len() > 4 {
         return Err(ApiError::bad_request("stop: at most 4 stop strings"));
     }

@@ -88,11 +88,6 @@ impl SeqCache {
             v.truncate(keep);
         }
     }
-
-    /// Bytes the cached keys and values hold.
-    pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|(k, v)| 4 * (k.capacity() + v.capacity())).sum()
-    }
 }
 
 /// One sequence's part of a step: the tokens it adds and the adapters (with scales) its rows use,

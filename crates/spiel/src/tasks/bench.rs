@@ -78,23 +78,10 @@ pub fn bench_decode_step(
             .map(|i| (0..context).map(|j| token(i, j)).collect())
             .collect();
         let mut caches: Vec<SeqCache> = (0..batch).map(|_| SeqCache::new()).collect();
-        let mut inputs: Vec<StepInput> = caches
-            .iter_mut()
-            .zip(&prompts)
-            .zip(&rows)
-            .map(|((cache, tokens), adapters)| StepInput {
-                cache,
-                tokens,
-                adapters,
-            })
-            .collect();
-        model.decode_step(&mut inputs)?;
-        let next: Vec<[u32; 1]> = (0..batch).map(|i| [token(i, context)]).collect();
-        let start = Instant::now();
-        for _ in 0..steps {
+        let mut step = |tokens: &[&[u32]]| -> Result<()> {
             let mut inputs: Vec<StepInput> = caches
                 .iter_mut()
-                .zip(&next)
+                .zip(tokens)
                 .zip(&rows)
                 .map(|((cache, tokens), adapters)| StepInput {
                     cache,
@@ -103,6 +90,14 @@ pub fn bench_decode_step(
                 })
                 .collect();
             model.decode_step(&mut inputs)?;
+            Ok(())
+        };
+        step(&prompts.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
+        let next: Vec<[u32; 1]> = (0..batch).map(|i| [token(i, context)]).collect();
+        let next: Vec<&[u32]> = next.iter().map(|t| t.as_slice()).collect();
+        let start = Instant::now();
+        for _ in 0..steps {
+            step(&next)?;
         }
         Ok(start.elapsed().as_secs_f64() * 1e3 / steps as f64)
     };

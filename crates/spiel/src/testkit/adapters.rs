@@ -73,6 +73,18 @@ pub fn random_lora(m: &Llama, seed: u64, rank: usize, scale: f32) -> Result<Adap
     })
 }
 
+/// The projections' short names (`q_proj`, ...), each once, in the model's order.
+fn short_names(m: &Llama) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for l in m.linears() {
+        let short = l.name.rsplit('.').next().unwrap_or(&l.name).to_string();
+        if !names.contains(&short) {
+            names.push(short);
+        }
+    }
+    names
+}
+
 fn config(
     m: &Llama,
     method: Method,
@@ -88,17 +100,7 @@ fn config(
             config_hash: m.cfg.fingerprint(),
         }),
         base_model_name_or_path: Some("random".into()),
-        target_modules: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        target_modules: short_names(m),
         module_counts,
         module_shapes,
         r,
