@@ -302,3 +302,34 @@ fn a_request_that_panics_fails_alone_and_its_batch_goes_on() {
     assert_eq!(outcome(&rxs[2]), outcome(&alone[1]), "the adapted request");
     assert_eq!(errors, Some(1));
 }
+
+#[test]
+fn the_registry_comes_back_under_budget_once_held_adapters_are_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let root = dir.path().join("adapters");
+    for i in 0..10 {
+        random_sparse(&m.model, i, 0.02, 0.05)
+            .unwrap()
+            .save(&root.join(format!("ad{i}")))
+            .unwrap();
+    }
+    let model = Arc::new(m.model.clone());
+    let one = model
+        .served_adapter(&model.load_adapter(&root.join("ad0")).unwrap().to_set())
+        .unwrap()
+        .bytes();
+    let budget = 4 * one + one / 2;
+    let mut reg = Registry::new(model, Some(&root), &[], budget).unwrap();
+    // Six held at once cannot fit a budget for four: it is passed, not refused.
+    let held: Vec<_> = (0..6).map(|i| reg.get(&format!("ad{i}")).unwrap()).collect();
+    assert_eq!(reg.stats().resident, 6);
+    assert!(reg.stats().resident_bytes > budget);
+    drop(held);
+    // The next lookup, a hit, evicts back under the budget.
+    reg.get("ad5").unwrap();
+    let s = reg.stats();
+    assert!(s.resident_bytes <= budget, "{} > {budget}", s.resident_bytes);
+    assert_eq!(s.resident, 4);
+    assert_eq!(s.loads, 6);
+}

@@ -3,7 +3,8 @@
 //! line, and ones registered at run time. Each is loaded on first
 //! use into the decoding form ([`ServedAdapter`]) and kept while a byte budget allows; when a load
 //! would pass the budget, the least recently used adapters that no running request holds are
-//! evicted first. An adapter trained on another base is refused by its config hash.
+//! evicted first. Only while running requests hold more than fits is the budget passed (with a
+//! warning), and the next lookup evicts back under it once they are done. An adapter trained on another base is refused by its config hash.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -171,8 +172,11 @@ impl Registry {
             .get_mut(name)
             .ok_or_else(|| RegistryError::Unknown(name.to_string()))?;
         entry.last_used = tick;
-        if let Some(a) = &entry.resident {
-            return Ok(a.clone());
+        if let Some(a) = entry.resident.clone() {
+            // Past the budget (loads made while every resident adapter was held), come back
+            // under it now that some may be free.
+            self.make_room(0, name);
+            return Ok(a);
         }
         let path = entry.path.clone();
         let start = Instant::now();
@@ -202,7 +206,8 @@ impl Registry {
         self.model.served_adapter(&adapter.to_set()).map_err(err)
     }
 
-    /// Evict least recently used adapters no request holds until `incoming` more bytes fit.
+    /// Evict least recently used adapters no request holds (and not `keep`) until `incoming` more
+    /// bytes fit.
     fn make_room(&mut self, incoming: usize, keep: &str) {
         while self.stats.resident_bytes + incoming > self.budget {
             let victim = self
