@@ -4,11 +4,8 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-fn home() -> PathBuf {
-    std::env::var_os("SPIEL_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets"))
-}
+mod common;
+use common::{home, tiny_model};
 
 fn spiel(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_spiel"))
@@ -421,18 +418,6 @@ fn killed_and_resumed_tiny_runs_match_an_uninterrupted_one() {
         40,
         &[120, 260, 400, 90, 530, 310, 700, 180, 450, 640, 220, 380],
     );
-}
-
-/// Write a tiny random LLaMA (byte-level tokenizer) as a GGUF file.
-fn tiny_model(dir: &std::path::Path) -> PathBuf {
-    let p = dir.join("tiny.gguf");
-    let cfg = spiel::formats::config::ModelConfig {
-        vocab_size: spiel::testkit::synth::BYTE_LEVEL_VOCAB,
-        ..spiel::model::random::tiny_config()
-    };
-    let w = spiel::model::random::random_weights(&cfg, 3, &candle_core::Device::Cpu).unwrap();
-    spiel::testkit::synth::write_gguf(&p, &cfg, &w, spiel::kernels::quant::Format::F32).unwrap();
-    p
 }
 
 /// Train `steps` steps uninterrupted, then again killing the run after each of `delays_ms` from

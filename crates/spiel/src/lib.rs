@@ -5,6 +5,7 @@
 //!
 //! - [`kernels`]: numerical ops and their references; no models, files or training.
 //! - [`formats`]: GGUF, config.json, tokenizer, checkpoints, plots, assets, atomic writes.
+//! - [`dist`]: the process group of data-parallel training (MPI under `mpirun`, else one rank).
 //! - [`model`]: the transformer, its linears, adapters and their files, loading.
 //! - [`train`]: config, data, selection, the step loop, metrics, run directories, memory plan.
 //! - [`tasks`]: evaluation, generation, scoring, comparison, inspection, benchmarks.
@@ -13,6 +14,7 @@
 //!
 //! [`Error`] and [`Result`] belong to no layer and are used by all.
 
+pub mod dist;
 mod error;
 pub mod formats;
 pub mod kernels;

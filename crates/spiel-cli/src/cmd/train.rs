@@ -1,7 +1,9 @@
 //! `spiel train`: fine-tune with a progress bar, Ctrl-C to checkpoint and stop; the flags are the
-//! TOML config's fields.
+//! TOML config's fields. Under `mpirun -n N` (a build with the `mpi` feature) the N processes
+//! train data-parallel; rank 0 prints and writes, and a rank that fails ends the whole job.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -239,15 +241,36 @@ extern "C" fn on_sigint(_: libc::c_int) {
     }
 }
 
-/// Route Ctrl-C to a graceful stop of training.
-fn catch_interrupt() {
+/// Route Ctrl-C to a graceful stop of training; with `term`, SIGTERM too (what `mpirun` sends
+/// its processes when it is interrupted).
+fn catch_interrupt(term: bool) {
     // SAFETY: installs a handler that only stores to an atomic and resets the disposition.
     unsafe {
         libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+        if term {
+            libc::signal(libc::SIGTERM, on_sigint as *const () as libc::sighandler_t);
+        }
     }
 }
 
 fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
+    let group = Arc::new(spiel::dist::Group::from_launcher()?);
+    if group.size() == 1 {
+        return train_in(args, home, group);
+    }
+    let rank = group.rank();
+    match train_in(args, home, group.clone()) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // The other ranks would wait for this one in their next collective: end them all.
+            eprintln!("error (rank {rank} of {}): {e:#}", group.size());
+            group.abort(1)
+        }
+    }
+}
+
+fn train_in(args: &TrainArgs, home: &Path, group: Arc<spiel::dist::Group>) -> Result<()> {
+    let root = group.is_root();
     let cfg = args.resolve()?;
     // Never train over a user's earlier run by accident.
     if !args.resume && spiel::formats::checkpoint::list(&cfg.out)?.last().is_some() {
@@ -292,20 +315,45 @@ fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let (mut trainer, stats) = train::trainer::Trainer::new(cfg.clone(), m.model, &base_name, &m.tokenizer, &convs)?;
+    let ranks = group.size();
+    trainer.set_group(group);
     // Printed once the inputs are known good, so a bad file is still a one-line error.
-    eprintln!("memory plan:\n{}", plan.render().trim_end());
-    if let Fit::TooBig { avail, .. } = fit {
-        eprintln!(
-            "warning: the plan exceeds the {:.0} MiB available; continuing (--force)",
-            mib(avail)
-        );
+    if root {
+        eprintln!("memory plan:\n{}", plan.render().trim_end());
+        if let Fit::TooBig { avail, .. } = fit {
+            eprintln!(
+                "warning: the plan exceeds the {:.0} MiB available; continuing (--force)",
+                mib(avail)
+            );
+        }
+        if ranks > 1 {
+            eprintln!(
+                "data-parallel over {ranks} ranks: each takes its share of every micro-batch of {} examples",
+                cfg.batch_size
+            );
+            if cfg.batch_size < ranks {
+                eprintln!(
+                    "warning: --batch-size {} is below the {ranks} ranks; ranks without an example in a micro-batch wait on the others",
+                    cfg.batch_size
+                );
+            }
+        }
     }
-    catch_interrupt();
-    let bar = indicatif::ProgressBar::new(cfg.steps as u64);
+    catch_interrupt(ranks > 1);
+    let bar = match root {
+        true => indicatif::ProgressBar::new(cfg.steps as u64),
+        false => indicatif::ProgressBar::hidden(),
+    };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    // Only rank 0 speaks for the job.
+    let tell = |line: String| {
+        if root {
+            say(&bar, line)
+        }
+    };
     let summary = train::run::run(&mut trainer, &m.tokenizer, &stats, args.resume, |ev| match ev {
         train::run::Event::Start {
             first,
@@ -316,7 +364,7 @@ fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
             ..
         } => {
             bar.set_position(first as u64 - 1);
-            say(&bar, format!(
+            tell(format!(
                 "{}: {trainable} trainable parameters; {train_examples} train / {heldout_examples} held-out examples ({} truncated to {} tokens, {} skipped)",
                 cfg.method.as_str(),
                 stats.truncated,
@@ -335,16 +383,13 @@ fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
                 ));
             }
             if let Some(e) = r.eval_loss {
-                say(&bar, format!("step {:>5}: held-out loss {e:.4}", r.step));
+                tell(format!("step {:>5}: held-out loss {e:.4}", r.step));
             }
             if let Some(rs) = r.reselection {
-                say(
-                    &bar,
-                    format!(
-                        "step {:>5}: reselection: {} dropped, {} grown, {} kept by drop-and-regrow",
-                        r.step, rs.dropped, rs.grown, rs.cancelled
-                    ),
-                );
+                tell(format!(
+                    "step {:>5}: reselection: {} dropped, {} grown, {} kept by drop-and-regrow",
+                    r.step, rs.dropped, rs.grown, rs.cancelled
+                ));
             }
             if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
                 train::run::Flow::Stop
@@ -359,6 +404,9 @@ fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
     });
     bar.finish_and_clear();
     let summary = summary?;
+    if !root {
+        return Ok(());
+    }
     if summary.stopped {
         println!(
             "interrupted after step {}; checkpoint written. Continue with: spiel train{} --out {} --resume",

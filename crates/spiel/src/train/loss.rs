@@ -16,9 +16,26 @@ pub fn eval_loss(
     batch_size: usize,
     pad_id: u32,
 ) -> Result<f64> {
+    let (total, n) = eval_loss_sum(model, adapters, examples, batch_size, pad_id, |_| true)?;
+    Ok(total / n.max(1) as f64)
+}
+
+/// The summed NLL and the number of assistant tokens over the batches of `examples` (chunks of
+/// `batch_size`) whose number `keep` accepts: how data-parallel ranks split an evaluation.
+pub fn eval_loss_sum(
+    model: &Llama,
+    adapters: &AdapterSet,
+    examples: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+    keep: impl Fn(usize) -> bool,
+) -> Result<(f64, usize)> {
     let mut total = 0.0f64;
     let mut n = 0usize;
-    for chunk in examples.chunks(batch_size.max(1)) {
+    for (i, chunk) in examples.chunks(batch_size.max(1)).enumerate() {
+        if !keep(i) {
+            continue;
+        }
         let refs: Vec<&Example> = chunk.iter().collect();
         let b = data::make_batch(&refs, pad_id, model.device())?;
         if b.n_targets == 0 {
@@ -28,7 +45,7 @@ pub fn eval_loss(
         total += loss * b.n_targets as f64;
         n += b.n_targets;
     }
-    Ok(total / n.max(1) as f64)
+    Ok((total, n))
 }
 
 /// Mean NLL of the batch's targets: the head and the loss run only at target positions.

@@ -91,6 +91,8 @@ pub struct RunSummary {
 }
 
 /// Run (or resume) training to completion, writing metrics, checkpoints and the final adapter.
+/// Over several ranks (see [`Trainer::set_group`]) every rank runs this loop and only rank 0
+/// writes files; a stop asked for on any rank stops all of them after the same update.
 pub fn run(
     trainer: &mut Trainer,
     tokenizer: &Tokenizer,
@@ -100,28 +102,40 @@ pub fn run(
 ) -> Result<RunSummary> {
     let cfg = trainer.cfg.clone();
     let paths = RunPaths::new(&cfg.out);
-    std::fs::create_dir_all(&paths.out).map_err(|e| Error::io(&paths.out, e))?;
-    // A run killed mid-write leaves staging files behind: finish or discard them first.
-    for dir in [paths.out.clone(), paths.out.join("checkpoints")] {
-        let n = fsutil::recover_dir(&dir)?;
-        if n > 0 {
-            tracing::info!(
-                "{}: cleaned up {n} leftover staging file(s) of an interrupted write",
-                dir.display()
-            );
+    let group = trainer.group().clone();
+    let root = group.is_root();
+    if root {
+        std::fs::create_dir_all(&paths.out).map_err(|e| Error::io(&paths.out, e))?;
+        // A run killed mid-write leaves staging files behind: finish or discard them first.
+        for dir in [paths.out.clone(), paths.out.join("checkpoints")] {
+            let n = fsutil::recover_dir(&dir)?;
+            if n > 0 {
+                tracing::info!(
+                    "{}: cleaned up {n} leftover staging file(s) of an interrupted write",
+                    dir.display()
+                );
+            }
         }
+        let toml_text = cfg.to_run_toml()?;
+        fsutil::write_atomic(&paths.config, toml_text.as_bytes())?;
     }
-    let toml_text = cfg.to_run_toml()?;
-    fsutil::write_atomic(&paths.config, toml_text.as_bytes())?;
+    // Every rank reads the checkpoint once rank 0 has tidied the directory.
+    group.barrier();
     let mut initial_eval = None;
     if resume {
         if let Some((step, dir)) = checkpoint::list(&paths.out)?.pop() {
             trainer.restore(&dir)?;
-            truncate_metrics(&paths.metrics, step)?;
+            if root {
+                truncate_metrics(&paths.metrics, step)?;
+            }
         }
     }
+    // Nobody writes a checkpoint before every rank has read the one it resumes from.
+    group.barrier();
     if trainer.step == 0 {
-        let _ = std::fs::remove_file(&paths.metrics);
+        if root {
+            let _ = std::fs::remove_file(&paths.metrics);
+        }
         if cfg.eval_every > 0 && !trainer.heldout.is_empty() {
             let e = trainer.eval()?;
             initial_eval = Some(e);
@@ -130,10 +144,12 @@ pub fn run(
                 eval_loss: Some(e),
                 ..Default::default()
             };
-            append_metrics(&paths.metrics, &rec)?;
+            if root {
+                append_metrics(&paths.metrics, &rec)?;
+            }
             on_event(Event::Step(&rec));
         }
-        if cfg.save_every > 0 {
+        if cfg.save_every > 0 && root {
             trainer.save_checkpoint()?;
         }
     } else if let Ok(recs) = read_metrics(&paths.metrics) {
@@ -156,12 +172,18 @@ pub fn run(
             rec.eval_loss = Some(e);
             final_eval = Some(e);
         }
-        append_metrics(&paths.metrics, &rec)?;
-        if rec.eval_loss.is_some() || c == cfg.steps {
-            plot_losses(&paths.metrics, &paths.out.join("loss.png"), cfg.method.as_str())?;
+        if root {
+            append_metrics(&paths.metrics, &rec)?;
+            if rec.eval_loss.is_some() || c == cfg.steps {
+                plot_losses(&paths.metrics, &paths.out.join("loss.png"), cfg.method.as_str())?;
+            }
         }
-        let flow = on_event(Event::Step(&rec));
-        if flow == Flow::Stop || (cfg.save_every > 0 && (c % cfg.save_every == 0 || c == cfg.steps)) {
+        let flow = match group.any(on_event(Event::Step(&rec)) == Flow::Stop) {
+            true => Flow::Stop,
+            false => Flow::Continue,
+        };
+        let save = flow == Flow::Stop || (cfg.save_every > 0 && (c % cfg.save_every == 0 || c == cfg.steps));
+        if save && root {
             let dir = trainer.save_checkpoint()?;
             on_event(Event::Checkpoint(&dir));
         }
@@ -183,6 +205,16 @@ pub fn run(
         "final_eval_loss": final_eval,
         "trainable_parameters": trainer.trainable_parameters(),
     });
+    if !root {
+        return Ok(RunSummary {
+            initial_eval,
+            final_eval,
+            output: paths.out.clone(),
+            trainable: trainer.trainable_parameters(),
+            train_secs: trainer.train_secs,
+            stopped: false,
+        });
+    }
     let output = match trainer.adapter(summary)? {
         Some(adapter) => {
             adapter.save(&paths.adapter)?;

@@ -2,15 +2,17 @@
 //! prune-and-regrow step for SpIEL-AG (accumulated gradients) and SpIEL-MA (SM3 momenta).
 //!
 //! Every decision here is a function of per-module statistics (`g_sum`, `g2_sum`, SM3 row and
-//! column accumulators, values) that a data-parallel run would all-reduce first (deviation 6), so
-//! every rank picks the same indices.
+//! column accumulators, values) that a data-parallel run all-reduces first (deviation 6), so every
+//! rank picks the same indices; the hooks here sum their dense gradients over the ranks
+//! ([`Reduce`]) before choosing from them.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use crate::dist::Group;
 use crate::kernels::optim::{AdamState, AdamW};
 use crate::kernels::sparse::WeightGradHook;
 
@@ -109,18 +111,24 @@ impl AgWindow {
         }
     }
 
-    /// Take one micro-batch's dense gradient `[out, in]` (already scaled to update scale).
+    /// Take one micro-batch's dense gradient `[out, in]` (already scaled to update scale). The
+    /// window's first picks the candidates: the top-k of its magnitude.
     pub fn observe(&mut self, dense: &[f32]) {
         if self.candidates.is_empty() {
-            self.candidates = top_k_abs(dense, self.k);
-            let n = self.candidates.len();
-            self.g_sum = vec![0.0; n];
-            self.g2_sum = vec![0.0; n];
-            self.current = vec![0.0; n];
+            self.choose(top_k_abs(dense, self.k));
         }
         for (cur, &i) in self.current.iter_mut().zip(&self.candidates) {
             *cur += dense[i as usize];
         }
+    }
+
+    /// Fix the candidates (sorted flat indices), with empty sums.
+    pub fn choose(&mut self, candidates: Vec<u32>) {
+        let n = candidates.len();
+        self.candidates = candidates;
+        self.g_sum = vec![0.0; n];
+        self.g2_sum = vec![0.0; n];
+        self.current = vec![0.0; n];
     }
 
     /// Take one micro-batch's gradient at the candidates (in their order), once they are chosen.
@@ -149,28 +157,97 @@ impl AgWindow {
     }
 }
 
-/// A module's window as a backward hook.
-pub struct WindowHook(pub Mutex<AgWindow>);
+/// Where a module's hook sums its statistics over a data-parallel group: the group, and the
+/// module's place in the trainer's fixed order, which every rank checks it reached in step.
+#[derive(Clone)]
+pub struct Reduce {
+    /// The ranks training together.
+    pub group: Arc<Group>,
+    /// The module's place in the trainer's order of modules.
+    pub module: u64,
+}
+
+impl Reduce {
+    /// `grad` summed over the group, or a message when the ranks are not all at this module
+    /// (then every rank keeps its own gradient and reports the fault).
+    fn sum(&self, grad: &[f32]) -> std::result::Result<Vec<f32>, String> {
+        if !self
+            .group
+            .agree(&[self.module, grad.len() as u64])
+            .iter()
+            .all(|&same| same)
+        {
+            return Err(format!(
+                "the ranks reached different modules (module #{} here) when summing a dense gradient",
+                self.module
+            ));
+        }
+        let mut summed = vec![0.0; grad.len()];
+        self.group.sum_f32_into(grad, &mut summed);
+        Ok(summed)
+    }
+}
+
+/// A module's window as a backward hook. Over several ranks the candidates come from the dense
+/// gradient summed over all of them (so every rank picks the same set), while `current` takes
+/// this rank's own gradient; the trainer sums `current` over the ranks before each update closes.
+pub struct WindowHook {
+    window: Mutex<AgWindow>,
+    reduce: Option<Reduce>,
+    fault: Mutex<Option<String>>,
+}
+
+impl WindowHook {
+    /// A hook around `window`; `reduce` where several ranks train together.
+    pub fn new(window: AgWindow, reduce: Option<Reduce>) -> WindowHook {
+        WindowHook {
+            window: Mutex::new(window),
+            reduce,
+            fault: Mutex::new(None),
+        }
+    }
+
+    /// The window.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, AgWindow> {
+        self.window.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fault met while summing over the ranks, once.
+    pub fn take_fault(&self) -> Option<String> {
+        self.fault.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
 
 impl WeightGradHook for WindowHook {
     fn positions(&self) -> Option<Vec<u32>> {
-        let w = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let w = self.lock();
         (!w.candidates.is_empty()).then(|| w.candidates.clone())
     }
 
     fn observe_dense(&self, grad: &[f32], _out: usize, _in: usize) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).observe(grad);
+        let mut w = self.lock();
+        if let (Some(r), true) = (&self.reduce, w.candidates.is_empty()) {
+            match r.sum(grad) {
+                Ok(summed) => {
+                    let chosen = top_k_abs(&summed, w.k);
+                    w.choose(chosen)
+                }
+                Err(e) => *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = Some(e),
+            }
+        }
+        w.observe(grad);
     }
 
     fn observe_at(&self, grad: &[f32]) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).observe_at(grad);
+        self.lock().observe_at(grad);
     }
 }
 
 /// A module's gradient-informed initial mask as a backward hook: the dense weight gradient at
-/// zero deltas, summed over the initial pass's micro-batches, and the top-k of its magnitude.
-/// With one micro-batch only the k indices are kept (the dense gradient stays transient, as in
-/// an AG window); with several, one f32 sum of the module's size lives for the pass.
+/// zero deltas, summed over the initial pass's micro-batches (and over the ranks), and the top-k
+/// of its magnitude. With one micro-batch only the k indices are kept (the dense gradient stays
+/// transient, as in an AG window); with several, one f32 sum of the module's size lives for the
+/// pass.
 pub struct InitialMaskHook(Mutex<MaskSum>);
 
 struct MaskSum {
@@ -178,25 +255,52 @@ struct MaskSum {
     micro_batches: usize,
     sum: Vec<f32>,
     chosen: Option<Vec<u32>>,
+    reduce: Option<Reduce>,
+    fault: Option<String>,
+}
+
+impl MaskSum {
+    /// Top-k of |grad| summed over the ranks.
+    fn top_k_summed(&mut self, grad: &[f32]) -> Vec<u32> {
+        match &self.reduce {
+            None => top_k_abs(grad, self.k),
+            Some(r) => match r.sum(grad) {
+                Ok(summed) => top_k_abs(&summed, self.k),
+                Err(e) => {
+                    self.fault = Some(e);
+                    top_k_abs(grad, self.k)
+                }
+            },
+        }
+    }
 }
 
 impl InitialMaskHook {
-    /// A hook that keeps `k` indices from `micro_batches` backward passes.
-    pub fn new(k: usize, micro_batches: usize) -> InitialMaskHook {
+    /// A hook that keeps `k` indices from `micro_batches` backward passes; `reduce` where
+    /// several ranks train together.
+    pub fn new(k: usize, micro_batches: usize, reduce: Option<Reduce>) -> InitialMaskHook {
         InitialMaskHook(Mutex::new(MaskSum {
             k,
             micro_batches,
             sum: Vec::new(),
             chosen: None,
+            reduce,
+            fault: None,
         }))
     }
 
     /// The chosen indices (sorted): top-k of |summed gradient|; `None` if no gradient came.
-    pub fn indices(&self) -> Option<Vec<u32>> {
-        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        m.chosen
-            .clone()
-            .or_else(|| (!m.sum.is_empty()).then(|| top_k_abs(&m.sum, m.k)))
+    /// Over several ranks, every rank calls this for its modules in the same order.
+    pub fn indices(&self) -> std::result::Result<Option<Vec<u32>>, String> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if m.chosen.is_none() && !m.sum.is_empty() {
+            let sum = std::mem::take(&mut m.sum);
+            m.chosen = Some(m.top_k_summed(&sum));
+        }
+        match m.fault.take() {
+            Some(e) => Err(e),
+            None => Ok(m.chosen.clone()),
+        }
     }
 }
 
@@ -208,7 +312,7 @@ impl WeightGradHook for InitialMaskHook {
     fn observe_dense(&self, grad: &[f32], _out: usize, _in: usize) {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if m.micro_batches <= 1 {
-            m.chosen = Some(top_k_abs(grad, m.k));
+            m.chosen = Some(m.top_k_summed(grad));
         } else if m.sum.is_empty() {
             m.sum = grad.to_vec();
         } else {
@@ -541,12 +645,12 @@ mod tests {
     #[test]
     fn window_hook_samples_its_candidates_after_the_first_micro_batch() {
         use crate::kernels::sparse::WeightGradHook;
-        let hook = WindowHook(Mutex::new(AgWindow::new(2)));
+        let hook = WindowHook::new(AgWindow::new(2), None);
         assert_eq!(hook.positions(), None);
         hook.observe_dense(&[0.1, -5.0, 0.2, 3.0], 2, 2);
         assert_eq!(hook.positions(), Some(vec![1, 3]));
         hook.observe_at(&[1.0, 1.0]);
-        let mut w = hook.0.lock().unwrap();
+        let mut w = hook.lock();
         w.end_update();
         assert_eq!(w.g_sum, vec![-4.0, 4.0]);
         assert_eq!(w.g2_sum, vec![16.0, 16.0]);

@@ -8,11 +8,12 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Tensor, Var};
 
+use crate::dist::{hash_indices, Group};
 use crate::formats::checkpoint::{self, Array, Arrays};
 use crate::kernels::bf16mm::{DeltaPacks, PackCache};
 use crate::kernels::optim::{adamw_dense_step, adamw_step, sm3_step, AdamState, DenseAdamState, Sm3, Sm3State};
@@ -22,9 +23,9 @@ use crate::model::transformer::{BlockGraphs, Llama};
 use crate::model::weight::Weights;
 use crate::train::config::{BudgetSplit, InitialMask, TrainConfig};
 use crate::train::data::{self, Example};
-use crate::train::loss::{eval_loss, target_loss};
+use crate::train::loss::{eval_loss, eval_loss_sum, target_loss};
 use crate::train::metrics::StepRecord;
-use crate::train::select::{self, AgWindow, InitialMaskHook, ReselectStats, SparseModule, WindowHook};
+use crate::train::select::{self, AgWindow, InitialMaskHook, Reduce, ReselectStats, SparseModule, WindowHook};
 use crate::{Error, Result};
 
 /// Trainable variables with the gradient buffers they accumulate into.
@@ -121,6 +122,8 @@ pub struct Trainer {
     pub(crate) step: usize,
     /// Seconds spent training (excluding evaluation).
     pub(crate) train_secs: f64,
+    /// The ranks training together (one, unless launched by `mpirun`).
+    group: Arc<Group>,
 }
 
 impl DenseSlot {
@@ -192,6 +195,7 @@ impl Trainer {
             trainable,
             step: 0,
             train_secs: 0.0,
+            group: Arc::new(Group::solo()),
         })
     }
 
@@ -204,6 +208,75 @@ impl Trainer {
     /// The run's configuration.
     pub fn config(&self) -> &TrainConfig {
         &self.cfg
+    }
+
+    /// Train data-parallel over `group`: each rank takes its share of every micro-batch, and
+    /// gradients, statistics and losses are summed over the ranks before anything is decided,
+    /// so the run equals a one-rank run of the same batch size. Set before the first update.
+    pub fn set_group(&mut self, group: Arc<Group>) {
+        self.group = group;
+    }
+
+    /// The ranks training together.
+    pub fn group(&self) -> &Arc<Group> {
+        &self.group
+    }
+
+    /// How a module's hook sums over the ranks (`None` for one rank).
+    fn reduce(&self, module: usize) -> Option<Reduce> {
+        (self.group.size() > 1).then(|| Reduce {
+            group: self.group.clone(),
+            module: module as u64,
+        })
+    }
+
+    /// This rank's part of micro-batch `idx` (a contiguous slice, by rank) and the weight of its
+    /// mean loss: its targets over the micro-batch's, so the ranks' weighted gradients sum to the
+    /// whole micro-batch's. A rank left without examples runs the first one at weight 0, so that
+    /// it still meets every collective of the backward.
+    fn share(&self, idx: &[usize]) -> (Vec<usize>, f64) {
+        let (n, r) = (self.group.size(), self.group.rank());
+        if n == 1 {
+            return (idx.to_vec(), 1.0);
+        }
+        let mine = idx[r * idx.len() / n..(r + 1) * idx.len() / n].to_vec();
+        let total: usize = idx.iter().map(|&i| self.train[i].n_targets()).sum();
+        if mine.is_empty() {
+            return (vec![idx[0]], 0.0);
+        }
+        let local: usize = mine.iter().map(|&i| self.train[i].n_targets()).sum();
+        (mine, local as f64 / total.max(1) as f64)
+    }
+
+    /// Fail, naming the modules, unless every rank holds the same indices in every module.
+    fn check_masks_agree(&self, when: &str) -> Result<()> {
+        let Trainable::Sparse(slots) = &self.trainable else {
+            return Ok(());
+        };
+        if self.group.size() == 1 {
+            return Ok(());
+        }
+        let hashes: Vec<u64> = slots.iter().map(|s| hash_indices(&s.state.indices)).collect();
+        let differ: Vec<&str> = self
+            .group
+            .agree(&hashes)
+            .iter()
+            .zip(slots)
+            .filter(|(same, _)| !**same)
+            .map(|(_, s)| s.name.as_str())
+            .collect();
+        if differ.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Invalid(format!(
+            "{when}: rank {} holds other indices than rank 0 in module `{}`{}; the ranks' statistics diverged, stopping",
+            self.group.rank(),
+            differ[0],
+            match differ.len() {
+                1 => String::new(),
+                n => format!(" (and {} more)", n - 1),
+            }
+        )))
     }
 
     /// Number of trainable parameters.
@@ -294,9 +367,19 @@ impl Trainer {
     }
 
     /// Held-out loss of the current weights.
+    /// Over several ranks each evaluates every size-th batch and the sums are added.
     pub fn eval(&self) -> Result<f64> {
         let (m, a) = self.current();
-        eval_loss(m, &a, &self.heldout, self.cfg.eval_batch_size, self.pad_id)
+        let (n, r) = (self.group.size(), self.group.rank());
+        if n == 1 {
+            return eval_loss(m, &a, &self.heldout, self.cfg.eval_batch_size, self.pad_id);
+        }
+        let (total, count) = eval_loss_sum(m, &a, &self.heldout, self.cfg.eval_batch_size, self.pad_id, |i| {
+            i % n == r
+        })?;
+        let mut sums = [total, count as f64];
+        self.group.sum_f64(&mut sums);
+        Ok(sums[0] / sums[1].max(1.0))
     }
 
     /// The micro-batch (example indices) consumed at global micro-step `i`.
@@ -313,14 +396,16 @@ impl Trainer {
     /// step and the value gradients are discarded.
     fn choose_initial_mask(&mut self) -> Result<()> {
         let n = self.cfg.initial_mask_micro_batches();
-        let batches: Vec<Vec<usize>> = (0..n).map(|i| self.micro_batch(i)).collect();
+        let batches: Vec<(Vec<usize>, f64)> = (0..n).map(|i| self.share(&self.micro_batch(i))).collect();
+        let reduces: Vec<Option<Reduce>> = (0..self.module_count()).map(|j| self.reduce(j)).collect();
         let Trainable::Sparse(slots) = &mut self.trainable else {
             return Ok(());
         };
         let _t = crate::kernels::profile::span(crate::kernels::profile::Phase::Selection);
         let hooks: Vec<Arc<InitialMaskHook>> = slots
             .iter()
-            .map(|s| Arc::new(InitialMaskHook::new(s.state.indices.len(), n)))
+            .zip(reduces)
+            .map(|(s, r)| Arc::new(InitialMaskHook::new(s.state.indices.len(), n, r)))
             .collect();
         let mut set = AdapterSet::none();
         for (s, h) in slots.iter().zip(&hooks) {
@@ -340,16 +425,26 @@ impl Trainer {
             true => BlockGraphs::Recomputed,
             false => BlockGraphs::Kept,
         };
-        for idx in &batches {
+        for (idx, weight) in &batches {
             let refs: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
             let b = data::make_batch(&refs, self.pad_id, self.base.device())?;
-            let loss = |h: &Tensor| target_loss(&self.base, h, &b);
-            self.base
-                .backward_by_blocks(&b.ids, Some(&b.mask), &set, graphs, loss, 1.0, |_| Ok(()))?;
+            let loss = |h: &Tensor| weighted(target_loss(&self.base, h, &b)?, *weight);
+            self.base.backward_by_blocks(
+                &b.ids,
+                Some(&b.mask),
+                &set,
+                graphs,
+                loss,
+                weight.max(f64::MIN_POSITIVE),
+                |_| Ok(()),
+            )?;
         }
         let ag = self.cfg.method == Method::SpielAg;
         for (s, h) in slots.iter_mut().zip(&hooks) {
-            let Some(indices) = h.indices() else { continue };
+            let indices = h
+                .indices()
+                .map_err(|e| Error::Invalid(format!("initial mask of `{}`: {e}", s.name)))?;
+            let Some(indices) = indices else { continue };
             let k = indices.len();
             s.state = SparseModule {
                 indices,
@@ -365,7 +460,7 @@ impl Trainer {
             "initial mask: top-k of the dense gradient over {} examples ({n} micro-batches)",
             n * self.cfg.batch_size
         );
-        Ok(())
+        self.check_masks_agree("initial mask")
     }
 
     /// Run one update (all its micro-batches, the optimizer step, and a reselection if due).
@@ -377,10 +472,11 @@ impl Trainer {
         let started = Instant::now();
         let sched = self.cfg.schedule();
         let in_window = self.cfg.method == Method::SpielAg && sched.in_window(c);
+        let reduces: Vec<Option<Reduce>> = (0..self.module_count()).map(|j| self.reduce(j)).collect();
         if let Trainable::Sparse(slots) = &mut self.trainable {
-            for s in slots.iter_mut() {
+            for (s, r) in slots.iter_mut().zip(reduces) {
                 if in_window && s.window.is_none() {
-                    s.window = Some(Arc::new(WindowHook(Mutex::new(AgWindow::new(s.state.indices.len())))));
+                    s.window = Some(Arc::new(WindowHook::new(AgWindow::new(s.state.indices.len()), r)));
                 }
             }
         }
@@ -391,17 +487,19 @@ impl Trainer {
         let adapters = self.model_and_adapters(true).1;
         let in_base = add_deltas_into_base(&self.base, &adapters)?;
         for micro in 0..ga {
-            let idx = self.micro_batch(self.step * ga + micro);
+            let (idx, weight) = self.share(&self.micro_batch(self.step * ga + micro));
             let refs: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
             let b = data::make_batch(&refs, self.pad_id, self.base.device())?;
-            tokens += b.n_tokens;
-            let scale = 1.0 / ga as f64;
+            if weight > 0.0 {
+                tokens += b.n_tokens;
+            }
+            let scale = weight.max(f64::MIN_POSITIVE) / ga as f64;
             let graphs = match self.cfg.checkpoint_activations {
                 true => BlockGraphs::Recomputed,
                 false => BlockGraphs::Kept,
             };
             let (model, mut sink) = self.model_and_grad_sink();
-            let loss = |h: &Tensor| target_loss(model, h, &b);
+            let loss = |h: &Tensor| weighted(target_loss(model, h, &b)?, weight);
             let lv = model.backward_by_blocks(&b.ids, Some(&b.mask), &adapters, graphs, loss, scale, |g| {
                 add_grads(&mut sink, g)
             })? as f64;
@@ -410,18 +508,16 @@ impl Trainer {
                     "the training loss became {lv} at step {c}; stopping"
                 )));
             }
-            loss_sum += lv;
+            loss_sum += lv * weight;
         }
         for guard in in_base {
             guard.restore()?;
         }
-        if let Trainable::Sparse(slots) = &self.trainable {
-            for s in slots {
-                if let Some(w) = &s.window {
-                    w.0.lock().unwrap_or_else(|e| e.into_inner()).end_update();
-                }
-            }
-        }
+        self.end_windows(c)?;
+        self.sum_gradients();
+        let mut totals = [loss_sum, tokens as f64];
+        self.group.sum_f64(&mut totals);
+        let (loss_sum, tokens) = (totals[0], totals[1]);
         if let Some(max) = self.cfg.max_grad_norm {
             self.clip(max);
         }
@@ -439,7 +535,7 @@ impl Trainer {
             step: c,
             loss: Some(loss_sum / ga as f64),
             lr: Some(lr),
-            tokens_per_s: Some(tokens as f64 / secs.max(1e-9)),
+            tokens_per_s: Some(tokens / secs.max(1e-9)),
             train_secs: Some(self.train_secs),
             eval_loss: None,
             reselection,
@@ -459,6 +555,56 @@ impl Trainer {
                     .collect(),
             ),
             Trainable::Full { slots, model } => (model, slots.iter_mut().map(|s| (&s.var, &mut s.grad)).collect()),
+        }
+    }
+
+    /// Trainable modules (sparse slots, LoRA pairs or full weights), in the fixed order.
+    fn module_count(&self) -> usize {
+        match &self.trainable {
+            Trainable::Sparse(s) => s.len(),
+            Trainable::Lora(l) => l.len(),
+            Trainable::Full { slots, .. } => slots.len(),
+        }
+    }
+
+    /// Close the update in every AG window: sum its gradient at the candidates over the ranks
+    /// (the squares in `g2_sum` are of the summed gradient), then fold it in.
+    fn end_windows(&mut self, c: usize) -> Result<()> {
+        let Trainable::Sparse(slots) = &self.trainable else {
+            return Ok(());
+        };
+        for s in slots {
+            let Some(w) = &s.window else { continue };
+            if let Some(e) = w.take_fault() {
+                return Err(Error::Invalid(format!("update {c}, module `{}`: {e}", s.name)));
+            }
+            let mut w = w.lock();
+            if !w.candidates.is_empty() {
+                self.group.sum_f32(&mut w.current);
+            }
+            w.end_update();
+        }
+        Ok(())
+    }
+
+    /// Sum every trainable gradient over the ranks, one buffer at a time in the fixed module
+    /// order (a dense buffer no gradient reached counts as zeros).
+    fn sum_gradients(&mut self) {
+        if self.group.size() == 1 {
+            return;
+        }
+        let _t = crate::kernels::profile::span(crate::kernels::profile::Phase::GradientCollection);
+        let group = self.group.clone();
+        let sizes: Vec<usize> = match &self.trainable {
+            Trainable::Sparse(s) => s.iter().map(|s| s.grad.len()).collect(),
+            Trainable::Lora(l) => l.iter().flat_map(|s| [s.a.elem_count(), s.b.elem_count()]).collect(),
+            Trainable::Full { slots, .. } => slots.iter().map(DenseSlot::elem_count).collect(),
+        };
+        for (buf, n) in self.grad_buffers().into_iter().zip(sizes) {
+            if buf.is_empty() {
+                *buf = vec![0.0; n];
+            }
+            group.sum_f32(buf);
         }
     }
 
@@ -537,9 +683,22 @@ impl Trainer {
         let _t = crate::kernels::profile::span(crate::kernels::profile::Phase::Selection);
         let h = self.cfg.adamw(self.cfg.peak_lr());
         let mut total = ReselectStats::default();
+        let perturb = self.group.size() > 1 && perturbed_rank() == Some(self.group.rank());
         let Trainable::Sparse(slots) = &mut self.trainable else {
             return Ok(total);
         };
+        if let (true, Some(s)) = (perturb, slots.first_mut()) {
+            tracing::warn!(
+                "SPIEL_TEST_PERTURB_RANK: perturbing this rank's statistics of `{}`",
+                s.name
+            );
+            if let Some(w) = &s.window {
+                w.lock().g_sum.reverse();
+            }
+            if let Some(sm3) = &mut s.sm3 {
+                sm3.row.reverse();
+            }
+        }
         // Modules reselect independently: in parallel.
         use rayon::prelude::*;
         let stats: Vec<ReselectStats> = slots
@@ -549,7 +708,7 @@ impl Trainer {
                 match (&s.sm3, s.window.take()) {
                     (Some(sm3), _) => select::reselect_ma(&mut s.state, &sm3.row, &sm3.col, n),
                     (None, Some(w)) => {
-                        let w = w.0.lock().unwrap_or_else(|e| e.into_inner());
+                        let w = w.lock();
                         select::reselect_ag(&mut s.state, &w, n, &h)
                     }
                     (None, None) => ReselectStats::default(),
@@ -563,6 +722,7 @@ impl Trainer {
             s.var
                 .set(&Tensor::new(s.state.values.as_slice(), s.var.as_tensor().device())?)?;
         }
+        self.check_masks_agree(&format!("reselection at update {}", self.step + 1))?;
         Ok(total)
     }
 
@@ -671,7 +831,7 @@ impl Trainer {
                         a.insert(format!("{n}.sm3_col"), Array::F32(sm3.col.clone()));
                     }
                     if let Some(w) = &s.window {
-                        let w = w.0.lock().unwrap_or_else(|e| e.into_inner());
+                        let w = w.lock();
                         a.insert(format!("{n}.win_candidates"), Array::U32(w.candidates.clone()));
                         a.insert(format!("{n}.win_g_sum"), Array::F32(w.g_sum.clone()));
                         a.insert(format!("{n}.win_g2_sum"), Array::F32(w.g2_sum.clone()));
@@ -705,6 +865,7 @@ impl Trainer {
     /// Restore the state saved in checkpoint `dir` (made by a run with the same config).
     pub fn restore(&mut self, dir: &Path) -> Result<()> {
         let (state, mut a) = checkpoint::load(dir)?;
+        let reduces: Vec<Option<Reduce>> = (0..self.module_count()).map(|j| self.reduce(j)).collect();
         let get = |k: &str| {
             state
                 .get(k)
@@ -748,7 +909,7 @@ impl Trainer {
         };
         match &mut self.trainable {
             Trainable::Sparse(slots) => {
-                for s in slots.iter_mut() {
+                for (j, s) in slots.iter_mut().enumerate() {
                     let n = s.name.clone();
                     s.state.indices = checkpoint::take_u32(&mut a, &format!("{n}.indices"), dir)?;
                     s.state.values = checkpoint::take_f32(&mut a, &format!("{n}.values"), dir)?;
@@ -781,7 +942,7 @@ impl Trainer {
                                 count: window_count,
                                 k: s.state.indices.len(),
                             };
-                            Some(Arc::new(WindowHook(Mutex::new(w))))
+                            Some(Arc::new(WindowHook::new(w, reduces[j].clone())))
                         }
                         false => None,
                     };
@@ -799,6 +960,22 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// `loss`, or for a rank's stand-in example of weight 0 the loss times a zero tensor: a product
+/// the backward follows (a scale of 0 would cut the graph), whose gradients are all exactly zero.
+fn weighted(loss: Tensor, weight: f64) -> Result<Tensor> {
+    match weight > 0.0 {
+        true => Ok(loss),
+        false => Ok(loss.mul(&loss.zeros_like()?)?),
+    }
+}
+
+/// The rank named by `SPIEL_TEST_PERTURB_RANK`, a fault injection for tests only: that rank
+/// perturbs its statistics of the first module before each reselection, so the check that every
+/// rank holds the same indices must stop the run naming the module.
+fn perturbed_rank() -> Option<usize> {
+    std::env::var("SPIEL_TEST_PERTURB_RANK").ok()?.parse().ok()
 }
 
 /// Per-module budgets for the sparse methods.
