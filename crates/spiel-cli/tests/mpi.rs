@@ -30,6 +30,11 @@ fn write_data(dir: &Path) -> PathBuf {
 /// uneven shares, and the epoch's last micro-batch of one example leaves a rank without any),
 /// two micro-batches per update, reselection every 3 updates, a checkpoint after every update.
 fn train_args(model: &Path, data: &Path, out: &Path, method: &str) -> Vec<String> {
+    train_args_for(model, data, out, method, 10)
+}
+
+fn train_args_for(model: &Path, data: &Path, out: &Path, method: &str, steps: usize) -> Vec<String> {
+    let steps = steps.to_string();
     let mut a: Vec<String> = [
         "--threads",
         "1",
@@ -37,7 +42,7 @@ fn train_args(model: &Path, data: &Path, out: &Path, method: &str) -> Vec<String
         "--method",
         method,
         "--steps",
-        "10",
+        &steps,
         "--batch-size",
         "3",
         "--grad-accum",
@@ -75,6 +80,10 @@ fn one_rank(args: &[String]) -> Output {
 
 /// `mpirun -n 2` of the binary, as root in a container too.
 fn two_ranks(args: &[String], env: &[(&str, &str)]) -> Output {
+    mpirun(args, env).output().unwrap()
+}
+
+fn mpirun(args: &[String], env: &[(&str, &str)]) -> Command {
     let mut c = Command::new("mpirun");
     c.args(["-n", "2", "--oversubscribe", "--bind-to", "none"]);
     for (k, v) in env {
@@ -84,9 +93,8 @@ fn two_ranks(args: &[String], env: &[(&str, &str)]) -> Output {
         .args(args)
         .env("SPIEL_HOME", home())
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .output()
-        .unwrap()
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    c
 }
 
 fn ok(o: &Output) {
@@ -230,4 +238,67 @@ fn ranks_whose_masks_diverge_stop_the_job_naming_the_module() {
         assert_eq!(last.0, 2, "{method}");
         spiel::formats::checkpoint::load(&last.1).unwrap();
     }
+}
+
+/// Wait until `run` holds a checkpoint past step `after`; the step.
+fn wait_for_checkpoint(run: &Path, after: usize) -> usize {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some((step, _)) = spiel::formats::checkpoint::list(run).ok().and_then(|mut l| l.pop()) {
+            if step > after {
+                return step;
+            }
+        }
+        assert!(start.elapsed().as_secs() < 120, "no checkpoint past {after} in {}", run.display());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A rank killed mid-run ends the job with mpirun's message; Ctrl-C to mpirun stops every rank
+/// after the same update with a checkpoint; either way the run resumes (on two ranks, then on
+/// one) and ends equal to an uninterrupted run.
+#[test]
+fn a_killed_rank_or_ctrl_c_leaves_a_checkpoint_that_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let data = write_data(dir.path());
+    let (whole, broken) = (dir.path().join("whole"), dir.path().join("broken"));
+    let args = |out: &Path| train_args_for(&model, &data, out, "spiel-ag", 200);
+    ok(&one_rank(&args(&whole)));
+
+    let job = mpirun(&args(&broken), &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_checkpoint(&broken, 2);
+    let ranks = Command::new("pgrep").args(["-P", &job.id().to_string()]).output().unwrap();
+    let pids: Vec<String> = String::from_utf8_lossy(&ranks.stdout).split_whitespace().map(String::from).collect();
+    assert_eq!(pids.len(), 2, "rank processes: {pids:?}");
+    Command::new("kill").args(["-9", &pids[1]]).status().unwrap();
+    let o = job.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("exited on signal 9"), "{err}");
+
+    let mut resume = args(&broken);
+    resume.push("--resume".into());
+    let job = mpirun(&resume, &[])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seen = spiel::formats::checkpoint::list(&broken).unwrap().pop().unwrap().0;
+    wait_for_checkpoint(&broken, seen);
+    Command::new("kill").args(["-INT", &job.id().to_string()]).status().unwrap();
+    let o = job.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("interrupted after step"),
+        "stdout: {out}\nstderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    ok(&one_rank(&resume));
+    assert_same_metrics(&whole, &broken);
+    assert_same_checkpoints(&whole, &broken);
 }
