@@ -249,7 +249,11 @@ fn wait_for_checkpoint(run: &Path, after: usize) -> usize {
                 return step;
             }
         }
-        assert!(start.elapsed().as_secs() < 120, "no checkpoint past {after} in {}", run.display());
+        assert!(
+            start.elapsed().as_secs() < 120,
+            "no checkpoint past {after} in {}",
+            run.display()
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
@@ -272,8 +276,14 @@ fn a_killed_rank_or_ctrl_c_leaves_a_checkpoint_that_resumes() {
         .spawn()
         .unwrap();
     wait_for_checkpoint(&broken, 2);
-    let ranks = Command::new("pgrep").args(["-P", &job.id().to_string()]).output().unwrap();
-    let pids: Vec<String> = String::from_utf8_lossy(&ranks.stdout).split_whitespace().map(String::from).collect();
+    let ranks = Command::new("pgrep")
+        .args(["-P", &job.id().to_string()])
+        .output()
+        .unwrap();
+    let pids: Vec<String> = String::from_utf8_lossy(&ranks.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect();
     assert_eq!(pids.len(), 2, "rank processes: {pids:?}");
     Command::new("kill").args(["-9", &pids[1]]).status().unwrap();
     let o = job.wait_with_output().unwrap();
@@ -289,7 +299,10 @@ fn a_killed_rank_or_ctrl_c_leaves_a_checkpoint_that_resumes() {
         .unwrap();
     let seen = spiel::formats::checkpoint::list(&broken).unwrap().pop().unwrap().0;
     wait_for_checkpoint(&broken, seen);
-    Command::new("kill").args(["-INT", &job.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-INT", &job.id().to_string()])
+        .status()
+        .unwrap();
     let o = job.wait_with_output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(

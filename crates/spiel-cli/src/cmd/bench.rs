@@ -1,10 +1,12 @@
 //! `spiel bench`: throughput tables for GEMM, training and generation.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::{Args, Subcommand};
+use spiel::dist::Group;
 use spiel::model::loader;
 use spiel::train::config::TrainConfig;
 
@@ -72,6 +74,19 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The all-reduce's time and bandwidth across `mpirun`'s ranks, by message size.
+    #[command(after_help = "Example: mpirun -n 2 --bind-to none spiel --threads 1 bench all-reduce")]
+    AllReduce {
+        /// Comma-separated message sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "0.01,0.1,1,10,100")]
+        sizes_mib: Vec<f64>,
+        /// Measured rounds per size (after one warm-up).
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serving throughput and latency over loopback: the base alone, one adapter, and many
     /// adapters mixed in the batch.
     #[command(after_help = "Example: spiel --threads 2 bench serve --clients 8 --adapters 8,64")]
@@ -97,10 +112,51 @@ pub enum BenchCmd {
 }
 
 impl BenchArgs {
-    /// Run the command.
+    /// Run the command; `bench train` and `bench all-reduce` under `mpirun` run on every rank
+    /// and rank 0 prints, and a rank that fails ends the job.
     pub fn run(self, home: &Path, cli_threads: Option<usize>) -> Result<()> {
+        let group = match &self.what {
+            BenchCmd::Train { .. } | BenchCmd::AllReduce { .. } => Arc::new(Group::from_launcher()?),
+            _ => Arc::new(Group::solo()),
+        };
+        let result = self.run_in(home, cli_threads, &group);
+        if let (Err(e), true) = (&result, group.size() > 1) {
+            eprintln!("error (rank {} of {}): {e:#}", group.rank(), group.size());
+            group.abort(1)
+        }
+        result
+    }
+
+    fn run_in(self, home: &Path, cli_threads: Option<usize>, group: &Arc<Group>) -> Result<()> {
         match self.what {
             BenchCmd::Serve(a) => return a.run(home, cli_threads),
+            BenchCmd::AllReduce {
+                sizes_mib,
+                rounds,
+                json,
+            } => {
+                if rounds == 0 || sizes_mib.iter().any(|&m| !(m > 0.0)) {
+                    bail!("--rounds must be at least 1 and every --sizes-mib positive");
+                }
+                let bytes: Vec<usize> = sizes_mib.iter().map(|m| (m * 1024.0 * 1024.0) as usize).collect();
+                let rows = spiel::tasks::bench::bench_all_reduce(group, &bytes, rounds);
+                if !group.is_root() {
+                } else if json {
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                } else {
+                    println!("f32 sum all-reduce over {} ranks, median of {rounds}", group.size());
+                    println!("| bytes | ms | payload GB/s | bus GB/s |\n|---:|---:|---:|---:|");
+                    for r in &rows {
+                        println!(
+                            "| {} | {:.3} | {:.2} | {:.2} |",
+                            r.bytes,
+                            r.secs * 1e3,
+                            r.algbw_gbs,
+                            r.busbw_gbs
+                        );
+                    }
+                }
+            }
             BenchCmd::Gemm {
                 model,
                 tokens,
@@ -146,6 +202,9 @@ impl BenchArgs {
                     bail!("--steps and --batch-size must be at least 1, --seq-len at least 2");
                 }
                 let mut rows: Vec<spiel::tasks::bench::TrainBench> = Vec::new();
+                if group.size() > 1 && methods.len() != 1 {
+                    bail!("under mpirun, benchmark one method per job (for example --methods spiel-ag)");
+                }
                 if methods.len() == 1 {
                     let base = if let Some(shape) = &random_shape {
                         let cfg = match shape.as_str() {
@@ -204,7 +263,14 @@ impl BenchArgs {
                         dtype: model.dtype.unwrap_or_default(),
                         ..TrainConfig::default()
                     };
-                    rows.push(spiel::tasks::bench::bench_train(base, cfg, seq_len, steps, profile)?);
+                    rows.push(spiel::tasks::bench::bench_train(
+                        base,
+                        cfg,
+                        seq_len,
+                        steps,
+                        profile,
+                        group.clone(),
+                    )?);
                 } else {
                     // One process per method, so each peak RSS is that method's alone.
                     for method in &methods {
@@ -260,6 +326,9 @@ impl BenchArgs {
                         rows.append(&mut r);
                     }
                 }
+                if !group.is_root() {
+                    return Ok(());
+                }
                 if json {
                     println!("{}", serde_json::to_string_pretty(&rows)?);
                 } else {
@@ -287,6 +356,25 @@ impl BenchArgs {
                             r.peak_rss_mib,
                             r.plan_mib
                         );
+                    }
+                    if rows.iter().any(|r| r.ranks > 1) {
+                        println!("\nper update, over the ranks (communication includes waiting for the slowest rank):");
+                        println!("| method | ranks | threads/rank | median s | compute s | communication s | share | MB all-reduced | GB/s in all-reduce |");
+                        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+                        for r in &rows {
+                            println!(
+                                "| {} | {} | {} | {:.3} | {:.3} | {:.4} | {:.1}% | {:.2} | {:.2} |",
+                                r.method,
+                                r.ranks,
+                                candle_core::utils::get_num_threads(),
+                                r.median_s,
+                                r.median_s - r.comm_s,
+                                r.comm_s,
+                                100.0 * r.comm_s / r.median_s,
+                                r.comm_bytes / 1e6,
+                                r.comm_bytes / r.comm_s.max(1e-12) / 1e9
+                            );
+                        }
                     }
                     for r in &rows {
                         let Some(phases) = &r.phases else { continue };

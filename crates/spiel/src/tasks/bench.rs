@@ -202,6 +202,19 @@ pub struct TrainBench {
     /// Time, FLOPs and bytes by phase of the step (with `--profile`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phases: Option<Vec<PhaseRow>>,
+    /// Data-parallel ranks that ran the updates (each with its share of the batch).
+    #[serde(default = "one")]
+    pub ranks: usize,
+    /// Median seconds per update inside collectives (waiting for a slower rank included).
+    #[serde(default)]
+    pub comm_s: f64,
+    /// Median bytes all-reduced per update.
+    #[serde(default)]
+    pub comm_bytes: f64,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// One phase of the step in a profile: measured time and the modelled work.
@@ -375,6 +388,7 @@ pub fn bench_train(
     seq_len: usize,
     steps: usize,
     profile: bool,
+    group: std::sync::Arc<crate::dist::Group>,
 ) -> Result<TrainBench> {
     use crate::train::data::Example;
     let start_rss_mib = rss_mib();
@@ -395,19 +409,24 @@ pub fn bench_train(
     let schedule = cfg.schedule();
     let method = cfg.method;
     let mut t = crate::train::trainer::Trainer::from_examples(cfg, base, "bench", 0, examples, Vec::new())?;
+    t.set_group(group.clone());
     crate::kernels::profile::enable(profile);
+    let (mut comm_s, mut comm_bytes) = (Vec::new(), Vec::new());
     let mut plain = Vec::new();
     let mut window = Vec::new();
     let mut resel = Vec::new();
     let mut all = Vec::new();
     for c in 1..=steps + 1 {
-        let t0 = Instant::now();
+        let (t0, comm0) = (Instant::now(), group.stats());
         t.step()?;
         let secs = t0.elapsed().as_secs_f64();
         if c == 1 {
             crate::kernels::profile::reset();
             continue;
         }
+        let comm = group.stats();
+        comm_s.push(comm.secs - comm0.secs);
+        comm_bytes.push((comm.bytes - comm0.bytes) as f64);
         all.push(secs);
         let ag_window = method == crate::model::adapter::Method::SpielAg && schedule.in_window(c);
         let is_resel = method.is_sparse() && schedule.is_reselection(c);
@@ -498,7 +517,53 @@ pub fn bench_train(
             / (1024.0 * 1024.0),
         trainable: t.trainable_parameters(),
         phases,
+        ranks: group.size(),
+        comm_s: median(comm_s),
+        comm_bytes: median(comm_bytes),
     })
+}
+
+/// One all-reduce size's measured time across the group.
+#[derive(Debug, Clone, Serialize)]
+pub struct AllReduceBench {
+    /// Bytes of f32 payload per rank.
+    pub bytes: usize,
+    /// Median seconds per all-reduce.
+    pub secs: f64,
+    /// Payload over time (GB/s).
+    pub algbw_gbs: f64,
+    /// What each rank sends and receives in a ring all-reduce, `2 (p - 1) / p` payloads, over
+    /// time (GB/s): the link's rate, comparable across group sizes.
+    pub busbw_gbs: f64,
+}
+
+/// Time f32 sum all-reduces of each size in `bytes` over `group`: `rounds` after one warm-up,
+/// medians (every rank must call this with the same arguments).
+pub fn bench_all_reduce(group: &crate::dist::Group, bytes: &[usize], rounds: usize) -> Vec<AllReduceBench> {
+    let p = group.size() as f64;
+    bytes
+        .iter()
+        .map(|&b| {
+            let mut buf = vec![1.0f32; (b / 4).max(1)];
+            let mut times = Vec::with_capacity(rounds);
+            for r in 0..=rounds {
+                group.barrier();
+                let t = Instant::now();
+                group.sum_f32(&mut buf);
+                if r > 0 {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            let secs = median(times);
+            let payload = (buf.len() * 4) as f64;
+            AllReduceBench {
+                bytes: buf.len() * 4,
+                secs,
+                algbw_gbs: payload / secs / 1e9,
+                busbw_gbs: payload * 2.0 * (p - 1.0) / p / secs / 1e9,
+            }
+        })
+        .collect()
 }
 
 /// One GEMM shape's measured rate.
