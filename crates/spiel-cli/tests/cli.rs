@@ -550,6 +550,110 @@ fn kill_and_resume(model: Option<fn(&std::path::Path) -> PathBuf>, steps: usize,
     }
 }
 
+/// A study with `spiel compare` on a tiny random model: a learning-rate grid per method chosen on
+/// validation loss with the first seed (its best run reused as that seed's final run), a control
+/// arm at the chosen rate of another, a test split scored once, paired differences against the
+/// baseline, and the forgetting NLL on GSM8K solutions for the base and every run.
+#[test]
+fn compare_runs_a_study_with_sweeps_controls_a_test_split_and_forgetting() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let data = dir.path().join("d.jsonl");
+    let rows: String = (0..20)
+        .map(|i| format!("{{\"instruction\": \"Count to {i}.\", \"output\": \"{i} {i} {i}.\"}}\n"))
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let out = dir.path().join("study");
+    let config = dir.path().join("study.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"out = "{}"
+methods = ["spiel-ag", "lora"]
+seeds = [0, 1]
+baseline = "lora"
+[sweep]
+spiel-ag = [1e-3, 3e-3]
+lora = [1e-3, 3e-3]
+[[control]]
+name = "ag-fixed-mask"
+method = "spiel-ag"
+lr_from = "spiel-ag"
+train = {{ reselection_end = 0.0 }}
+[train]
+model = "{}"
+data = "{}"
+steps = 4
+batch_size = 2
+heldout = 3
+test = 3
+max_len = 40
+eval_every = 2
+reselection_steps = 2
+accumulation_steps = 1
+[eval]
+forgetting_limit = 2
+"#,
+            out.display(),
+            model.display(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    let o = spiel(&["compare", "--config", config.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    // 4 sweep runs (seed 0), the control's seed 0, then seed 1 of all three arms: 8 trainings.
+    assert_eq!(err.matches("== training").count(), 8, "{err}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(json["sweep"].as_array().unwrap().len(), 4);
+    let runs = json["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 6);
+    let chosen = |arm: &str| -> f64 {
+        let pts: Vec<&serde_json::Value> = json["sweep"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["arm"] == arm)
+            .collect();
+        let best = pts
+            .iter()
+            .min_by(|a, b| {
+                a["validation_loss"]
+                    .as_f64()
+                    .unwrap()
+                    .total_cmp(&b["validation_loss"].as_f64().unwrap())
+            })
+            .unwrap();
+        best["lr"].as_f64().unwrap()
+    };
+    for r in runs {
+        let arm = r["arm"].as_str().unwrap();
+        let lr = r["lr"].as_f64().unwrap();
+        assert_eq!(lr, chosen(if arm == "ag-fixed-mask" { "spiel-ag" } else { arm }), "{r}");
+        assert!(r["test_loss"].as_f64().unwrap().is_finite(), "{r}");
+        assert!(r["forgetting_nll"].as_f64().unwrap().is_finite(), "{r}");
+    }
+    assert!(json["base"]["test_loss"].as_f64().unwrap().is_finite());
+    assert!(json["base"]["forgetting_nll"].as_f64().unwrap().is_finite());
+    // The control never reselects.
+    let control = std::fs::read_to_string(out.join("seed-0/ag-fixed-mask/metrics.jsonl")).unwrap();
+    assert!(!control.contains("reselection"), "{control}");
+    // The first seed's final runs are the chosen sweep runs.
+    assert!(!out.join("seed-0/spiel-ag").exists() && !out.join("seed-0/lora").exists());
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(
+        md.contains("test loss - lora (paired)") && md.matches("| chosen").count() == 2,
+        "{md}"
+    );
+    assert!(md.contains("\n| ag-fixed-mask | "), "{md}");
+    // A rerun trains nothing.
+    let o = spiel(&["compare", "--config", config.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("== training"));
+}
+
 /// `spiel compare` on a tiny random model: every method and seed trains on one split, the report
 /// has the base row and one row per method with its spread, the plot is written, and a rerun
 /// reuses the finished runs instead of training again.
@@ -602,7 +706,7 @@ gsm8k_max_new_tokens = 4
     let o = spiel(&["compare", "--config", config.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
-    assert!(md.contains("| base model | 0 |"), "{md}");
+    assert!(md.contains("| base model | - | 0 |"), "{md}");
     for m in ["spiel-ag", "spiel-ma", "lora", "full"] {
         assert_eq!(
             md.matches(&format!("\n| {m} | ")).count(),

@@ -135,7 +135,7 @@ impl BenchArgs {
                 rounds,
                 json,
             } => {
-                if rounds == 0 || sizes_mib.iter().any(|&m| !(m > 0.0)) {
+                if rounds == 0 || sizes_mib.iter().any(|&m| m.is_nan() || m <= 0.0) {
                     bail!("--rounds must be at least 1 and every --sizes-mib positive");
                 }
                 let bytes: Vec<usize> = sizes_mib.iter().map(|m| (m * 1024.0 * 1024.0) as usize).collect();

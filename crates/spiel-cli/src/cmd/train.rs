@@ -118,9 +118,12 @@ pub struct TrainArgs {
     /// Held-out loss every N updates (0: never).
     #[arg(long)]
     eval_every: Option<usize>,
-    /// Examples held out.
+    /// Examples held out (the validation split).
     #[arg(long)]
     heldout: Option<usize>,
+    /// Examples set aside as a test split, scored once after training (0: none).
+    #[arg(long)]
+    test: Option<usize>,
     /// Checkpoint every N updates (0: never).
     #[arg(long)]
     save_every: Option<usize>,
@@ -159,7 +162,7 @@ impl TrainArgs {
             reselection_rate
         );
         set!(steps, batch_size, grad_accum, max_len, warmup_ratio);
-        set!(weight_decay, seed, eval_every, heldout, save_every);
+        set!(weight_decay, seed, eval_every, heldout, test, save_every);
         if self.model.model.is_some() {
             c.model = self.model.model.clone();
         }
@@ -421,6 +424,9 @@ fn train_in(args: &TrainArgs, home: &Path, group: Arc<spiel::dist::Group>) -> Re
     }
     if let (Some(a), Some(b)) = (summary.initial_eval, summary.final_eval) {
         println!("held-out loss {a:.4} -> {b:.4}");
+    }
+    if let Some(t) = summary.test_eval {
+        println!("test loss {t:.4} (on the {} test examples)", cfg.test);
     }
     println!(
         "trained {} parameters in {:.0} s; wrote {} (metrics: {})",

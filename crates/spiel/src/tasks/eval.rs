@@ -71,6 +71,66 @@ pub fn heldout(
     })
 }
 
+/// Response NLL of `model` on the held-out and test splits a run with these settings draws
+/// (see [`crate::train::data::three_way_split`]); the test loss is `None` without a test split.
+#[allow(clippy::too_many_arguments)]
+pub fn split_losses(
+    model: &Llama,
+    adapters: &AdapterSet,
+    tok: &Tokenizer,
+    path: &Path,
+    heldout: usize,
+    test: usize,
+    seed: u64,
+    max_len: usize,
+    batch_size: usize,
+) -> Result<(f64, Option<f64>)> {
+    let convs = crate::train::data::read_conversations(path)?;
+    let (_, held, test_c) = crate::train::data::three_way_split(&convs, heldout, test, seed)?;
+    let loss = |convs: &[crate::train::data::Conversation]| -> Result<f64> {
+        let (examples, _) = crate::train::data::tokenize_all(convs, tok, max_len)?;
+        crate::train::loss::eval_loss(model, adapters, &examples, batch_size, tok.pad_id)
+    };
+    let test_loss = match test_c.is_empty() {
+        true => None,
+        false => Some(loss(&test_c)?),
+    };
+    Ok((loss(&held)?, test_loss))
+}
+
+/// Forgetting: the response NLL of the first `limit` GSM8K worked solutions, each as a one-turn
+/// chat (the question from the user, the solution from the assistant): text unlike the
+/// instruction data, so a fine-tune that moves it has changed more than its task.
+pub fn gsm8k_nll(
+    model: &Llama,
+    adapters: &AdapterSet,
+    tok: &Tokenizer,
+    path: &Path,
+    limit: usize,
+    max_len: usize,
+    batch_size: usize,
+) -> Result<f64> {
+    use crate::formats::tokenizer::Message;
+    let parsed = read_gsm8k(path)?;
+    let convs: Vec<crate::train::data::Conversation> = parsed
+        .rows
+        .into_iter()
+        .take(limit)
+        .map(|(line, r)| crate::train::data::Conversation {
+            messages: vec![Message::new("user", &r.question), Message::new("assistant", &r.answer)],
+            line,
+        })
+        .collect();
+    let (examples, _) = crate::train::data::tokenize_all(&convs, tok, max_len)?;
+    if examples.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: no GSM8K solution fits in {max_len} tokens",
+            path.display()
+        )));
+    }
+    crate::train::loss::eval_loss(model, adapters, &examples, batch_size, tok.pad_id)
+}
+
 /// Rows of a JSONL file that parsed, and the lines that did not (1-based, with the reason).
 pub struct Parsed<T> {
     /// Good rows with their line numbers.

@@ -160,8 +160,11 @@ pub struct TrainConfig {
     pub split_seed: Option<u64>,
     /// Held-out loss every N updates (and at step 0); 0 disables.
     pub eval_every: usize,
-    /// Examples held out for evaluation.
+    /// Examples held out for evaluation (the validation split a study chooses on).
     pub heldout: usize,
+    /// Examples set aside as a test split, drawn before the held-out split and never trained on
+    /// or chosen by; its loss is measured once, after the last update (0: no test split).
+    pub test: usize,
     /// Batch size for evaluation.
     pub eval_batch_size: usize,
     /// Checkpoint every N updates; 0 disables.
@@ -219,6 +222,7 @@ impl Default for TrainConfig {
             split_seed: None,
             eval_every: 20,
             heldout: 50,
+            test: 0,
             eval_batch_size: 8,
             save_every: 20,
         }

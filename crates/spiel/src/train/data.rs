@@ -165,7 +165,7 @@ pub fn tokenize_all(convs: &[Conversation], tok: &Tokenizer, max_len: usize) -> 
 pub fn split<T: Clone>(items: &[T], heldout: usize, seed: u64) -> Result<(Vec<T>, Vec<T>)> {
     if heldout >= items.len() {
         return Err(Error::Invalid(format!(
-            "--heldout {heldout} leaves no training data out of {} examples",
+            "holding out {heldout} examples leaves no training data out of {} (lower --heldout or --test)",
             items.len()
         )));
     }
@@ -188,6 +188,24 @@ pub fn split<T: Clone>(items: &[T], heldout: usize, seed: u64) -> Result<(Vec<T>
         .map(|(x, _)| x.clone())
         .collect();
     Ok((train, test))
+}
+
+/// A run's three splits of `items`: (train, held-out, test). The test split (`test` items) is
+/// drawn first and never trained on or chosen by; the held-out split (`heldout` items, the
+/// validation split of a study) is drawn from the rest. With `test = 0` the held-out split is
+/// the one [`split`] draws from all items, so runs without a test split keep theirs.
+pub fn three_way_split<T: Clone>(
+    items: &[T],
+    heldout: usize,
+    test: usize,
+    seed: u64,
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    let (rest, test_items) = match test {
+        0 => (items.to_vec(), Vec::new()),
+        n => split(items, n, seed ^ 0x7e57_0000_7e57)?,
+    };
+    let (train, held) = split(&rest, heldout, seed)?;
+    Ok((train, held, test_items))
 }
 
 /// The micro-batches of one epoch: indices into the examples, grouped by length (sorted within

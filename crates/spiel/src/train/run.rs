@@ -80,6 +80,8 @@ pub struct RunSummary {
     pub initial_eval: Option<f64>,
     /// Held-out loss after the last update, if evaluated.
     pub final_eval: Option<f64>,
+    /// Test-split loss after the last update, if the run has a test split.
+    pub test_eval: Option<f64>,
     /// Where the adapter (or full model) was written.
     pub output: PathBuf,
     /// Trainable parameters.
@@ -195,14 +197,18 @@ pub fn run(
                 trainable: trainer.trainable_parameters(),
                 train_secs: trainer.train_secs,
                 stopped: true,
+                test_eval: None,
             });
         }
     }
+    // The test split is scored once, here, after every choice has been made.
+    let test_eval = trainer.test_loss()?;
     let summary = serde_json::json!({
         "steps": trainer.step,
         "train_secs": trainer.train_secs,
         "initial_eval_loss": initial_eval,
         "final_eval_loss": final_eval,
+        "test_loss": test_eval,
         "trainable_parameters": trainer.trainable_parameters(),
     });
     if !root {
@@ -213,6 +219,7 @@ pub fn run(
             trainable: trainer.trainable_parameters(),
             train_secs: trainer.train_secs,
             stopped: false,
+            test_eval,
         });
     }
     let output = match trainer.adapter(summary)? {
@@ -232,6 +239,7 @@ pub fn run(
         "train_secs": trainer.train_secs,
         "initial_eval_loss": initial_eval,
         "final_eval_loss": final_eval,
+        "test_loss": test_eval,
         "trainable_parameters": trainer.trainable_parameters(),
         "output": output,
     });
@@ -244,5 +252,6 @@ pub fn run(
         trainable: trainer.trainable_parameters(),
         train_secs: trainer.train_secs,
         stopped: false,
+        test_eval,
     })
 }

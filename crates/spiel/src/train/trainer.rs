@@ -117,6 +117,8 @@ pub struct Trainer {
     pub(crate) train: Vec<Example>,
     /// The held-out split.
     pub(crate) heldout: Vec<Example>,
+    /// The test split (empty unless `test` is set), scored once after training.
+    pub(crate) test: Vec<Example>,
     trainable: Trainable,
     /// Updates done.
     pub(crate) step: usize,
@@ -154,12 +156,15 @@ impl Trainer {
         conversations: &[data::Conversation],
     ) -> Result<(Trainer, data::TokenizeStats)> {
         cfg.validate()?;
-        let (train_c, held_c) = data::split(conversations, cfg.heldout, cfg.split_seed.unwrap_or(cfg.seed))?;
+        let (train_c, held_c, test_c) =
+            data::three_way_split(conversations, cfg.heldout, cfg.test, cfg.split_seed.unwrap_or(cfg.seed))?;
         let (train, mut stats) = data::tokenize_all(&train_c, tokenizer, cfg.max_len)?;
         let (heldout, hs) = data::tokenize_all(&held_c, tokenizer, cfg.max_len)?;
-        stats.truncated += hs.truncated;
-        stats.skipped += hs.skipped;
-        let t = Trainer::from_examples(cfg, base, base_name, tokenizer.pad_id, train, heldout)?;
+        let (test, ts) = data::tokenize_all(&test_c, tokenizer, cfg.max_len)?;
+        stats.truncated += hs.truncated + ts.truncated;
+        stats.skipped += hs.skipped + ts.skipped;
+        let mut t = Trainer::from_examples(cfg, base, base_name, tokenizer.pad_id, train, heldout)?;
+        t.test = test;
         Ok((t, stats))
     }
 
@@ -192,6 +197,7 @@ impl Trainer {
             pad_id,
             train,
             heldout,
+            test: Vec::new(),
             trainable,
             step: 0,
             train_secs: 0.0,
@@ -369,14 +375,24 @@ impl Trainer {
     /// Held-out loss of the current weights.
     /// Over several ranks each evaluates every size-th batch and the sums are added.
     pub fn eval(&self) -> Result<f64> {
+        self.eval_on(&self.heldout)
+    }
+
+    /// Test loss of the current weights, if the run has a test split.
+    pub fn test_loss(&self) -> Result<Option<f64>> {
+        match self.test.is_empty() {
+            true => Ok(None),
+            false => self.eval_on(&self.test).map(Some),
+        }
+    }
+
+    fn eval_on(&self, examples: &[Example]) -> Result<f64> {
         let (m, a) = self.current();
         let (n, r) = (self.group.size(), self.group.rank());
         if n == 1 {
-            return eval_loss(m, &a, &self.heldout, self.cfg.eval_batch_size, self.pad_id);
+            return eval_loss(m, &a, examples, self.cfg.eval_batch_size, self.pad_id);
         }
-        let (total, count) = eval_loss_sum(m, &a, &self.heldout, self.cfg.eval_batch_size, self.pad_id, |i| {
-            i % n == r
-        })?;
+        let (total, count) = eval_loss_sum(m, &a, examples, self.cfg.eval_batch_size, self.pad_id, |i| i % n == r)?;
         let mut sums = [total, count as f64];
         self.group.sum_f64(&mut sums);
         Ok(sums[0] / sums[1].max(1.0))
