@@ -550,6 +550,16 @@ fn kill_and_resume(model: Option<fn(&std::path::Path) -> PathBuf>, steps: usize,
     }
 }
 
+/// `n` one-turn conversations ("Count to i.") as Alpaca JSONL in `dir`.
+fn counting_data(dir: &std::path::Path, n: usize) -> PathBuf {
+    let data = dir.join("d.jsonl");
+    let rows: String = (0..n)
+        .map(|i| format!("{{\"instruction\": \"Count to {i}.\", \"output\": \"{i} {i} {i}.\"}}\n"))
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    data
+}
+
 /// A study with `spiel compare` on a tiny random model: a learning-rate grid per method chosen on
 /// validation loss with the first seed (its best run reused as that seed's final run), a control
 /// arm at the chosen rate of another, a test split scored once, paired differences against the
@@ -558,11 +568,7 @@ fn kill_and_resume(model: Option<fn(&std::path::Path) -> PathBuf>, steps: usize,
 fn compare_runs_a_study_with_sweeps_controls_a_test_split_and_forgetting() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
-    let data = dir.path().join("d.jsonl");
-    let rows: String = (0..20)
-        .map(|i| format!("{{\"instruction\": \"Count to {i}.\", \"output\": \"{i} {i} {i}.\"}}\n"))
-        .collect();
-    std::fs::write(&data, rows).unwrap();
+    let data = counting_data(dir.path(), 20);
     let out = dir.path().join("study");
     let config = dir.path().join("study.toml");
     std::fs::write(
@@ -669,11 +675,7 @@ fn compare_trains_every_method_and_reports() {
     };
     let w = spiel::model::random::random_weights(&cfg, 5, &candle_core::Device::Cpu).unwrap();
     spiel::testkit::synth::write_gguf(&model, &cfg, &w, spiel::kernels::quant::Format::F32).unwrap();
-    let data = dir.path().join("d.jsonl");
-    let rows: String = (0..12)
-        .map(|i| format!("{{\"instruction\": \"Count to {i}.\", \"output\": \"{i} {i} {i}.\"}}\n"))
-        .collect();
-    std::fs::write(&data, rows).unwrap();
+    let data = counting_data(dir.path(), 12);
     let out = dir.path().join("cmp");
     let config = dir.path().join("cmp.toml");
     std::fs::write(
