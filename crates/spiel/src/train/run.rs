@@ -190,15 +190,14 @@ pub fn run(
             on_event(Event::Checkpoint(&dir));
         }
         if flow == Flow::Stop {
-            return Ok(RunSummary {
+            return Ok(RunSummary::of(
+                trainer,
                 initial_eval,
                 final_eval,
-                output: paths.out.clone(),
-                trainable: trainer.trainable_parameters(),
-                train_secs: trainer.train_secs,
-                stopped: true,
-                test_eval: None,
-            });
+                None,
+                paths.out.clone(),
+                true,
+            ));
         }
     }
     // The test split is scored once, here, after every choice has been made.
@@ -212,15 +211,14 @@ pub fn run(
         "trainable_parameters": trainer.trainable_parameters(),
     });
     if !root {
-        return Ok(RunSummary {
+        return Ok(RunSummary::of(
+            trainer,
             initial_eval,
             final_eval,
-            output: paths.out.clone(),
-            trainable: trainer.trainable_parameters(),
-            train_secs: trainer.train_secs,
-            stopped: false,
             test_eval,
-        });
+            paths.out.clone(),
+            false,
+        ));
     }
     let output = match trainer.adapter(summary)? {
         Some(adapter) => {
@@ -245,13 +243,33 @@ pub fn run(
     });
     let text = serde_json::to_string_pretty(&record).map_err(|e| Error::Invalid(e.to_string()))?;
     fsutil::write_atomic(&paths.summary, text.as_bytes())?;
-    Ok(RunSummary {
+    Ok(RunSummary::of(
+        trainer,
         initial_eval,
         final_eval,
-        output,
-        trainable: trainer.trainable_parameters(),
-        train_secs: trainer.train_secs,
-        stopped: false,
         test_eval,
-    })
+        output,
+        false,
+    ))
+}
+
+impl RunSummary {
+    fn of(
+        trainer: &Trainer,
+        initial_eval: Option<f64>,
+        final_eval: Option<f64>,
+        test_eval: Option<f64>,
+        output: PathBuf,
+        stopped: bool,
+    ) -> RunSummary {
+        RunSummary {
+            initial_eval,
+            final_eval,
+            test_eval,
+            output,
+            trainable: trainer.trainable_parameters(),
+            train_secs: trainer.train_secs,
+            stopped,
+        }
+    }
 }

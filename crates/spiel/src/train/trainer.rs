@@ -488,11 +488,13 @@ impl Trainer {
         let started = Instant::now();
         let sched = self.cfg.schedule();
         let in_window = self.cfg.method == Method::SpielAg && sched.in_window(c);
-        let reduces: Vec<Option<Reduce>> = (0..self.module_count()).map(|j| self.reduce(j)).collect();
-        if let Trainable::Sparse(slots) = &mut self.trainable {
-            for (s, r) in slots.iter_mut().zip(reduces) {
-                if in_window && s.window.is_none() {
-                    s.window = Some(Arc::new(WindowHook::new(AgWindow::new(s.state.indices.len()), r)));
+        if in_window {
+            let reduces: Vec<Option<Reduce>> = (0..self.module_count()).map(|j| self.reduce(j)).collect();
+            if let Trainable::Sparse(slots) = &mut self.trainable {
+                for (s, r) in slots.iter_mut().zip(reduces) {
+                    if s.window.is_none() {
+                        s.window = Some(Arc::new(WindowHook::new(AgWindow::new(s.state.indices.len()), r)));
+                    }
                 }
             }
         }
