@@ -114,7 +114,8 @@ fn metrics(run: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// The same losses, held-out losses and reselection counts, update by update.
+/// The same losses and held-out losses (within 1e-5, relative) and reselection counts, update by
+/// update.
 fn assert_same_metrics(a: &Path, b: &Path) {
     let (ma, mb) = (metrics(a), metrics(b));
     assert_eq!(ma.len(), mb.len());
@@ -123,7 +124,12 @@ fn assert_same_metrics(a: &Path, b: &Path) {
         assert_eq!(x["reselection"], y["reselection"], "step {}", x["step"]);
         for k in ["loss", "eval_loss"] {
             match (x[k].as_f64(), y[k].as_f64()) {
-                (Some(p), Some(q)) => assert!((p - q).abs() < 1e-5, "step {} {k}: {p} vs {q}", x["step"]),
+                // Relative, as for the checkpoints: over a long run the ranks' different
+                // summation orders drift a 4.6-nat loss by about 1e-5 (seen once in CI).
+                (Some(p), Some(q)) => {
+                    let tol = 1e-5 * (1.0 + p.abs().max(q.abs()));
+                    assert!((p - q).abs() <= tol, "step {} {k}: {p} vs {q}", x["step"])
+                }
                 (p, q) => assert_eq!(p, q, "step {} {k}", x["step"]),
             }
         }
