@@ -273,10 +273,13 @@ fn a_killed_rank_or_ctrl_c_leaves_a_checkpoint_that_resumes() {
     let model = tiny_model(dir.path());
     let data = write_data(dir.path());
     let (whole, broken) = (dir.path().join("whole"), dir.path().join("broken"));
-    let args = |out: &Path| train_args_for(&model, &data, out, "spiel-ag", 200);
+    // 30 updates, slowed by the test-only delay so the kill and the Ctrl-C land mid-run: over
+    // 200 fast updates the ranks' summation order once flipped a near-tied selection in CI.
+    let args = |out: &Path| train_args_for(&model, &data, out, "spiel-ag", 30);
+    let slow = [("SPIEL_TEST_UPDATE_DELAY_MS", "100")];
     ok(&one_rank(&args(&whole)));
 
-    let job = mpirun(&args(&broken), &[])
+    let job = mpirun(&args(&broken), &slow)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -298,7 +301,7 @@ fn a_killed_rank_or_ctrl_c_leaves_a_checkpoint_that_resumes() {
 
     let mut resume = args(&broken);
     resume.push("--resume".into());
-    let job = mpirun(&resume, &[])
+    let job = mpirun(&resume, &slow)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -166,8 +166,12 @@ pub fn run(
         stats,
     });
     let mut final_eval = None;
+    let delay = test_update_delay();
     while trainer.step < cfg.steps {
         let mut rec = trainer.step()?;
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         let c = rec.step;
         if cfg.eval_every > 0 && !trainer.heldout.is_empty() && (c % cfg.eval_every == 0 || c == cfg.steps) {
             let e = trainer.eval()?;
@@ -272,4 +276,12 @@ impl RunSummary {
             stopped,
         }
     }
+}
+
+/// The pause after each update named by `SPIEL_TEST_UPDATE_DELAY_MS`, for tests only: it lets a
+/// test kill or interrupt a short run of a tiny model mid-way without making the run long (a
+/// long run's different summation orders over ranks eventually flip a near-tied selection).
+fn test_update_delay() -> Option<std::time::Duration> {
+    let ms: u64 = std::env::var("SPIEL_TEST_UPDATE_DELAY_MS").ok()?.parse().ok()?;
+    Some(std::time::Duration::from_millis(ms))
 }
