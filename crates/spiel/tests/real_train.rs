@@ -61,11 +61,11 @@ fn spiel_ag_and_ma_lower_heldout_loss_on_smollm2() {
     }
 }
 
-/// How far default SpIEL-AG may end above default LoRA: the quality study found them tied, its
-/// paired difference (SpIEL-AG minus LoRA, test loss, three seeds) being STUDY_MEAN_GAP with a
-/// sample standard deviation of STUDY_GAP_SD (docs/results.md); this allows the mean plus two
-/// standard deviations.
-const TIED_WITHIN: f64 = 0.02;
+/// How far default SpIEL-AG may end above default LoRA: in the quality study SpIEL-AG trailed
+/// LoRA slightly, its paired difference (SpIEL-AG minus LoRA, test loss, seeds 1 and 2) being 0.0044 with a
+/// sample standard deviation of 0.0014 (docs/results.md); this allows the mean plus two
+/// standard deviations (this run's gap was 0.0027 on the AMD EPYC VM).
+const TIED_WITHIN: f64 = 0.0072;
 
 /// Default SpIEL-AG against default LoRA on the same seed, split and examples (the study's
 /// example length, a quarter of its updates): SpIEL-AG's held-out loss ends at most
