@@ -20,8 +20,9 @@ pub struct ModelArgs {
     /// nf4 (4-bit NormalFloat, double-quantised scales) [default: none].
     #[arg(long)]
     pub quantize: Option<loader::Quantize>,
-    /// f32, or bf16: the frozen dense matrices held in bf16 and the activations computed in bf16 (adapter values and optimizer state stay f32)
-    /// [default: f32].
+    /// f32; bf16: the frozen dense matrices held in bf16 and the activations computed in bf16
+    /// (adapter values and optimizer state stay f32); auto: bf16 on a CPU with the AMX tile
+    /// unit, else f32 [default: auto for `train`, f32 for the other commands].
     #[arg(long)]
     pub dtype: Option<loader::Dtype>,
 }
@@ -48,13 +49,26 @@ pub fn load_model(args: &ModelArgs, home: &Path) -> Result<LoadedModel> {
     release_freed_memory();
     Ok(m)
 }
-/// `--dtype bf16`: hold the frozen matrices in bf16 and compute the activations in bf16.
+/// `--dtype bf16` (or `auto` on a CPU with AMX): hold the frozen matrices in bf16 and compute
+/// the activations in bf16.
 pub fn in_dtype(m: &mut spiel::model::transformer::Llama, dtype: Option<loader::Dtype>) -> Result<()> {
-    if dtype == Some(loader::Dtype::Bf16) {
+    if dtype.map(|d| d.resolved(false)) == Some(loader::Dtype::Bf16) {
         m.hold_in_bf16()?;
         m.compute_in(candle_core::DType::BF16)?;
     }
     Ok(())
+}
+
+/// Why `--dtype auto` chose what it did (for full fine-tuning when `full`), for the line a run
+/// prints at start.
+pub fn auto_dtype_reason(full: bool) -> &'static str {
+    if full {
+        "full fine-tuning trains its weights in f32"
+    } else if loader::bf16_tiles() {
+        "this CPU multiplies bf16 on the AMX tile unit"
+    } else {
+        "no AMX tile unit here, and bf16 products without it are slower than f32"
+    }
 }
 
 /// Load adapter directories for `m` into one additive set.

@@ -185,6 +185,16 @@ fn train_inspect_merge_round_trip() {
     );
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 3, "{metrics}");
+    // The default dtype is auto: the run says what it chose and its config.toml records that.
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let chosen = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("dtype: auto -> "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no dtype line in {stderr}"));
+    assert!(chosen == "f32" || chosen == "bf16", "{chosen}");
+    let saved = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(saved.contains(&format!("dtype = \"{chosen}\"")), "{saved}");
     // A second run into the same directory without --resume is refused.
     assert_clean_error(&spiel(&args), "--resume");
 

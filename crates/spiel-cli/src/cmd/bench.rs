@@ -183,6 +183,14 @@ impl BenchArgs {
                             r.name, r.m, r.k, r.n, r.gflops, r.bf16_gflops
                         );
                     }
+                    let peak = spiel::kernels::peak::measure(2_000_000, 5);
+                    println!(
+                        "\none core's register-only peak: f32 FMA {:.1} GFLOP/s, AVX-512 BF16 dot products {}",
+                        peak.f32_fma,
+                        peak.bf16_dot
+                            .map(|r| format!("{r:.1} GFLOP/s"))
+                            .unwrap_or_else(|| "not on this CPU".into())
+                    );
                 }
             }
             BenchCmd::Train {
@@ -206,6 +214,10 @@ impl BenchArgs {
                     bail!("under mpirun, benchmark one method per job (for example --methods spiel-ag)");
                 }
                 if methods.len() == 1 {
+                    // `auto` becomes f32 or bf16 here, as `spiel train` resolves it.
+                    let mut model = model.clone();
+                    let full = methods[0] == "full";
+                    model.dtype = model.dtype.map(|d| d.resolved(full));
                     let base = if let Some(shape) = &random_shape {
                         let cfg = match shape.as_str() {
                             "1b" => spiel::formats::config::ModelConfig {
@@ -260,7 +272,7 @@ impl BenchArgs {
                         // Reselect through the whole measured run: every cycle alike.
                         reselection_end: 1.0,
                         checkpoint_activations,
-                        dtype: model.dtype.unwrap_or_default(),
+                        dtype: model.dtype.unwrap_or(loader::Dtype::F32),
                         ..TrainConfig::default()
                     };
                     rows.push(spiel::tasks::bench::bench_train(
@@ -312,8 +324,8 @@ impl BenchArgs {
                         if profile {
                             cmd.arg("--profile");
                         }
-                        if model.dtype == Some(loader::Dtype::Bf16) {
-                            cmd.args(["--dtype", "bf16"]);
+                        if let Some(d) = model.dtype {
+                            cmd.args(["--dtype", d.as_str()]);
                         }
                         if let Some(shape) = &random_shape {
                             cmd.arg("--random-shape").arg(shape);
@@ -334,7 +346,7 @@ impl BenchArgs {
                 } else {
                     println!(
                             "batch {batch_size} x {seq_len} tokens, {} activations, {} threads, {steps} updates after warm-up, S = {reselection_steps}",
-                            model.dtype.unwrap_or_default().as_str(),
+                            model.dtype.unwrap_or(loader::Dtype::F32).resolved(false).as_str(),
                             candle_core::utils::get_num_threads()
                         );
                     println!("| method | trainable | median s/step | plain | AG window | reselection | cycle mean s | tokens/s | GFLOP/s | RSS at start MiB | peak RSS MiB | plan MiB |");

@@ -149,12 +149,17 @@ fn run_compare(config: &Path, home: &Path, threads: Option<usize>) -> Result<()>
             ));
         }
     }
-    // 3. Evaluate the base model and every run (results cached per run in eval.json).
+    // 3. Evaluate the base model and every run (results cached per run in eval.json), in f32
+    // unless [train] names a dtype, so that a study's scores do not depend on the CPU.
+    let eval_dtype = match first.dtype {
+        spiel::model::loader::Dtype::Auto => spiel::model::loader::Dtype::F32,
+        d => d,
+    };
     let m = load_model(
         &ModelArgs {
             model: first.model.clone(),
             quantize: Some(first.quantize),
-            dtype: Some(first.dtype),
+            dtype: Some(eval_dtype),
         },
         home,
     )?;

@@ -8,11 +8,12 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use clap::Args;
 use spiel::formats::assets;
+use spiel::model::loader;
 use spiel::train;
 use spiel::train::config::TrainConfig;
 
 use crate::cmd::plan::{memory_plan, Fit};
-use crate::shared::{load_model, mib, say, ModelArgs};
+use crate::shared::{auto_dtype_reason, load_model, mib, say, ModelArgs};
 
 /// `spiel train` flags: every field of the TOML config, each overriding the file.
 #[derive(Args)]
@@ -275,7 +276,10 @@ fn run_train(args: &TrainArgs, home: &Path) -> Result<()> {
 
 fn train_in(args: &TrainArgs, home: &Path, group: Arc<spiel::dist::Group>) -> Result<()> {
     let root = group.is_root();
-    let cfg = args.resolve()?;
+    let mut cfg = args.resolve()?;
+    let auto_dtype = cfg.dtype == loader::Dtype::Auto;
+    let full = cfg.method == spiel::model::adapter::Method::Full;
+    cfg.dtype = cfg.dtype.resolved(full);
     // Never train over a user's earlier run by accident.
     if !args.resume && spiel::formats::checkpoint::list(&cfg.out)?.last().is_some() {
         bail!(
@@ -289,6 +293,9 @@ fn train_in(args: &TrainArgs, home: &Path, group: Arc<spiel::dist::Group>) -> Re
             "{} already holds a finished run; choose another --out (or delete it to train again)",
             cfg.out.display()
         );
+    }
+    if auto_dtype && root {
+        eprintln!("dtype: auto -> {} ({})", cfg.dtype.as_str(), auto_dtype_reason(full));
     }
     let (plan, fit) = memory_plan(&cfg, home)?;
     if let Fit::TooBig { avail, hint } = &fit {

@@ -3,7 +3,7 @@
 //! training; every layer above may use them.
 //!
 //! Inside, from the bottom: [`common`] (reading tensors in place, bf16 rounding, gradient
-//! buffers) and [`profile`] use nothing; [`gemm`] (f32 products, dots) and [`quant`] (the GGUF
+//! buffers), [`profile`] and [`peak`] (one core's measured arithmetic peak) use nothing; [`gemm`] (f32 products, dots) and [`quant`] (the GGUF
 //! block codecs) sit on [`common`]; [`bf16mm`] (bf16 products on AMX tiles) on those; then the
 //! element-wise [`ops`], the frozen and quantised weight products [`qmatrix`], the sparse-delta op
 //! and SDDMM [`sparse`], [`attention`], the vocabulary head with its loss [`head`], the LoRA op
@@ -17,6 +17,7 @@ pub mod head;
 pub mod lora;
 pub mod ops;
 pub mod optim;
+pub mod peak;
 pub mod profile;
 pub mod qmatrix;
 pub mod quant;

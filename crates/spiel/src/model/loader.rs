@@ -61,11 +61,13 @@ impl std::str::FromStr for Quantize {
 /// The element type of the frozen base's dense matrices (embeddings, head, and projections not
 /// held quantised) and of the activations (`Llama::compute_in`). Adapter values, their
 /// gradients and optimizer state are f32 either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Dtype {
+    /// bf16 where the CPU multiplies bf16 on a tile unit (AMX) and the method is an adapter
+    /// one, else f32: see [`Dtype::resolved`].
+    Auto,
     /// f32.
-    #[default]
     F32,
     /// bf16, widened to f32 a tile at a time inside each product.
     Bf16,
@@ -75,19 +77,49 @@ impl Dtype {
     /// The name the CLI and configs use.
     pub fn as_str(self) -> &'static str {
         match self {
+            Dtype::Auto => "auto",
             Dtype::F32 => "f32",
             Dtype::Bf16 => "bf16",
         }
     }
+
+    /// The concrete dtype this one stands for on this CPU, for a full (`full`) or adapter run:
+    /// `Auto` becomes bf16 only where bf16 products run on the AMX tile unit and the frozen base
+    /// is what is held in bf16 (adapter methods; full fine-tuning trains its weights in f32).
+    /// Without AMX, bf16 products are f32 products over rounded operands, slower than f32 (AVX-512
+    /// BF16 dot products alone are no faster than f32 FMAs: docs/performance.md), so `Auto` is f32.
+    pub fn resolved(self, full: bool) -> Dtype {
+        match self {
+            Dtype::Auto => Dtype::auto_choice(bf16_tiles(), full),
+            d => d,
+        }
+    }
+
+    /// What `Auto` picks given whether the CPU has the bf16 tile unit (`tiles`) and whether the
+    /// run is full fine-tuning.
+    pub fn auto_choice(tiles: bool, full: bool) -> Dtype {
+        if tiles && !full {
+            Dtype::Bf16
+        } else {
+            Dtype::F32
+        }
+    }
+}
+
+/// Whether this process multiplies bf16 on the AMX tile unit (the CPU has it and Linux granted
+/// its state; `SPIEL_NO_AMX` turns it off).
+pub fn bf16_tiles() -> bool {
+    crate::kernels::bf16mm::kernel() == crate::kernels::bf16mm::Kernel::Amx
 }
 
 impl std::str::FromStr for Dtype {
     type Err = Error;
     fn from_str(s: &str) -> Result<Dtype> {
         match s {
+            "auto" => Ok(Dtype::Auto),
             "f32" => Ok(Dtype::F32),
             "bf16" => Ok(Dtype::Bf16),
-            _ => Err(Error::Invalid(format!("unknown dtype `{s}` (f32, bf16)"))),
+            _ => Err(Error::Invalid(format!("unknown dtype `{s}` (auto, f32, bf16)"))),
         }
     }
 }
@@ -398,4 +430,30 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
         raw.push((name.clone(), safetensors::Dtype::F32, t.dims().to_vec(), bytes));
     }
     fsutil::write_atomic(path, &crate::formats::safetensors::serialize(&raw)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Dtype;
+
+    #[test]
+    fn auto_dtype_is_bf16_only_for_adapter_runs_on_the_tile_unit() {
+        assert_eq!(Dtype::auto_choice(true, false), Dtype::Bf16);
+        assert_eq!(Dtype::auto_choice(true, true), Dtype::F32);
+        assert_eq!(Dtype::auto_choice(false, false), Dtype::F32);
+        assert_eq!(Dtype::auto_choice(false, true), Dtype::F32);
+        // Concrete dtypes stay as they are; `auto` never survives resolution.
+        assert_eq!(Dtype::Bf16.resolved(false), Dtype::Bf16);
+        assert_eq!(Dtype::F32.resolved(false), Dtype::F32);
+        assert_ne!(Dtype::Auto.resolved(false), Dtype::Auto);
+        assert_eq!(Dtype::Auto.resolved(true), Dtype::F32);
+        for d in [Dtype::Auto, Dtype::F32, Dtype::Bf16] {
+            assert_eq!(d.as_str().parse::<Dtype>().unwrap(), d);
+        }
+        assert!("fp16"
+            .parse::<Dtype>()
+            .unwrap_err()
+            .to_string()
+            .contains("auto, f32, bf16"));
+    }
 }

@@ -262,7 +262,8 @@ fn phase_work(
     let wbytes = base.linears().iter().map(|x| x.weight.bytes()).sum::<usize>() as f64;
     let head_bytes = v
         * h
-        * if cfg.dtype == crate::model::loader::Dtype::Bf16 {
+        * if cfg.dtype.resolved(cfg.method == crate::model::adapter::Method::Full) == crate::model::loader::Dtype::Bf16
+        {
             2.0
         } else {
             4.0

@@ -86,7 +86,9 @@ pub struct TrainConfig {
     /// How to hold the frozen projection weights: none (f32), keep (a GGUF file's 4/8-bit
     /// blocks), nf4. Adapter methods only.
     pub quantize: crate::model::loader::Quantize,
-    /// Element type of the frozen base's dense matrices: f32 or bf16. Adapter methods only.
+    /// Element type of the frozen base's dense matrices and the activations: auto (bf16 on a
+    /// CPU with the AMX tile unit for adapter methods, else f32), f32, or bf16 (adapter methods
+    /// only). A run resolves `auto` when it starts and records the choice in its config.toml.
     pub dtype: crate::model::loader::Dtype,
     /// Alpaca JSON or chat JSONL (default: the fetched Alpaca demo data).
     pub data: Option<PathBuf>,
@@ -177,7 +179,7 @@ impl Default for TrainConfig {
             method: Method::SpielAg,
             model: None,
             quantize: crate::model::loader::Quantize::None,
-            dtype: crate::model::loader::Dtype::F32,
+            dtype: crate::model::loader::Dtype::Auto,
             data: None,
             out: PathBuf::from("runs/spiel-ag"),
             target_modules: [
@@ -306,7 +308,7 @@ impl TrainConfig {
                 "applies to adapter methods; full fine-tuning trains every weight in f32",
             );
         }
-        if self.method == Method::Full && self.dtype != crate::model::loader::Dtype::F32 {
+        if self.method == Method::Full && self.dtype == crate::model::loader::Dtype::Bf16 {
             return bad(
                 "dtype",
                 "applies to adapter methods; full fine-tuning trains every weight in f32",
@@ -413,6 +415,7 @@ impl TrainConfig {
         TrainConfig {
             reselection_steps: Some(sched.reselection_steps),
             accumulation_steps: Some(sched.accumulation_steps),
+            dtype: self.dtype.resolved(self.method == Method::Full),
             ..self.clone()
         }
     }

@@ -103,14 +103,15 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
         * l;
     let other_params = v * h * if m.tie_word_embeddings { 1.0 } else { 2.0 } + (2.0 * l + 1.0) * h;
     let full = cfg.method == Method::Full;
+    let dtype = cfg.dtype.resolved(full);
     let base_bytes = if full {
         // The trainable copy, which replaces the frozen original once it is made.
         (proj_params + other_params) * f
     } else {
-        let (proj, other) = match (cfg.dtype, base) {
+        let (proj, other) = match (dtype, base) {
             (Dtype::Bf16, BaseFormat::F32) => (2.0, 2.0),
             (Dtype::Bf16, b) => (b.bytes_per_weight(), 2.0),
-            (Dtype::F32, b) => (b.bytes_per_weight(), f),
+            (_, b) => (b.bytes_per_weight(), f),
         };
         proj_params * proj + other_params * other
     };
@@ -164,9 +165,9 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     // output whatever its adapter: sparse values ride in a dense f32 base or their product is
     // fused with the base's ([`crate::kernels::sparse::SparseBase`]), and LoRA is one op with the base
     // product that recomputes its rank-r part in the backward ([`crate::kernels::lora`]).
-    let act = match cfg.dtype {
+    let act = match dtype {
         Dtype::Bf16 => 2.0,
-        Dtype::F32 => f,
+        _ => f,
     };
     // Floats per token of one block, with `lin(name, out, in)` the floats a projection leaves.
     // Values per token that one block keeps, each projection one output (`out`).
@@ -192,7 +193,7 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     // (full fine-tuning) also holds its weight gradient from the forward to the backward. With
     // bf16 a frozen head keeps its two packed bf16 forms (`QMatrix::keep_bf16_packs`).
     let chunk_rows = (crate::kernels::head::chunk_rows(v as usize, full) as f64).min(tokens);
-    let kept_packs = match (cfg.dtype, full) {
+    let kept_packs = match (dtype, full) {
         (Dtype::Bf16, false) => 2.0 * v * h * 2.0,
         _ => 0.0,
     };
@@ -201,7 +202,7 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     // of the indices and the base values at them ([`crate::kernels::bf16mm::DeltaPacks`]); LoRA the
     // base's alone.
     let tiles = crate::kernels::bf16mm::kernel() == crate::kernels::bf16mm::Kernel::Amx;
-    let delta_packs = match (cfg.dtype, cfg.method) {
+    let delta_packs = match (dtype, cfg.method) {
         (Dtype::Bf16, Method::SpielAg | Method::SpielMa) if tiles => targeted_params * 2.0 * 2.0 + trainable * 8.0,
         (Dtype::Bf16, Method::Lora) if tiles => targeted_params * 2.0 * 2.0,
         _ => 0.0,
@@ -212,9 +213,9 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     // With bf16 activations each op also holds f32 copies while it runs: at most a projection's
     // widened output gradient, input gradient and input (`down_proj`'s backward), or the
     // attention backward's widened q, k, v, output and output gradient.
-    let widened = match cfg.dtype {
+    let widened = match dtype {
         Dtype::Bf16 => tokens * (h + 2.0 * i).max(3.0 * q + 2.0 * kv) * f,
-        Dtype::F32 => 0.0,
+        _ => 0.0,
     };
     let transient = tokens * per_token_layer * act + widened;
     // A `gradient` initial mask over several micro-batches sums each targeted matrix's dense
@@ -321,7 +322,10 @@ mod tests {
     #[test]
     fn components_scale_as_they_should() {
         let m = smollm();
-        let cfg = TrainConfig::default();
+        let cfg = TrainConfig {
+            dtype: Dtype::F32,
+            ..TrainConfig::default()
+        };
         let f32p = plan(&m, &cfg, BaseFormat::F32);
         let nf4 = plan(&m, &cfg, BaseFormat::Nf4);
         let get = |p: &Plan, w: &str| p.items.iter().find(|i| i.what == w).unwrap().bytes as f64;
