@@ -650,4 +650,24 @@ test = 5
         // The sweep row, the arm row and the two runs.
         assert_eq!(md.matches("\n| spiel-ag | 3e-4 | ").count(), 4, "{md}");
     }
+
+    #[test]
+    fn every_shipped_config_parses_and_validates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let table: toml::Table = text.parse().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            if table.contains_key("methods") {
+                CompareConfig::from_toml_file(&path).unwrap_or_else(|e| panic!("{e}"));
+            } else {
+                TrainConfig::from_toml_file(&path)
+                    .and_then(|c| c.validate())
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            }
+            seen += 1;
+        }
+        assert!(seen >= 4, "{seen} configs in {}", dir.display());
+    }
 }
