@@ -67,7 +67,7 @@ pub fn auto_dtype_reason(full: bool) -> &'static str {
     } else if loader::bf16_tiles() {
         "this CPU multiplies bf16 on the AMX tile unit"
     } else {
-        "no AMX tile unit here, and bf16 products without it are slower than f32"
+        "no AMX tile unit here; auto picks bf16 only on it (`--dtype bf16` asks for bf16)"
     }
 }
 

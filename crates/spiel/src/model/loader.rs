@@ -86,8 +86,9 @@ impl Dtype {
     /// The concrete dtype this one stands for on this CPU, for a full (`full`) or adapter run:
     /// `Auto` becomes bf16 only where bf16 products run on the AMX tile unit and the frozen base
     /// is what is held in bf16 (adapter methods; full fine-tuning trains its weights in f32).
-    /// Without AMX, bf16 products are f32 products over rounded operands, slower than f32 (AVX-512
-    /// BF16 dot products alone are no faster than f32 FMAs: docs/performance.md), so `Auto` is f32.
+    /// Without AMX it is f32: bf16 products run as AVX-512 BF16 dot products where the CPU has
+    /// them (faster than f32 on AMD Zen 5, slower on Intel Xeons whose tile unit is hidden:
+    /// docs/performance.md), else as f32 products over rounded operands, slower than f32.
     pub fn resolved(self, full: bool) -> Dtype {
         match self {
             Dtype::Auto => Dtype::auto_choice(bf16_tiles(), full),

@@ -585,13 +585,10 @@ pub struct GemmBench {
     pub bf16_gflops: f64,
 }
 
-/// The code that runs `--dtype bf16` products on this CPU: `"amx"` or `"f32 over rounded
-/// operands"`.
+/// The code that runs `--dtype bf16` products on this CPU: `"amx"`, `"avx512-bf16 dot
+/// products"` or `"f32 over rounded operands"`.
 pub fn bf16_kernel() -> &'static str {
-    match crate::kernels::bf16mm::kernel() {
-        crate::kernels::bf16mm::Kernel::Amx => "amx",
-        crate::kernels::bf16mm::Kernel::Rounded => "f32 over rounded operands",
-    }
+    crate::kernels::bf16mm::kernel().name()
 }
 
 /// The machine's f32 GEMM rate at the model's training shapes (`x W^T` with `x: [tokens, in]`,

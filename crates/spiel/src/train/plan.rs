@@ -201,7 +201,7 @@ pub fn plan(m: &ModelConfig, cfg: &TrainConfig, base: BaseFormat) -> Plan {
     // packed forms (2 bytes a value each): a sparse run with its delta patched in, plus a copy
     // of the indices and the base values at them ([`crate::kernels::bf16mm::DeltaPacks`]); LoRA the
     // base's alone.
-    let tiles = crate::kernels::bf16mm::kernel() == crate::kernels::bf16mm::Kernel::Amx;
+    let tiles = crate::kernels::bf16mm::kernel().packs();
     let delta_packs = match (dtype, cfg.method) {
         (Dtype::Bf16, Method::SpielAg | Method::SpielMa) if tiles => targeted_params * 2.0 * 2.0 + trainable * 8.0,
         (Dtype::Bf16, Method::Lora) if tiles => targeted_params * 2.0 * 2.0,
@@ -359,7 +359,7 @@ mod tests {
             ..cfg.clone()
         };
         let packs = get(&plan(&m, &bf16, BaseFormat::F32), "packed weights");
-        let tiles = crate::kernels::bf16mm::kernel() == crate::kernels::bf16mm::Kernel::Amx;
+        let tiles = crate::kernels::bf16mm::kernel().packs();
         assert_eq!(packs, if tiles { proj * 4.0 + 2_442_240.0 * 8.0 } else { 0.0 });
         let lora16 = TrainConfig {
             method: Method::Lora,

@@ -4,15 +4,18 @@
 //!
 //! On CPUs with AMX (Intel Sapphire Rapids and later) the products run on its tile unit: a
 //! `tdpbf16ps` does 16 x 16 x 32 multiply-adds, about 10x an AVX-512 f32 FMA loop per core (a
-//! register-resident loop measured 957 GFLOP/s on one core of the development VM). Elsewhere the
-//! rounded operands go through the f32 GEMM, which gives the same result up to the order of the
-//! f32 sums.
+//! register-resident loop measured 957 GFLOP/s on one core of the development VM). On CPUs with
+//! AVX512-BF16 but no tile unit (AMD Zen 4 and later) they run as `vdpbf16ps` dot products
+//! ([`dot`]), which on Zen 5 do twice the multiply-adds of an f32 FMA per cycle. Elsewhere the
+//! rounded operands go through the f32 GEMM. All three give the same result up to the order of
+//! the f32 sums.
 //!
-//! The AMX path packs both operands per call: the left one into contiguous 16 x 32 bf16 tiles,
-//! the right one into 16-column panels of bf16 pairs (the "VNNI" layout the tile instruction
-//! reads); a weight that never changes can keep its packed form ([`PackCache`]). Each task of
-//! the thread pool then computes 32 x 32 blocks of the output with four accumulator tiles, two
-//! tiles of each operand.
+//! The two packed kernels pack both operands per call: the left one into contiguous 16 x 32
+//! bf16 tiles, the right one into 16-column panels of bf16 pairs (the "VNNI" layout both
+//! instructions read); a weight that never changes can keep its packed form ([`PackCache`]).
+//! Each task of the thread pool then computes 32 x 32 blocks of the output: with four
+//! accumulator tiles, two tiles of each operand, on AMX; as four strips of 8 rows with
+//! `vdpbf16ps` otherwise.
 
 use std::sync::{Mutex, OnceLock};
 
@@ -221,18 +224,46 @@ impl Products {
 
 /// Which code computes a product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kernel {
+pub enum Kernel {
     /// The AMX tile unit.
     Amx,
+    /// AVX-512 BF16 dot products (`vdpbf16ps`) over the same packed operands.
+    Dot,
     /// The f32 GEMM over operands rounded to bf16.
     Rounded,
 }
 
+impl Kernel {
+    /// Whether the kernel multiplies packed bf16 operands (AMX or dot products), as opposed
+    /// to the f32 GEMM over rounded ones.
+    pub fn packs(self) -> bool {
+        self != Kernel::Rounded
+    }
+
+    /// A short name for tables and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Amx => "amx",
+            Kernel::Dot => "avx512-bf16 dot products",
+            Kernel::Rounded => "f32 over rounded operands",
+        }
+    }
+}
+
 /// The kernel this CPU runs: AMX when the CPU has it and the kernel grants its tile state to the
-/// process, else the rounded f32 fallback. Decided once per process.
-pub(crate) fn kernel() -> Kernel {
+/// process (`SPIEL_NO_AMX` turns it off), else AVX-512 BF16 dot products where the CPU has them,
+/// else the rounded f32 fallback. Decided once per process.
+pub fn kernel() -> Kernel {
     static KERNEL: OnceLock<Kernel> = OnceLock::new();
-    *KERNEL.get_or_init(|| if amx::enable() { Kernel::Amx } else { Kernel::Rounded })
+    *KERNEL.get_or_init(|| {
+        if packed::enable() {
+            Kernel::Amx
+        } else if dot::available() {
+            Kernel::Dot
+        } else {
+            Kernel::Rounded
+        }
+    })
 }
 
 /// `dst (+)= beta * a b` for `a: [m, k]`, `b: [k, n]` and `dst: [m, n]` (row-major, contiguous),
@@ -252,7 +283,9 @@ pub(crate) fn gemm_to_bf16(dst: &mut [half::bf16], a: View, b: Right) {
 pub(crate) fn gemm_to_bf16_with(kernel: Kernel, dst: &mut [half::bf16], a: View, b: Right) {
     let (m, n, k) = check_operands(&a, &b, dst.len());
     match kernel {
-        Kernel::Amx if m > 0 && n > 0 && k > 0 => amx::gemm(amx::Out::Bf16(dst), false, 1.0, a, b),
+        Kernel::Amx | Kernel::Dot if m > 0 && n > 0 && k > 0 => {
+            packed::gemm(kernel, packed::Out::Bf16(dst), false, 1.0, a, b)
+        }
         _ => {
             let mut y = vec![0f32; m * n];
             gemm_with(kernel, &mut y, false, 1.0, a, b);
@@ -303,9 +336,9 @@ pub(crate) struct Packed {
 }
 
 enum PackedData {
-    /// AMX panels (see [`amx`]), each of this many pairs.
-    Panels(Vec<u32>, usize),
-    /// Without AMX: the rounded values, row-major.
+    /// Panels (see [`packed`]) for a packed kernel, each of this many pairs.
+    Panels(Vec<u32>, usize, Kernel),
+    /// For the rounded kernel: the rounded values, row-major.
     Rounded(Vec<f32>),
 }
 
@@ -319,9 +352,9 @@ impl Packed {
     pub(crate) fn for_kernel(kernel: Kernel, b: View) -> Packed {
         b.check("packed operand");
         let data = match kernel {
-            Kernel::Amx => {
-                let (panels, depth) = amx::pack_matrix(b);
-                PackedData::Panels(panels, depth / 2 * 16)
+            Kernel::Amx | Kernel::Dot => {
+                let (panels, depth) = packed::pack_matrix(b);
+                PackedData::Panels(panels, depth / 2 * 16, kernel)
             }
             Kernel::Rounded => PackedData::Rounded(round_rows(b, false)),
         };
@@ -338,7 +371,8 @@ impl Packed {
 /// its indices at each reselection), where packing the weight again would read, round and write
 /// every value of it. Costs 2 bytes per weight value for each form used (`W^T` for the forward,
 /// `W` for the input gradient). The products are bit for bit those of [`gemm_to_bf16`] over
-/// [`Right::Weight`] with the delta; without AMX they are exactly those (nothing is kept).
+/// [`Right::Weight`] with the delta; on the rounded kernel they are exactly those (nothing is
+/// kept).
 #[derive(Default)]
 pub struct DeltaPacks {
     state: Mutex<DeltaPackState>,
@@ -385,12 +419,12 @@ impl DeltaPacks {
             cache: None,
         };
         let (m, n, k) = check_operands(&x, &right, dst.len());
-        if kernel != Kernel::Amx || m == 0 || n == 0 || k == 0 {
+        if !kernel.packs() || m == 0 || n == 0 || k == 0 {
             return gemm_to_bf16_with(kernel, dst, x, right);
         }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let panels = state.synced(w, delta, transposed);
-        amx::gemm_on_panels(amx::Out::Bf16(dst), x, panels, n);
+        packed::gemm_on_panels(kernel, packed::Out::Bf16(dst), x, panels, n);
     }
 }
 
@@ -404,7 +438,7 @@ impl DeltaPackState {
             for (t, form) in self.forms.iter_mut().enumerate() {
                 if let Some(panels) = form {
                     let base = &self.base_at;
-                    amx::patch(panels, shape, t == 1, &self.indices, |i| round_bf16(base[i]));
+                    packed::patch(panels, shape, t == 1, &self.indices, |i| round_bf16(base[i]));
                 }
             }
             self.indices = delta.indices.to_vec();
@@ -414,7 +448,7 @@ impl DeltaPackState {
         match form {
             Some(panels) => {
                 let base = &self.base_at;
-                amx::patch(panels, shape, transposed, &self.indices, |i| {
+                packed::patch(panels, shape, transposed, &self.indices, |i| {
                     round_bf16(base[i] + delta.values[i])
                 });
             }
@@ -425,7 +459,7 @@ impl DeltaPackState {
                     transposed,
                     cache: None,
                 };
-                *form = Some(amx::pack_whole(right));
+                *form = Some(packed::pack_whole(right));
             }
         }
         form.as_deref().expect("built above")
@@ -470,7 +504,9 @@ pub(crate) fn gemm_packed(dst: &mut [f32], accumulate: bool, beta: f32, a: View,
         return;
     }
     match &b.data {
-        PackedData::Panels(panels, panel) => amx::gemm_prepacked(dst, accumulate, beta, a, panels, *panel, n),
+        PackedData::Panels(panels, panel, kernel) => {
+            packed::gemm_prepacked(*kernel, dst, accumulate, beta, a, panels, *panel, n)
+        }
         PackedData::Rounded(values) => {
             let ra = round_rows(a, false);
             crate::kernels::gemm::gemm_into(
@@ -505,7 +541,7 @@ pub(crate) fn gemm_with(kernel: Kernel, dst: &mut [f32], accumulate: bool, beta:
         return;
     }
     match kernel {
-        Kernel::Amx => amx::gemm(amx::Out::F32(dst), accumulate, beta, a, b),
+        Kernel::Amx | Kernel::Dot => packed::gemm(kernel, packed::Out::F32(dst), accumulate, beta, a, b),
         Kernel::Rounded => {
             let ra = round_rows(a, true);
             let mut rb = b.to_rows();
@@ -526,8 +562,11 @@ fn round_rows(v: View, parallel: bool) -> Vec<f32> {
     out
 }
 
-/// The AMX path: operand packing, the tile kernel and the process's permission to use the tiles.
-mod amx;
+/// The AVX-512 BF16 block kernel.
+mod dot;
+/// The packed paths: operand packing, the block loop, the tile kernel and the process's
+/// permission to use the tiles.
+mod packed;
 
 #[cfg(test)]
 mod tests {
@@ -643,12 +682,17 @@ mod tests {
     /// A dense row-major weight for the tests.
     struct Dense(Vec<f32>, usize, usize);
 
-    /// The kernels this CPU can run: both where it has AMX, else the rounded f32 one.
+    /// The kernels this CPU can run: AMX where it has the tile unit, the dot-product one where
+    /// it has AVX512-BF16, and the rounded f32 one everywhere.
     fn kernels() -> Vec<Kernel> {
-        match kernel() {
-            Kernel::Amx => vec![Kernel::Amx, Kernel::Rounded],
-            Kernel::Rounded => vec![Kernel::Rounded],
+        let mut all = vec![Kernel::Rounded];
+        if dot::available() {
+            all.insert(0, Kernel::Dot);
         }
+        if kernel() == Kernel::Amx {
+            all.insert(0, Kernel::Amx);
+        }
+        all
     }
 
     impl WeightRows for Dense {
@@ -745,11 +789,11 @@ mod tests {
     /// are zeroed (a NaN there would turn every output NaN), padding rows are never written out.
     #[test]
     fn stale_left_buffer_does_not_leak() {
-        if kernel() != Kernel::Amx {
-            return;
-        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(14);
-        for &(m, k, n) in &[(5, 7, 9), (33, 45, 20), (70, 100, 40)] {
+        let packing = kernels().into_iter().filter(|k| k.packs());
+        for (kern, &(m, k, n)) in
+            packing.flat_map(|kern| [(5, 7, 9), (33, 45, 20), (70, 100, 40)].iter().map(move |s| (kern, s)))
+        {
             let a: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let mut want = vec![0f32; m * n];
@@ -761,10 +805,10 @@ mod tests {
                 View::rows(&a, m, k),
                 Right::Matrix(View::rows(&b, k, n)),
             );
-            amx::poison_left_buffer(1 << 16);
+            packed::poison_left_buffer(1 << 16);
             let mut got = vec![0f32; m * n];
             gemm_with(
-                Kernel::Amx,
+                kern,
                 &mut got,
                 false,
                 1.0,
@@ -773,7 +817,7 @@ mod tests {
             );
             assert!(
                 crate::kernels::testing::rel_err(&got, &want) < 1e-6,
-                "[{m}, {k}] x [{k}, {n}]"
+                "{kern:?} [{m}, {k}] x [{k}, {n}]"
             );
         }
     }

@@ -1,7 +1,8 @@
-//! The AMX path of [`super`]: operand packing, the tile kernel and the process's permission to
-//! use the tiles.
+//! The packed paths of [`super`]: operand packing, the block loop, the AMX tile kernel and the
+//! process's permission to use the tiles. The AVX-512 BF16 kernel ([`super::dot`]) computes the
+//! same blocks from the same packed operands.
 
-use super::{each_chunk, Right, SparseAdd, Values, View, WeightRows};
+use super::{dot, each_chunk, Kernel, Right, SparseAdd, Values, View, WeightRows};
 use crate::kernels::common::round_bf16;
 use rayon::prelude::*;
 
@@ -47,8 +48,8 @@ fn round_into(src: &[f32], dst: &mut [u16]) {
     let mut i = 0;
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: `enable` checked AVX-512 BF16; each step reads and writes 32 values
-        // inside both slices.
+        // SAFETY: both packed kernels run only where the CPU has AVX-512 BF16 (`enable`,
+        // `dot::available`); each step reads and writes 32 values inside both slices.
         unsafe {
             while i + 32 <= src.len() {
                 round32(src.as_ptr().add(i), dst.as_mut_ptr().add(i));
@@ -425,8 +426,8 @@ pub(super) enum Out<'a> {
     Bf16(&'a mut [half::bf16]),
 }
 
-/// [`super::gemm`] on the tiles.
-pub(super) fn gemm(dst: Out, accumulate: bool, beta: f32, a: View, b: Right) {
+/// [`super::gemm`] on a packed kernel.
+pub(super) fn gemm(kernel: Kernel, dst: Out, accumulate: bool, beta: f32, a: View, b: Right) {
     let (m, k, n) = (a.rows, a.cols, b.dims().1);
     let (rows, depth, cols) = (
         m.next_multiple_of(BLOCK),
@@ -447,7 +448,18 @@ pub(super) fn gemm(dst: Out, accumulate: bool, beta: f32, a: View, b: Right) {
         }
     };
     with_left(a, rows, depth, true, |left| {
-        run(true, dst, accumulate, beta, (m, n), left, depth, right, depth / 2 * 16)
+        run(
+            kernel,
+            true,
+            dst,
+            accumulate,
+            beta,
+            (m, n),
+            left,
+            depth,
+            right,
+            depth / 2 * 16,
+        )
     });
 }
 
@@ -463,13 +475,24 @@ pub(super) fn pack_whole(b: Right) -> Vec<u32> {
     pack(b, k.next_multiple_of(DEPTH), n.next_multiple_of(BLOCK))
 }
 
-/// `dst = a b` on the pool for a right operand `b` with `n` columns packed by
-/// [`pack_whole`].
-pub(super) fn gemm_on_panels(dst: Out, a: View, right: &[u32], n: usize) {
+/// `dst = a b` on the pool, on a packed kernel, for a right operand `b` with `n` columns
+/// packed by [`pack_whole`].
+pub(super) fn gemm_on_panels(kernel: Kernel, dst: Out, a: View, right: &[u32], n: usize) {
     let (rows, depth) = (a.rows.next_multiple_of(BLOCK), a.cols.next_multiple_of(DEPTH));
     assert!(n.next_multiple_of(BLOCK) / 16 * (depth / 2 * 16) <= right.len());
     with_left(a, rows, depth, true, |left| {
-        run(true, dst, false, 1.0, (a.rows, n), left, depth, right, depth / 2 * 16)
+        run(
+            kernel,
+            true,
+            dst,
+            false,
+            1.0,
+            (a.rows, n),
+            left,
+            depth,
+            right,
+            depth / 2 * 16,
+        )
     });
 }
 
@@ -524,9 +547,11 @@ pub(super) fn patch(
     });
 }
 
-/// [`super::gemm_packed`] on the tiles, on this thread: `right` holds panels of `panel`
+/// [`super::gemm_packed`] on a packed kernel, on this thread: `right` holds panels of `panel`
 /// pairs each, from [`pack_matrix`] of a matrix with at least `a.cols` rows and `n` columns.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn gemm_prepacked(
+    kernel: Kernel,
     dst: &mut [f32],
     accumulate: bool,
     beta: f32,
@@ -539,6 +564,7 @@ pub(super) fn gemm_prepacked(
     assert!(depth / 2 * 16 <= panel && n.next_multiple_of(BLOCK) / 16 * panel <= right.len());
     with_left(a, rows, depth, false, |left| {
         run(
+            kernel,
             false,
             Out::F32(dst),
             accumulate,
@@ -555,9 +581,10 @@ pub(super) fn gemm_prepacked(
 /// `dst (+)= beta left right` for `dst: [m, n]` from packed operands: `left` as
 /// [`pack_left`] lays out `m` rows (padded to [`BLOCK`]) of `depth` values, `right` as
 /// panels of `panel` pairs (at least `depth / 2` rows of 16 pairs used; padded to `n`
-/// rounded up to [`BLOCK`] columns).
+/// rounded up to [`BLOCK`] columns), on `kernel`'s block (AMX tiles or AVX-512 BF16 dot products).
 #[allow(clippy::too_many_arguments)]
 fn run(
+    kernel: Kernel,
     parallel: bool,
     dst: Out,
     accumulate: bool,
@@ -584,7 +611,7 @@ fn run(
         let (cb, rt) = (t / row_tasks, t % row_tasks);
         let j0 = cb * BLOCK;
         let mut scratch = [0f32; BLOCK * BLOCK];
-        with_tiles(|| {
+        let mut blocks = || {
             for i0 in (rt * TASK_ROWS..((rt + 1) * TASK_ROWS).min(rows)).step_by(BLOCK) {
                 let (h, w) = ((m - i0.min(m)).min(BLOCK), (n - j0).min(BLOCK));
                 if h == 0 {
@@ -600,18 +627,21 @@ fn run(
                 };
                 // SAFETY: the packed operands are `rows x depth` and `cols / 16` panels, so
                 // rows i0 .. i0 + 32 and panels j0 / 16, j0 / 16 + 1 are in bounds; `c` is a
-                // 32 x 32 block at stride `ldc`, written by this task alone.
+                // 32 x 32 block at stride `ldc`, written by this task alone. The tile block
+                // runs inside `with_tiles` (below); the dot block only where the CPU has
+                // AVX512-BF16 (`kernel()` picks it only then).
                 unsafe {
-                    block(
+                    let operands = (
                         left.as_ptr().add(i0 * depth),
                         left.as_ptr().add((i0 + 16) * depth),
                         right.as_ptr().add(j0 / 16 * panel),
                         right.as_ptr().add((j0 / 16 + 1) * panel),
-                        depth,
-                        c,
-                        ldc,
-                        direct && accumulate,
                     );
+                    let (a0, a1, b0, b1) = operands;
+                    match kernel {
+                        Kernel::Amx => block(a0, a1, b0, b1, depth, c, ldc, direct && accumulate),
+                        _ => dot::block(a0, a1, b0, b1, depth, c, ldc, direct && accumulate),
+                    }
                 }
                 if direct {
                     continue;
@@ -640,7 +670,11 @@ fn run(
                     }
                 }
             }
-        })
+        };
+        match kernel {
+            Kernel::Amx => with_tiles(blocks),
+            _ => blocks(),
+        }
     };
     let tasks = row_tasks * (cols / BLOCK);
     if parallel {
