@@ -62,10 +62,10 @@ fn spiel_ag_and_ma_lower_heldout_loss_on_smollm2() {
 }
 
 /// How far default SpIEL-AG may end above default LoRA: in the quality study SpIEL-AG trailed
-/// LoRA slightly, its paired difference (SpIEL-AG minus LoRA, test loss, seeds 1 and 2) being 0.0044 with a
-/// sample standard deviation of 0.0014 (docs/results.md); this allows the mean plus two
-/// standard deviations (this run's gap was 0.0027 on the AMD EPYC VM).
-const TIED_WITHIN: f64 = 0.0072;
+/// LoRA slightly, its paired difference (SpIEL-AG minus LoRA, test loss, seeds 1-3) being
+/// 0.0036 with a sample standard deviation of 0.0017 (docs/results.md); this allows the mean
+/// plus two standard deviations (this run's gap was 0.0027 on the AMD EPYC VM).
+const TIED_WITHIN: f64 = 0.0070;
 
 /// Default SpIEL-AG against default LoRA on the same seed, split and examples (the study's
 /// example length, a quarter of its updates): SpIEL-AG's held-out loss ends at most
