@@ -61,13 +61,11 @@ pub fn in_dtype(m: &mut spiel::model::transformer::Llama, dtype: Option<loader::
 
 /// Why `--dtype auto` chose what it did (for full fine-tuning when `full`), for the line a run
 /// prints at start.
-pub fn auto_dtype_reason(full: bool) -> &'static str {
+pub fn auto_dtype_reason(full: bool) -> String {
     if full {
-        "full fine-tuning trains its weights in f32"
-    } else if loader::bf16_tiles() {
-        "this CPU multiplies bf16 on the AMX tile unit"
+        "full fine-tuning trains its weights in f32".into()
     } else {
-        "no AMX tile unit here; auto picks bf16 only on it (`--dtype bf16` asks for bf16)"
+        loader::bf16_verdict().reason.clone()
     }
 }
 

@@ -738,10 +738,10 @@ gsm8k_max_new_tokens = 4
         assert!(r["curve"].as_array().unwrap().len() >= 3, "{r}");
     }
     // Same split for every seed: step-0 held-out losses agree (to f32 rounding: full
-    // fine-tuning's trainable head runs candle's cross-entropy, the adapters the fused head; a
-    // different split would move the loss by far more).
+    // fine-tuning's trainable head runs candle's cross-entropy, the adapters the fused head, which
+    // differ by 1.3e-5 on an AVX-512 Xeon; a different split would move the loss by far more).
     let first: Vec<f64> = runs.iter().map(|r| r["curve"][0][1].as_f64().unwrap()).collect();
-    assert!(first.iter().all(|&x| (x - first[0]).abs() < 1e-5), "{first:?}");
+    assert!(first.iter().all(|&x| (x - first[0]).abs() < 1e-4), "{first:?}");
     // Sparse and LoRA budgets match.
     let trainable = |m: &str| {
         runs.iter().find(|r| r["method"] == m).unwrap()["trainable"]

@@ -294,9 +294,6 @@ fn train_in(args: &TrainArgs, home: &Path, group: Arc<spiel::dist::Group>) -> Re
             cfg.out.display()
         );
     }
-    if auto_dtype && root {
-        eprintln!("dtype: auto -> {} ({})", cfg.dtype.as_str(), auto_dtype_reason(full));
-    }
     let (plan, fit) = memory_plan(&cfg, home)?;
     if let Fit::TooBig { avail, hint } = &fit {
         if !args.force {
@@ -330,6 +327,9 @@ fn train_in(args: &TrainArgs, home: &Path, group: Arc<spiel::dist::Group>) -> Re
     trainer.set_group(group);
     // Printed once the inputs are known good, so a bad file is still a one-line error.
     if root {
+        if auto_dtype {
+            eprintln!("dtype: auto -> {} ({})", cfg.dtype.as_str(), auto_dtype_reason(full));
+        }
         eprintln!("memory plan:\n{}", plan.render().trim_end());
         if let Fit::TooBig { avail, .. } = fit {
             eprintln!(

@@ -64,8 +64,8 @@ impl std::str::FromStr for Quantize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Dtype {
-    /// bf16 where the CPU multiplies bf16 on a tile unit (AMX) and the method is an adapter
-    /// one, else f32: see [`Dtype::resolved`].
+    /// bf16 where bf16 products beat f32 ones on this CPU and the method is an adapter one,
+    /// else f32: see [`Dtype::resolved`].
     Auto,
     /// f32.
     F32,
@@ -84,22 +84,20 @@ impl Dtype {
     }
 
     /// The concrete dtype this one stands for on this CPU, for a full (`full`) or adapter run:
-    /// `Auto` becomes bf16 only where bf16 products run on the AMX tile unit and the frozen base
-    /// is what is held in bf16 (adapter methods; full fine-tuning trains its weights in f32).
-    /// Without AMX it is f32: bf16 products run as AVX-512 BF16 dot products where the CPU has
-    /// them (faster than f32 on AMD Zen 5, slower on Intel Xeons whose tile unit is hidden:
-    /// docs/performance.md), else as f32 products over rounded operands, slower than f32.
+    /// `Auto` becomes bf16 where bf16 products beat f32 ones here ([`bf16_verdict`]) and the
+    /// frozen base is what is held in bf16 (adapter methods; full fine-tuning trains its weights
+    /// in f32), else f32.
     pub fn resolved(self, full: bool) -> Dtype {
         match self {
-            Dtype::Auto => Dtype::auto_choice(bf16_tiles(), full),
+            Dtype::Auto => Dtype::auto_choice(bf16_verdict().pays, full),
             d => d,
         }
     }
 
-    /// What `Auto` picks given whether the CPU has the bf16 tile unit (`tiles`) and whether the
-    /// run is full fine-tuning.
-    pub fn auto_choice(tiles: bool, full: bool) -> Dtype {
-        if tiles && !full {
+    /// What `Auto` picks given whether bf16 products pay on this CPU (`bf16_pays`) and whether
+    /// the run is full fine-tuning.
+    pub fn auto_choice(bf16_pays: bool, full: bool) -> Dtype {
+        if bf16_pays && !full {
             Dtype::Bf16
         } else {
             Dtype::F32
@@ -107,10 +105,63 @@ impl Dtype {
     }
 }
 
-/// Whether this process multiplies bf16 on the AMX tile unit (the CPU has it and Linux granted
-/// its state; `SPIEL_NO_AMX` turns it off).
-pub fn bf16_tiles() -> bool {
-    crate::kernels::bf16mm::kernel() == crate::kernels::bf16mm::Kernel::Amx
+/// The least ratio of one core's measured AVX-512 BF16 dot peak to its f32 FMA peak at which
+/// `--dtype auto` takes bf16 without a tile unit. A bf16 step also halves the bytes the base's
+/// products read, but spends passes widening and rounding, so the products must be clearly
+/// faster: measured 1.87 on AMD Zen 5 (bf16 step 0.63x f32) and 0.49 on an Intel Xeon whose tile
+/// unit is hidden (docs/performance.md).
+pub const DOT_PAYS_AT: f64 = 1.3;
+
+/// Whether bf16 products beat f32 ones on this CPU, and why, for `--dtype auto`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bf16Verdict {
+    /// bf16 pays: the AMX tile unit, or AVX-512 BF16 dot products at least [`DOT_PAYS_AT`]
+    /// times the f32 FMA peak.
+    pub pays: bool,
+    /// One line saying what was found, for the line a run prints at start.
+    pub reason: String,
+}
+
+impl Bf16Verdict {
+    /// The verdict for a CPU whose bf16 products run on `kernel`; `peaks` measures one core's
+    /// (f32 FMA, bf16 dot) GFLOP/s, asked only for the dot kernel.
+    pub fn decide(kernel: crate::kernels::bf16mm::Kernel, peaks: impl FnOnce() -> (f64, f64)) -> Bf16Verdict {
+        use crate::kernels::bf16mm::Kernel;
+        match kernel {
+            Kernel::Amx => Bf16Verdict {
+                pays: true,
+                reason: "this CPU multiplies bf16 on the AMX tile unit".into(),
+            },
+            Kernel::Dot => {
+                let (fma, dot) = peaks();
+                let ratio = dot / fma;
+                let pays = ratio >= DOT_PAYS_AT;
+                Bf16Verdict {
+                    pays,
+                    reason: format!(
+                        "no AMX; one core's AVX-512 BF16 dot peak is {ratio:.2}x its f32 FMA peak ({dot:.0} vs {fma:.0} GFLOP/s), {} the {DOT_PAYS_AT}x at which bf16 pays",
+                        if pays { "at or above" } else { "below" }
+                    ),
+                }
+            }
+            Kernel::Rounded => Bf16Verdict {
+                pays: false,
+                reason: "no bf16 products in hardware here (no AMX, no AVX512-BF16)".into(),
+            },
+        }
+    }
+}
+
+/// This process's [`Bf16Verdict`], decided once (`SPIEL_NO_AMX` hides the tile unit; the dot
+/// peaks take a few milliseconds to measure).
+pub fn bf16_verdict() -> &'static Bf16Verdict {
+    static VERDICT: std::sync::OnceLock<Bf16Verdict> = std::sync::OnceLock::new();
+    VERDICT.get_or_init(|| {
+        Bf16Verdict::decide(crate::kernels::bf16mm::kernel(), || {
+            let p = crate::kernels::peak::measure(200_000, 5);
+            (p.f32_fma, p.bf16_dot.unwrap_or(0.0))
+        })
+    })
 }
 
 impl std::str::FromStr for Dtype {
@@ -435,10 +486,25 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
 
 #[cfg(test)]
 mod tests {
-    use super::Dtype;
+    use super::{Bf16Verdict, Dtype, DOT_PAYS_AT};
+    use crate::kernels::bf16mm::Kernel;
 
     #[test]
-    fn auto_dtype_is_bf16_only_for_adapter_runs_on_the_tile_unit() {
+    fn bf16_pays_on_the_tile_unit_and_on_dot_products_clearly_faster_than_f32() {
+        let unasked = || -> (f64, f64) { panic!("peaks measured without the dot kernel") };
+        assert!(Bf16Verdict::decide(Kernel::Amx, unasked).pays);
+        assert!(!Bf16Verdict::decide(Kernel::Rounded, unasked).pays);
+        // The measured ratios of docs/performance.md: AMD Zen 5 and an Intel Xeon without AMX.
+        let zen5 = Bf16Verdict::decide(Kernel::Dot, || (270.2, 504.9));
+        assert!(zen5.pays && zen5.reason.contains("1.87x"), "{}", zen5.reason);
+        let xeon = Bf16Verdict::decide(Kernel::Dot, || (200.0, 98.0));
+        assert!(!xeon.pays && xeon.reason.contains("0.49x"), "{}", xeon.reason);
+        assert!(Bf16Verdict::decide(Kernel::Dot, || (100.0, 100.0 * DOT_PAYS_AT)).pays);
+        assert!(!Bf16Verdict::decide(Kernel::Dot, || (100.0, 100.0 * DOT_PAYS_AT - 0.1)).pays);
+    }
+
+    #[test]
+    fn auto_dtype_is_bf16_only_for_adapter_runs_where_bf16_pays() {
         assert_eq!(Dtype::auto_choice(true, false), Dtype::Bf16);
         assert_eq!(Dtype::auto_choice(true, true), Dtype::F32);
         assert_eq!(Dtype::auto_choice(false, false), Dtype::F32);
