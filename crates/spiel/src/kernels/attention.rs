@@ -262,8 +262,11 @@ impl Attention {
     }
 
     /// `P = softmax(scale q k^T + mask)` for `n` query rows from `r0` of group `gi` over its
-    /// first `e` keys: `[n, e]`, with `q` the block's rows and `kt` the group's keys
-    /// transposed (`[D, S]`); `bf16`: the scores' product takes bf16 operands.
+    /// first `e` keys, into `p: [n, e]`, with `q` the block's rows, `kt` the group's keys
+    /// transposed (`[D, S]`) and `scores` scratch of at least `n * e` values; `bf16`: the
+    /// scores' product takes bf16 operands. Past a row's extent (its last visible key) every
+    /// key is hidden, so the softmax runs over the extent only and the rest of the row is 0,
+    /// which is what `exp` of a hidden score gives.
     #[allow(clippy::too_many_arguments)]
     fn probs(
         &self,
@@ -274,22 +277,23 @@ impl Attention {
         (r0, n, e): (usize, usize, usize),
         q: &[f32],
         kt: &Operand,
-    ) -> Vec<f32> {
-        let mut scores = vec![0f32; n * e];
-        product(bf16, &mut scores, false, self.scale, (n, e, g.d), q, (g.d, 1), kt);
+        (scores, p): (&mut [f32], &mut [f32]),
+    ) {
+        let (scores, p) = (&mut scores[..n * e], &mut p[..n * e]);
+        product(bf16, scores, false, self.scale, (n, e, g.d), q, (g.d, 1), kt);
         let bi = gi / kv;
-        let mut p = vec![0f32; n * e];
         for (i, (pr, sr)) in p.chunks_mut(e).zip(scores.chunks(e)).enumerate() {
             match &self.mask {
                 Some(m) => {
-                    let at = (bi * m.t + (r0 + i) % m.t) * m.s;
-                    let mr = &m.values[at..at + e];
-                    crate::kernels::ops::softmax_row(pr, sr, |j| mr[j]);
+                    let row = bi * m.t + (r0 + i) % m.t;
+                    let seen = m.extents[row].min(e);
+                    let mr = &m.values[row * m.s..row * m.s + seen];
+                    crate::kernels::ops::softmax_row(&mut pr[..seen], &sr[..seen], |j| mr[j]);
+                    pr[seen..].fill(0.0);
                 }
                 None => crate::kernels::ops::softmax_row(pr, sr, |_| 0.0),
             }
         }
-        p
     }
 
     /// The output `[groups, rows, d]` of every group, for `q: [groups, rows, d]` and keys and
@@ -313,16 +317,20 @@ impl Attention {
                 &v[gi * vs..gi * vs + kn],
             );
             let (kt, vm) = (Operand::transposed(kg, d, g.s), Operand::rows(vg, g.s, d));
+            // One block's scores and probabilities, reused by every block of the group.
+            let (mut scores, mut p) = (vec![0f32; BLOCK * g.s], vec![0f32; BLOCK * g.s]);
             for (r0, n, e) in self.blocks(gi, kv, g) {
                 let bf16 = products.bf16_for(n);
-                let p = self.probs(bf16, gi, kv, g, (r0, n, e), &qg[r0 * d..], &kt);
+                let bufs = (&mut scores[..], &mut p[..]);
+                self.probs(bf16, gi, kv, g, (r0, n, e), &qg[r0 * d..], &kt, bufs);
+                let p = &p[..n * e];
                 product(
                     bf16,
                     &mut o[r0 * d..(r0 + n) * d],
                     false,
                     1.0,
                     (n, d, e),
-                    &p,
+                    p,
                     (e, 1),
                     &vm,
                 );
@@ -355,16 +363,19 @@ impl Attention {
                 let (og, dog) = (&os[gi * qn..(gi + 1) * qn], &gs[gi * qn..(gi + 1) * qn]);
                 let (kt, km) = (Operand::transposed(kg, d, g.s), Operand::rows(kg, g.s, d));
                 let vt = Operand::transposed(vg, d, g.s);
+                // One block's scores, probabilities and score gradients, reused by every block.
+                let mut bufs = [(); 3].map(|_| vec![0f32; BLOCK * g.s]);
+                let [scores, p, ds] = &mut bufs;
                 for (r0, n, e) in self.blocks(gi, kv, g) {
                     let rows = r0 * d..(r0 + n) * d;
                     let (qb, ob, dob) = (&qg[rows.clone()], &og[rows.clone()], &dog[rows.clone()]);
                     let bf16 = products.bf16_for(n);
-                    let p = self.probs(bf16, gi, kv, g, (r0, n, e), qb, &kt);
+                    self.probs(bf16, gi, kv, g, (r0, n, e), qb, &kt, (&mut scores[..], &mut p[..]));
+                    let (p, ds) = (&p[..n * e], &mut ds[..n * e]);
                     // dV += P^T dO (f32, as dK below: see the module notes).
-                    gemm_into(false, &mut dvg[..e * d], true, 1.0, (e, d, n), &p, (1, e), dob, (d, 1));
+                    gemm_into(false, &mut dvg[..e * d], true, 1.0, (e, d, n), p, (1, e), dob, (d, 1));
                     // dP = dO V^T, then dS = P (dP - rowsum(dO O)) in place.
-                    let mut ds = vec![0f32; n * e];
-                    product(bf16, &mut ds, false, 1.0, (n, e, d), dob, (d, 1), &vt);
+                    product(bf16, ds, false, 1.0, (n, e, d), dob, (d, 1), &vt);
                     for i in 0..n {
                         let dot: f32 = (0..d).map(|c| dob[i * d + c] * ob[i * d + c]).sum();
                         for (x, pv) in ds[i * e..(i + 1) * e].iter_mut().zip(&p[i * e..(i + 1) * e]) {
@@ -372,14 +383,14 @@ impl Attention {
                         }
                     }
                     // dQ = scale dS K; dK += scale dS^T Q.
-                    product(bf16, &mut dqg[rows], false, self.scale, (n, d, e), &ds, (e, 1), &km);
+                    product(bf16, &mut dqg[rows], false, self.scale, (n, d, e), ds, (e, 1), &km);
                     gemm_into(
                         false,
                         &mut dkg[..e * d],
                         true,
                         self.scale,
                         (e, d, n),
-                        &ds,
+                        ds,
                         (1, e),
                         qb,
                         (d, 1),

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::kernels::bf16mm::{PackCache, Products};
+use crate::kernels::bf16mm::{gemm, PackCache, Products, Right, View};
 use crate::kernels::common::{cpu_slice, grad_like, Values};
 use crate::kernels::gemm::gemm_into;
 use crate::kernels::ops::with_sources;
@@ -132,6 +132,19 @@ impl CustomOp3 for FrozenPlusLora {
             let _t = crate::kernels::profile::span(crate::kernels::profile::Phase::ProjectionsForward);
             self.base_product(xv, n, true, Products::for_storage(s1))?
         };
+        if self.low_rank_in_bf16(Products::for_storage(s1), n) {
+            let mut u = vec![0f32; n * r];
+            gemm(
+                &mut u,
+                false,
+                1.0,
+                View::rows(xv, n, inp),
+                Right::Matrix(View::transposed(a, inp, r)),
+            );
+            let bt = Right::Matrix(View::transposed(b, r, out));
+            gemm(&mut y, true, self.scale, View::rows(&u, n, r), bt);
+            return Ok((crate::kernels::common::storage_like(y, s1), Shape::from((n, out))));
+        }
         let x = xv.to_f32();
         let xm = self.dropped(&x);
         let mut u = vec![0f32; n * r];
@@ -151,13 +164,85 @@ impl CustomOp3 for FrozenPlusLora {
         let dims = self.dims(x.shape(), a.shape(), b.shape())?;
         let products = Products::for_activations(grad.dtype());
         let (gx, ga, gb) = with_sources([grad, a, b, x], |[g, a, b, x]| {
-            self.backward(dims, products, g, &a.to_f32(), &b.to_f32(), &x.to_f32())
+            if self.low_rank_in_bf16(products, dims.0) {
+                self.backward_bf16(dims, products, g, &a.to_f32(), &b.to_f32(), x)
+            } else {
+                self.backward(dims, products, g, &a.to_f32(), &b.to_f32(), &x.to_f32())
+            }
         })?;
         Ok((
             Some(grad_like(gx, x)?),
             Some(grad_like(ga, a)?),
             Some(grad_like(gb, b)?),
         ))
+    }
+}
+
+impl FrozenPlusLora {
+    /// Whether the rank-r products take bf16 operands with f32 sums, as PyTorch's autocast
+    /// computes them: with bf16 activations, where the base's product does too, and without
+    /// dropout (whose mask is drawn over the whole input). `x` and `g` are then read as they
+    /// are, never widened to f32 copies (passes over `[N, IN]` and `[N, OUT]` into fresh
+    /// pages, per projection and pass, which took a third of a bf16 LoRA step before).
+    fn low_rank_in_bf16(&self, products: Products, n: usize) -> bool {
+        products.bf16_for(n) && self.dropout.is_none()
+    }
+
+    /// [`FrozenPlusLora::backward`] with the rank-r products in bf16 (f32 sums):
+    /// `u = x A^T`, `gu = s g B`, `grad B = s g^T u`, `grad A = gu^T x`, `grad x += gu A`.
+    fn backward_bf16(
+        &self,
+        (n, inp, out, r): (usize, usize, usize, usize),
+        products: Products,
+        g: Values,
+        a: &[f32],
+        b: &[f32],
+        x: Values,
+    ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let mut u = vec![0f32; n * r];
+        gemm(
+            &mut u,
+            false,
+            1.0,
+            View::rows(x, n, inp),
+            Right::Matrix(View::transposed(a, inp, r)),
+        );
+        let mut gu = vec![0f32; n * r];
+        gemm(
+            &mut gu,
+            false,
+            self.scale,
+            View::rows(g, n, out),
+            Right::Matrix(View::rows(b, out, r)),
+        );
+        let mut gb = vec![0f32; out * r];
+        gemm(
+            &mut gb,
+            false,
+            self.scale,
+            View::transposed(g, out, n),
+            Right::Matrix(View::rows(&u, n, r)),
+        );
+        let mut ga = vec![0f32; r * inp];
+        gemm(
+            &mut ga,
+            false,
+            1.0,
+            View::transposed(&gu, r, n),
+            Right::Matrix(View::rows(x, n, inp)),
+        );
+        let mut gx = {
+            let _t = crate::kernels::profile::span(crate::kernels::profile::Phase::ProjectionsInputGrad);
+            self.base_product(g, n, false, products)?
+        };
+        gemm(
+            &mut gx,
+            true,
+            1.0,
+            View::rows(&gu, n, r),
+            Right::Matrix(View::rows(a, r, inp)),
+        );
+        Ok((gx, ga, gb))
     }
 }
 
@@ -300,6 +385,77 @@ mod tests {
         assert_eq!(run(Some(packs.clone())), want, "from the kept packs");
         if crate::kernels::bf16mm::kernel().packs() {
             assert!(packs.iter().all(|p| p.get().is_some()), "both forms kept");
+        }
+    }
+
+    #[test]
+    fn bf16_low_rank_products_match_an_f64_reference() {
+        use candle_core::DType;
+        let dev = Device::Cpu;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        // Awkward shapes: ragged tiles, rank 1, just at and just below the 16 rows from which
+        // the rank-r products take bf16 operands, and a single token.
+        for (n, inp, out, r) in [(40, 96, 72, 8), (16, 33, 65, 1), (15, 64, 40, 3), (1, 48, 20, 2)] {
+            let wv = random(out * inp, &mut rng);
+            let base = Frozen::Dense(Tensor::from_vec(wv.clone(), (out, inp), &dev).unwrap());
+            let mut bf16 = |shape: &[usize]| uniform_tensor(shape, 1.0, &mut rng).to_dtype(DType::BF16).unwrap();
+            let (x16, p16) = (bf16(&[n, inp]), bf16(&[n, out]));
+            let (av, bv) = (random(r * inp, &mut rng), random(out * r, &mut rng));
+            let scale = 2.0;
+            let x = Var::from_tensor(&x16).unwrap();
+            let a = Var::from_vec(av.clone(), (r, inp), &dev).unwrap();
+            let b = Var::from_vec(bv.clone(), (out, r), &dev).unwrap();
+            let y = frozen_plus_lora_matmul(&x, &base, &a, &b, scale, None, None).unwrap();
+            assert_eq!(y.dtype(), DType::BF16);
+            let g = (&y * &p16).unwrap().sum_all().unwrap().backward().unwrap();
+            let got = [&y, g.get(&x).unwrap(), g.get(&a).unwrap(), g.get(&b).unwrap()].map(|t| vec_of(t).unwrap());
+
+            // f64 reference on the same (bf16) inputs: y = x W^T + s x A^T B^T and, for the
+            // output gradient p, gx = p W + s p B A, gA = s B^T p^T x, gB = s p^T x A^T.
+            let f = |t: &Tensor| vec_of(t).unwrap().into_iter().map(f64::from).collect::<Vec<_>>();
+            let (xs, ps) = (f(&x16), f(&p16));
+            let (w, a64, b64) = [&wv, &av, &bv]
+                .map(|v| v.iter().map(|&x| x as f64).collect::<Vec<_>>())
+                .into();
+            let s = scale;
+            let u: Vec<f64> = (0..n * r)
+                .map(|i| (0..inp).map(|k| xs[i / r * inp + k] * a64[i % r * inp + k]).sum())
+                .collect();
+            let gu: Vec<f64> = (0..n * r)
+                .map(|i| s * (0..out).map(|o| ps[i / r * out + o] * b64[o * r + i % r]).sum::<f64>())
+                .collect();
+            let want_y: Vec<f64> = (0..n * out)
+                .map(|i| {
+                    let (t, o) = (i / out, i % out);
+                    (0..inp).map(|k| xs[t * inp + k] * w[o * inp + k]).sum::<f64>()
+                        + s * (0..r).map(|j| u[t * r + j] * b64[o * r + j]).sum::<f64>()
+                })
+                .collect();
+            let want_gx: Vec<f64> = (0..n * inp)
+                .map(|i| {
+                    let (t, k) = (i / inp, i % inp);
+                    (0..out).map(|o| ps[t * out + o] * w[o * inp + k]).sum::<f64>()
+                        + (0..r).map(|j| gu[t * r + j] * a64[j * inp + k]).sum::<f64>()
+                })
+                .collect();
+            let want_ga: Vec<f64> = (0..r * inp)
+                .map(|i| (0..n).map(|t| gu[t * r + i / inp] * xs[t * inp + i % inp]).sum())
+                .collect();
+            let want_gb: Vec<f64> = (0..out * r)
+                .map(|i| s * (0..n).map(|t| ps[t * out + i / r] * u[t * r + i % r]).sum::<f64>())
+                .collect();
+            let what = format!("{n}x{inp}x{out} r={r}");
+            // bf16 operands (A, B, u and gu rounded) and a bf16 output: bf16's precision.
+            for (name, got, want) in [
+                ("y", &got[0], &want_y),
+                ("grad x", &got[1], &want_gx),
+                ("grad A", &got[2], &want_ga),
+                ("grad B", &got[3], &want_gb),
+            ] {
+                let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+                let e = rel_err(got, &want);
+                assert!(e < 2e-2, "{name} {what}: {e}");
+            }
         }
     }
 
