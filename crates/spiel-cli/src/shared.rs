@@ -21,8 +21,9 @@ pub struct ModelArgs {
     #[arg(long)]
     pub quantize: Option<loader::Quantize>,
     /// f32; bf16: the frozen dense matrices held in bf16 and the activations computed in bf16
-    /// (adapter values and optimizer state stay f32); auto: bf16 on a CPU with the AMX tile
-    /// unit, else f32 [default: auto for `train`, f32 for the other commands].
+    /// (adapter values and optimizer state stay f32); auto: bf16 where bf16 products beat f32
+    /// here (the AMX tile unit, or AVX-512 BF16 dot products at 1.3x the f32 FMA peak or more),
+    /// else f32 [default: auto for `train`, f32 for the other commands].
     #[arg(long)]
     pub dtype: Option<loader::Dtype>,
 }
