@@ -62,11 +62,11 @@ pub fn in_dtype(m: &mut spiel::model::transformer::Llama, dtype: Option<loader::
 
 /// Why `--dtype auto` chose what it did (for full fine-tuning when `full`), for the line a run
 /// prints at start.
-pub fn auto_dtype_reason(full: bool) -> String {
+pub fn auto_dtype_reason(full: bool) -> &'static str {
     if full {
-        "full fine-tuning trains its weights in f32".into()
+        "full fine-tuning trains its weights in f32"
     } else {
-        loader::bf16_verdict().reason.clone()
+        &loader::bf16_verdict().reason
     }
 }
 

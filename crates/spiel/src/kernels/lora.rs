@@ -128,19 +128,13 @@ impl CustomOp3 for FrozenPlusLora {
         let (n, inp, out, r) = self.dims(l1.shape(), l2.shape(), l3.shape())?;
         let xv = Values::of(s1, l1, "lora x")?;
         let (a, b) = (cpu_slice(s2, l2, "lora A")?, cpu_slice(s3, l3, "lora B")?);
+        let products = Products::for_storage(s1);
         let mut y = {
             let _t = crate::kernels::profile::span(crate::kernels::profile::Phase::ProjectionsForward);
-            self.base_product(xv, n, true, Products::for_storage(s1))?
+            self.base_product(xv, n, true, products)?
         };
-        if self.low_rank_in_bf16(Products::for_storage(s1), n) {
-            let mut u = vec![0f32; n * r];
-            gemm(
-                &mut u,
-                false,
-                1.0,
-                View::rows(xv, n, inp),
-                Right::Matrix(View::transposed(a, inp, r)),
-            );
+        if self.low_rank_in_bf16(products, n) {
+            let u = low_rank_input(xv, a, (n, inp, r));
             let bt = Right::Matrix(View::transposed(b, r, out));
             gemm(&mut y, true, self.scale, View::rows(&u, n, r), bt);
             return Ok((crate::kernels::common::storage_like(y, s1), Shape::from((n, out))));
@@ -199,38 +193,10 @@ impl FrozenPlusLora {
         b: &[f32],
         x: Values,
     ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        let mut u = vec![0f32; n * r];
-        gemm(
-            &mut u,
-            false,
-            1.0,
-            View::rows(x, n, inp),
-            Right::Matrix(View::transposed(a, inp, r)),
-        );
-        let mut gu = vec![0f32; n * r];
-        gemm(
-            &mut gu,
-            false,
-            self.scale,
-            View::rows(g, n, out),
-            Right::Matrix(View::rows(b, out, r)),
-        );
-        let mut gb = vec![0f32; out * r];
-        gemm(
-            &mut gb,
-            false,
-            self.scale,
-            View::transposed(g, out, n),
-            Right::Matrix(View::rows(&u, n, r)),
-        );
-        let mut ga = vec![0f32; r * inp];
-        gemm(
-            &mut ga,
-            false,
-            1.0,
-            View::transposed(&gu, r, n),
-            Right::Matrix(View::rows(x, n, inp)),
-        );
+        let u = low_rank_input(x, a, (n, inp, r));
+        let gu = bf16_product(self.scale, View::rows(g, n, out), View::rows(b, out, r));
+        let gb = bf16_product(self.scale, View::transposed(g, out, n), View::rows(&u, n, r));
+        let ga = bf16_product(1.0, View::transposed(&gu, r, n), View::rows(x, n, inp));
         let mut gx = {
             let _t = crate::kernels::profile::span(crate::kernels::profile::Phase::ProjectionsInputGrad);
             self.base_product(g, n, false, products)?
@@ -244,6 +210,18 @@ impl FrozenPlusLora {
         );
         Ok((gx, ga, gb))
     }
+}
+
+/// `beta a b` as a new `[a.rows, b.cols]` matrix, on the bf16 kernel (f32 sums).
+fn bf16_product(beta: f32, a: View, b: View) -> Vec<f32> {
+    let mut dst = vec![0f32; a.rows * b.cols];
+    gemm(&mut dst, false, beta, a, Right::Matrix(b));
+    dst
+}
+
+/// The rank-r input `u = x A^T` (`[n, r]`) of `x: [n, in]` and `A: [r, in]`, on the bf16 kernel.
+fn low_rank_input(x: Values, a: &[f32], (n, inp, r): (usize, usize, usize)) -> Vec<f32> {
+    bf16_product(1.0, View::rows(x, n, inp), View::transposed(a, inp, r))
 }
 
 impl FrozenPlusLora {
